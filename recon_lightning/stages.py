@@ -1,0 +1,111 @@
+"""Run pipeline stages in order, skipping those whose outputs are already complete.
+
+Each stage owns ``run_dir/<stage>/``. A stage's *fingerprint* hashes the config sections it
+reads plus the fingerprint of the stage before it, so changing e.g. ``classifier.*`` reruns
+the classifier and everything after it, but not ``embed``. A stage is complete when
+``run_dir/<stage>/DONE.json`` holds its current fingerprint (written last, atomically).
+An interrupted stage keeps its partial outputs (for stages that resume, such as
+reconstruction); a stage whose fingerprint changed has its old outputs moved aside to
+``run_dir/<stage>.stale-<old fingerprint>`` rather than deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import distributed
+from .storage import fingerprint, load_json, save_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[DictConfig, Path], dict | None]
+    config_keys: list[str]  # config sections whose values change this stage's outputs
+    all_ranks: bool = False  # True for Lightning stages that run under DDP on every rank
+    enabled: Callable[[DictConfig], bool] = field(default=lambda cfg: True)
+
+
+def stage_fingerprint(cfg: DictConfig, stage: Stage, upstream: str) -> str:
+    parts = {}
+    for key in stage.config_keys:
+        value = OmegaConf.select(cfg, key, default=None)
+        parts[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return fingerprint(stage.name, upstream, parts)
+
+
+def is_done(stage_dir: Path, fp: str) -> bool:
+    done = stage_dir / "DONE.json"
+    if not done.is_file():
+        return False
+    try:
+        return load_json(done).get("fingerprint") == fp
+    except Exception:
+        return False
+
+
+def _prepare_dir(stage_dir: Path, fp: str) -> None:
+    """Keep partial outputs of the same config (resume); move aside outputs of another config."""
+    marker = stage_dir / "FINGERPRINT"
+    if stage_dir.exists() and any(stage_dir.iterdir()):
+        old = marker.read_text().strip() if marker.is_file() else "unknown"
+        if old != fp:
+            stale = stage_dir.with_name(f"{stage_dir.name}.stale-{old}")
+            if stale.exists():
+                shutil.rmtree(stale)
+            stage_dir.rename(stale)
+            log.info("config changed for stage %s: previous outputs moved to %s", stage_dir.name, stale)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fp + "\n")
+
+
+def run_stages(cfg: DictConfig, stages: list[Stage], wanted: list[str], run_dir: Path) -> dict[str, dict]:
+    """Run the ``wanted`` stages (and reuse earlier ones) in pipeline order; return their summaries."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summaries: dict[str, dict] = {}
+    upstream = ""
+    for stage in stages:
+        if not stage.enabled(cfg):
+            continue
+        fp = stage_fingerprint(cfg, stage, upstream)
+        upstream = fp
+        if stage.name not in wanted:
+            continue
+        stage_dir = run_dir / stage.name
+        if is_done(stage_dir, fp):
+            log.info("stage %s: up to date (fingerprint %s), skipping", stage.name, fp)
+            summaries[stage.name] = load_json(stage_dir / "DONE.json").get("summary", {})
+            continue
+        rank0 = distributed.is_rank_zero()
+        if stage.all_ranks:
+            # Lightning stages: every rank runs (DDP shards the work); rank 0 owns the directory.
+            if rank0:
+                _prepare_dir(stage_dir, fp)
+            distributed.barrier()
+            log.info("stage %s: running (fingerprint %s)", stage.name, fp)
+            summary = stage.run(cfg, run_dir) or {}
+            if distributed.is_rank_zero():
+                save_json(stage_dir / "DONE.json", {"stage": stage.name, "fingerprint": fp, "summary": summary})
+            distributed.barrier()
+        else:
+            # Single-process stages: rank 0 works, the other ranks wait for its DONE file
+            # (polling too, for launchers such as SLURM that start ranks before any process group).
+            if rank0:
+                _prepare_dir(stage_dir, fp)
+                log.info("stage %s: running (fingerprint %s)", stage.name, fp)
+                summary = stage.run(cfg, run_dir) or {}
+                save_json(stage_dir / "DONE.json", {"stage": stage.name, "fingerprint": fp, "summary": summary})
+            distributed.barrier()
+            if not rank0:
+                distributed.wait_for(lambda: is_done(stage_dir, fp), f"stage {stage.name} on rank 0")
+                summary = load_json(stage_dir / "DONE.json").get("summary", {})
+        summaries[stage.name] = summary
+    return summaries

@@ -1,0 +1,96 @@
+"""Safe, atomic file I/O shared by every stage.
+
+Every stage output is written to a temporary file and renamed into place, so a job killed
+mid-write never leaves a half-written file that a later run would read as finished.
+Tensors are stored as safetensors (no pickled code is ever executed on load); metadata as JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import DataError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return obj.item()
+    if hasattr(obj, "tolist"):  # numpy arrays
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def load_json(path: str | os.PathLike, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{what} is corrupt (not valid JSON): {path}: {err}") from None
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    """Save tensors (made contiguous, on CPU) with JSON metadata, atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {"meta": json.dumps(meta or {}, default=_jsonable)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | os.PathLike, what: str = "tensor file") -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a safetensors file written by :func:`save_tensors`; clear errors for missing/corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("meta", "{}")
+        meta = json.loads(raw)
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
+        raise DataError(f"{what} is corrupt or not a safetensors file: {path}: {err}") from None
+    return tensors, meta
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable short hash of JSON-serialisable parts (used to detect config changes)."""
+    text = json.dumps(parts, sort_keys=True, default=_jsonable)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,65 @@
+"""Lightning Trainer and logger construction shared by the optimisation stages.
+
+Every stage builds its Trainer here so that ``trainer.*`` (accelerator, devices, num_nodes,
+strategy, precision) and ``logger.*`` apply uniformly, and metrics always land in ``run_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger, Logger
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
+
+LOGGERS = ("csv", "wandb", "tensorboard", "none")
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, stage: str) -> Logger | bool:
+    """The configured Lightning logger for one stage. W&B defaults to offline mode (no account,
+    no network); sync later with ``wandb sync <run_dir>/wandb/offline-run-*``."""
+    name = cfg.logger.name
+    if name == "csv":
+        return CSVLogger(save_dir=str(run_dir / "logs"), name=stage, version="")
+    if name == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        wb = cfg.logger.wandb
+        os.environ.setdefault("WANDB_SILENT", "true")
+        return WandbLogger(
+            project=wb.project,
+            entity=wb.entity,
+            group=wb.group or Path(cfg.run_dir).name,
+            name=f"{Path(cfg.run_dir).name}-{stage}",
+            save_dir=str(run_dir),
+            offline=wb.mode == "offline",
+            mode=wb.mode,
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+    if name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(run_dir / "logs"), name=stage, version="")
+    if name == "none":
+        return False
+    raise ConfigError(f"unknown logger.name {name!r}; choose from {LOGGERS}")
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, **overrides: Any) -> L.Trainer:
+    """A Trainer from ``cfg.trainer`` (hardware/distribution) plus the stage's own ``overrides``
+    (e.g. ``max_steps``); ``trainer.max_epochs`` is the victim's training length."""
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs.update(
+        default_root_dir=str(run_dir / stage),
+        logger=build_logger(cfg, run_dir, stage),
+        enable_model_summary=False,
+    )
+    kwargs.update(overrides)
+    try:
+        return L.Trainer(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid trainer settings for stage {stage}: {err}") from None
