@@ -39,7 +39,7 @@ def _stage_fn(module: str):
 
 # The pipeline, top to bottom: (stage name, module, config sections that change its outputs, runs on every DDP rank).
 PIPELINE = [
-    ("embed", "embed", ["backbone", "data", "embed"], False),
+    ("embed", "embed", ["backbone", "data", "embed.normalize", "seed"], False),
     ("classifier", "victim", ["classifier", "trainer.max_epochs", "seed"], True),
     ("reconstruct", "reconstruct", ["reconstruct", "seed"], True),
     ("select", "select", ["select"], False),
