@@ -19,10 +19,14 @@ import math
 from pathlib import Path
 from typing import Callable, Sequence
 
+import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
 
-from .errors import ConfigError, ModelMismatchError
+from .errors import ConfigError, DivergedError, ModelMismatchError
 from .storage import load_json, load_tensors, save_json, save_tensors
 
 VICTIM_FORMAT = "recon_lightning.victim/1"
@@ -128,3 +132,153 @@ def load_victim(directory: str | Path, expected_input_dim: int | None = None) ->
             f"{expected_input_dim}-d (was the victim trained on another backbone?)"
         )
     return model.eval(), spec
+
+
+# --------------------------------------------------------------------------------------
+# Training (the classifier stage)
+# --------------------------------------------------------------------------------------
+
+
+
+def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Signed distance-like margin per sample: y*phi(x) (y in {-1, 1}) for one logit,
+    phi_y(x) - max_{c != y} phi_c(x) for several. Positive = correctly classified."""
+    if logits.ndim == 1:
+        return (2 * y.to(logits.dtype) - 1) * logits
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.clone()
+    others.scatter_(1, y[:, None], float("-inf"))
+    return true - others.max(dim=1).values
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype))
+    return F.cross_entropy(logits, y)
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    pred = (logits > 0).long() if logits.ndim == 1 else logits.argmax(1)
+    return (pred == y).float().mean()
+
+
+class VictimModule(L.LightningModule):
+    """Full-batch training of the victim MLP (the data loader yields the whole training set)."""
+
+    def __init__(self, model: VictimMLP, loss: str, optimizer: str, lr: float, momentum: float, weight_decay: float):
+        super().__init__()
+        self.model, self.loss_kind = model, loss
+        self.optimizer_name, self.lr, self.momentum, self.weight_decay = optimizer, lr, momentum, weight_decay
+
+    def forward(self, x):
+        return self.model(x)
+
+    def _step(self, batch, prefix: str):
+        x, y = batch
+        logits = self.model(x)
+        loss = loss_fn(logits, y, self.loss_kind)
+        m = margins(logits.detach(), y)
+        self.log_dict(
+            {f"{prefix}/loss": loss, f"{prefix}/acc": accuracy(logits, y), f"{prefix}/margin_min": m.min(),
+             f"{prefix}/margin_mean": m.mean()},
+            on_step=False, on_epoch=True, prog_bar=prefix == "train", batch_size=len(x),
+        )
+        if not torch.isfinite(loss):
+            raise DivergedError(f"victim training diverged ({prefix} loss {loss.item()}); lower classifier.lr")
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        params = self.model.parameters()
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        raise ConfigError(f"classifier.optimizer must be sgd or adam, got {self.optimizer_name!r}")
+
+
+def _full_batch(x: torch.Tensor, y: torch.Tensor) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=max(1, len(x)), shuffle=False)
+
+
+def _plot_margins(path: Path, train_margins: torch.Tensor, test_margins: torch.Tensor) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(train_margins.numpy(), bins=40, alpha=0.7, label="train")
+    if len(test_margins):
+        ax.hist(test_margins.numpy(), bins=40, alpha=0.5, label="test")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("margin (positive = correct)")
+    ax.set_ylabel("samples")
+    ax.set_title("Victim margins")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_stage(cfg, run_dir: Path) -> dict:
+    """Train the victim on the cached embeddings and save it to ``run_dir/classifier``."""
+    from .embed import load_embeddings
+    from .training import make_trainer
+
+    c = cfg.classifier
+    emb = load_embeddings(run_dir)
+    num_classes = emb.num_classes
+    loss = c.loss if c.loss != "auto" else ("bce" if num_classes == 2 else "ce")
+    if loss not in ("bce", "ce") or (loss == "bce" and num_classes != 2):
+        raise ConfigError(f"classifier.loss={c.loss!r} does not fit {num_classes} classes (bce needs exactly 2)")
+    if float(c.lr) <= 0 or float(c.weight_decay) < 0:
+        raise ConfigError("classifier.lr must be > 0 and classifier.weight_decay >= 0")
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    as_plain = lambda v: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v  # noqa: E731
+    model = VictimMLP(emb.dim, list(c.hidden), num_classes, bias=as_plain(c.bias), init_scale=as_plain(c.init_scale))
+    if loss == "ce" and model.out_dim == 1:
+        raise ConfigError("ce loss needs more than 2 classes")
+    module = VictimModule(model, loss, c.optimizer, float(c.lr), float(c.momentum), float(c.weight_decay))
+    has_test = len(emb.test_x) > 0
+    trainer = make_trainer(
+        cfg, run_dir, "classifier",
+        check_val_every_n_epoch=int(c.log_every_n_epochs),
+        log_every_n_steps=int(c.log_every_n_epochs),
+        enable_checkpointing=False,
+        limit_val_batches=1.0 if has_test else 0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, _full_batch(emb.train_x, emb.train_y), _full_batch(emb.test_x, emb.test_y) if has_test else None)
+
+    model.eval()
+    with torch.no_grad():
+        train_logits, test_logits = model(emb.train_x), model(emb.test_x)
+    train_m, test_m = margins(train_logits, emb.train_y), margins(test_logits, emb.test_y)
+    metrics = {
+        "train_acc": float(accuracy(train_logits, emb.train_y)),
+        "train_loss": float(loss_fn(train_logits, emb.train_y, loss)),
+        "test_acc": float(accuracy(test_logits, emb.test_y)) if has_test else None,
+        "train_margin_min": float(train_m.min()),
+        "train_margin_mean": float(train_m.mean()),
+    }
+    if trainer.is_global_zero:
+        out = run_dir / "classifier"
+        save_victim(out, model, {
+            "loss": loss,
+            "weight_decay": float(c.weight_decay),
+            "optimizer": c.optimizer,
+            "lr": float(c.lr),
+            "epochs": int(cfg.trainer.max_epochs),
+            "n_train": len(emb.train_x),
+            "class_names": emb.meta["class_names"],
+            "embedding": {k: emb.meta.get(k) for k in ("backbone_name", "modality", "embed_dim", "normalize", "mean_norm", "input_size")},
+            "metrics": metrics,
+        })
+        _plot_margins(out / "margins.png", train_m, test_m)
+    return metrics
