@@ -48,12 +48,19 @@ PIPELINE = [
 ]
 
 
+def _own_victim(cfg: DictConfig) -> bool:
+    """Auditing a victim trained elsewhere (reconstruct.victim_dir): no embed/classifier stages."""
+    return bool(OmegaConf.select(cfg, "reconstruct.victim_dir", default=None))
+
+
 def available_stages() -> list[Stage]:
+    """The pipeline's stages whose modules exist, in order."""
     stages = []
     for name, module, keys, all_ranks in PIPELINE:
         if importlib.util.find_spec(f"recon_lightning.{module}") is None:
             continue
-        stages.append(Stage(name=name, run=_stage_fn(module), config_keys=keys, all_ranks=all_ranks))
+        enabled = (lambda cfg: not _own_victim(cfg)) if name in ("embed", "classifier") else (lambda cfg: True)
+        stages.append(Stage(name=name, run=_stage_fn(module), config_keys=keys, all_ranks=all_ranks, enabled=enabled))
     return stages
 
 
@@ -67,6 +74,14 @@ def wanted_stages(cfg: DictConfig, stages: list[Stage]) -> list[str]:
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; choose from {names + ['all']}")
     return requested
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose the same config ``python -m recon_lightning.fit`` would (for the Python API and tests)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
 
 
 def main_with_config(cfg: DictConfig) -> dict:

@@ -68,17 +68,19 @@ def _prepare_dir(stage_dir: Path, fp: str) -> None:
 
 
 def run_stages(cfg: DictConfig, stages: list[Stage], wanted: list[str], run_dir: Path) -> dict[str, dict]:
-    """Run the ``wanted`` stages (and reuse earlier ones) in pipeline order; return their summaries."""
+    """Run the ``wanted`` stages in pipeline order; return their summaries.
+
+    Like ``make``: earlier stages they depend on run too, unless already up to date.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, dict] = {}
     upstream = ""
-    for stage in stages:
-        if not stage.enabled(cfg):
-            continue
+    enabled = [s for s in stages if s.enabled(cfg)]
+    names = [s.name for s in enabled]
+    last = max((names.index(w) for w in wanted if w in names), default=-1)
+    for stage in enabled[: last + 1]:
         fp = stage_fingerprint(cfg, stage, upstream)
         upstream = fp
-        if stage.name not in wanted:
-            continue
         stage_dir = run_dir / stage.name
         if is_done(stage_dir, fp):
             log.info("stage %s: up to date (fingerprint %s), skipping", stage.name, fp)

@@ -15,7 +15,7 @@ logits otherwise (CE).
 
 from __future__ import annotations
 
-import math
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -246,6 +246,8 @@ def run_stage(cfg, run_dir: Path) -> dict:
         raise ConfigError("ce loss needs more than 2 classes")
     module = VictimModule(model, loss, c.optimizer, float(c.lr), float(c.momentum), float(c.weight_decay))
     has_test = len(emb.test_x) > 0
+    # Full batch: one step per epoch, so logging every N steps is logging every N epochs.
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     trainer = make_trainer(
         cfg, run_dir, "classifier",
         check_val_every_n_epoch=int(c.log_every_n_epochs),

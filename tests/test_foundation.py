@@ -1,0 +1,125 @@
+"""Config, data, embedding cache, victim training and error messages (the foundation issue)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recon_lightning.data import load_dataset
+from recon_lightning.embed import load_embeddings
+from recon_lightning.errors import ConfigError, DataError, ModelMismatchError
+from recon_lightning.fit import main_with_config
+from recon_lightning.victim import VictimMLP, load_victim, save_victim
+
+SMALL_VICTIM = ["classifier.hidden=[64]", "classifier.bias=[true,false]", "classifier.init_scale=[1e-3,null]",
+                "trainer.max_epochs=300", "data.n_per_class=20", "data.n_test_per_class=10"]
+
+
+def test_overrides_reach_the_config(make_cfg):
+    cfg = make_cfg("classifier.hidden=[1000,1000]", "trainer.max_epochs=7", "backbone=efficientnet_lite0", "data=skimage")
+    assert list(cfg.classifier.hidden) == [1000, 1000]
+    assert cfg.trainer.max_epochs == 7
+    assert cfg.backbone.kind == "efficientnet_lite" and cfg.data.kind == "skimage"
+
+
+def test_digits_split_is_balanced_and_seeded(make_cfg):
+    cfg = make_cfg()
+    a, b = load_dataset(cfg.data, seed=0), load_dataset(cfg.data, seed=0)
+    assert a.train.ids == b.train.ids and not set(a.train.ids) & set(a.test.ids)
+    assert np.bincount(a.train.labels).tolist() == [cfg.data.n_per_class] * 2
+    assert load_dataset(cfg.data, seed=1).train.ids != a.train.ids
+
+
+def test_embed_cache_reused_and_invalidated(make_cfg, tmp_path):
+    cfg = make_cfg("stage=embed")
+    main_with_config(cfg)
+    emb_file = tmp_path / "run/embed/embeddings.safetensors"
+    first_mtime = emb_file.stat().st_mtime_ns
+    emb = load_embeddings(tmp_path / "run")
+    assert emb.train_x.shape == (100, 64) and emb.meta["normalize"] == "none"
+    main_with_config(cfg)  # same config: reused, not rewritten
+    assert emb_file.stat().st_mtime_ns == first_mtime
+    main_with_config(make_cfg("stage=embed", "embed.normalize=l2"))  # changed config: recomputed
+    emb2 = load_embeddings(tmp_path / "run")
+    assert emb2.meta["normalize"] == "l2"
+    assert torch.allclose(emb2.train_x.norm(dim=1), torch.ones(100), atol=1e-5)
+    assert any((tmp_path / "run").glob("embed.stale-*"))  # old outputs kept aside, not deleted
+
+
+def test_classifier_separates_digits_and_reloads_identically(make_cfg, tmp_path):
+    summary = main_with_config(make_cfg("stage=classifier", *SMALL_VICTIM))
+    assert summary["classifier"]["train_acc"] == 1.0
+    emb = load_embeddings(tmp_path / "run")
+    model, spec = load_victim(tmp_path / "run/classifier", expected_input_dim=emb.dim)
+    assert spec["hidden"] == [64] and spec["loss"] == "bce" and spec["embedding"]["normalize"] == "none"
+    logits = model(emb.train_x)
+    assert ((logits > 0).long() == emb.train_y).all()
+    model2, _ = load_victim(tmp_path / "run/classifier")
+    assert torch.equal(model2(emb.train_x), logits)
+    assert (tmp_path / "run/classifier/margins.png").is_file()
+    assert (tmp_path / "run/logs/classifier/metrics.csv").is_file()
+
+
+def test_multiclass_uses_cross_entropy(make_cfg, tmp_path):
+    main_with_config(make_cfg("stage=classifier", "data.classes=[0,1,7]", *SMALL_VICTIM))
+    model, spec = load_victim(tmp_path / "run/classifier")
+    assert spec["loss"] == "ce" and model.out_dim == 3 and spec["metrics"]["train_acc"] == 1.0
+
+
+def test_victim_size_mismatch_is_a_clear_error(tmp_path):
+    save_victim(tmp_path, VictimMLP(64, [8], 2))
+    with pytest.raises(ModelMismatchError, match="victim expects 64-d inputs but the embeddings are 1280-d"):
+        load_victim(tmp_path, expected_input_dim=1280)
+
+
+def test_corrupt_victim_file_is_a_clear_error(tmp_path):
+    save_victim(tmp_path, VictimMLP(16, [8], 2))
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DataError, match="corrupt"):
+        load_victim(tmp_path)
+
+
+def test_bad_data_inputs(make_cfg, tmp_path):
+    with pytest.raises(DataError, match="image folder not found"):
+        load_dataset(make_cfg("data=imagefolder", f"data.root={tmp_path}/nope").data)
+    root = tmp_path / "imgs"
+    (root / "cats").mkdir(parents=True)
+    (root / "dogs").mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "cats/a.png")
+    with pytest.raises(DataError, match="class 'dogs' has no images"):
+        load_dataset(make_cfg("data=imagefolder", f"data.root={root}").data)
+    (root / "dogs/b.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"corrupt or unreadable image: .*b\.png"):
+        load_dataset(make_cfg("data=imagefolder", f"data.root={root}").data)
+    with pytest.raises(ConfigError, match="unknown backbone kind"):
+        main_with_config(make_cfg("stage=embed", "backbone.kind=nope"))
+
+
+def test_imagefolder_embeds(make_cfg, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(tmp_path / f"imgs/{cls}/{i}.png")
+    main_with_config(make_cfg("stage=embed", "data=imagefolder", f"data.root={tmp_path / 'imgs'}",
+                              "data.n_per_class=2", "data.n_test_per_class=1"))
+    emb = load_embeddings(tmp_path / "run")
+    assert emb.train_x.shape == (4, 3 * 12 * 10) and emb.meta["class_names"] == ["a", "b"]
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "recon_lightning.fit", "stage=embed", f"run_dir={tmp_path}", "data=imagefolder",
+         f"data.root={tmp_path}/missing"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error: image folder not found" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "recon_lightning.fit", "backbone=nonexistent", f"run_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "backbone/nonexistent" in proc.stderr and "Traceback" not in proc.stderr
