@@ -28,8 +28,12 @@ def build_logger(cfg: DictConfig, run_dir: Path, stage: str) -> Logger | bool:
     if name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
+        import wandb
+
         wb = cfg.logger.wandb
         os.environ.setdefault("WANDB_SILENT", "true")
+        if wandb.run is not None:  # one W&B run per stage, grouped by run_dir
+            wandb.finish()
         return WandbLogger(
             project=wb.project,
             entity=wb.entity,
