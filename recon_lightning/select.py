@@ -1,0 +1,444 @@
+"""Stage 4: pick the candidates most likely to be real training samples, without the training set.
+
+Reconstruction runs produce many candidates; most are junk, but candidates that several
+independent runs converge to (a tight cluster fed by many runs, with non-negligible KKT
+multipliers and a low final loss) are the likely copies of training samples (Haim et al. 2022,
+Buzaglo et al. 2023). This stage clusters all candidates on the unit sphere with faiss and
+ranks clusters by a score computed from the candidates alone:
+
+=============  ====================================================================  ==========================
+term           definition (per cluster, each in [0, 1])                              weight
+=============  ====================================================================  ==========================
+``size``       ``log(n) / log(n_max)`` (n = members, n_max = largest cluster)        ``select.weights.size``
+``tightness``  mean pairwise cosine of the members, clipped to [0, 1] (0 for n = 1)  ``select.weights.tightness``
+``runs``       ``log(r) / log(r_max)`` with r = distinct runs among the members       ``select.weights.runs``
+``lam``        mean percentile rank of the members' multipliers ``lam``              ``select.weights.lam``
+``loss``       mean of ``1 -`` percentile rank of the members' ``run_loss``          ``select.weights.loss``
+=============  ====================================================================  ==========================
+
+``score = sum_i w_i * term_i / sum_i w_i``. Each cluster is represented by its cosine medoid:
+the member with the largest summed cosine to the other members, which on the unit sphere is
+exactly the member closest to the members' mean direction (so it costs O(n), not O(n^2)).
+
+Clustering methods (``select.method``):
+
+* ``kmeans``: spherical k-means (``faiss.Kmeans``), ``num_clusters`` centroids (``auto`` =
+  ``round(sqrt(N))`` clipped to [1, 4096]).
+* ``knn``: connected components of the mutual k-nearest-neighbour graph restricted to edges
+  with cosine >= ``knn.min_cosine`` (exact ``IndexFlatIP`` up to ``knn.exact_max`` candidates,
+  an HNSW index above). Density-based: no cluster count to choose, junk stays in singletons.
+
+With ``per_class: true`` each class label ``y`` is clustered separately and the ranking takes
+the classes in turn (best cluster of each class, then the second best, ...), so every class is
+represented. faiss runs on GPU when ``faiss.get_num_gpus() > 0``, on CPU otherwise.
+
+Outputs (see ``docs/architecture.md``): ``select/selection.safetensors`` (representatives,
+best first) and ``select/clusters.json`` (per-cluster statistics, best first).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError, DataError
+from .storage import load_json, load_tensors, save_json, save_tensors
+
+log = logging.getLogger(__name__)
+
+METHODS = ("kmeans", "knn")
+SCORE_TERMS = ("size", "tightness", "runs", "lam", "loss")
+
+
+@dataclass
+class SelectConfig:
+    """Plain-Python view of ``cfg.select`` (so the core functions are testable without Hydra)."""
+
+    method: str = "kmeans"
+    num_clusters: int | str = "auto"
+    num_representatives: int = 100
+    per_class: bool = True
+    exclude_failed_runs: bool = True
+    min_cluster_size: int = 1
+    weights: dict = field(default_factory=lambda: {"size": 1.0, "tightness": 1.0, "runs": 1.0, "lam": 0.25, "loss": 0.25})
+    kmeans_niter: int = 25
+    kmeans_max_points_per_centroid: int = 256
+    knn_k: int = 10
+    knn_min_cosine: float = 0.9
+    knn_exact_max: int = 20000
+    use_gpu: str | bool = "auto"
+    seed: int = 0
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig, seed: int = 0) -> "SelectConfig":
+        s = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+        km, knn = s.get("kmeans", {}) or {}, s.get("knn", {}) or {}
+        out = cls(
+            method=s.get("method", "kmeans"),
+            num_clusters=s.get("num_clusters", "auto"),
+            num_representatives=int(s.get("num_representatives", 100)),
+            per_class=bool(s.get("per_class", True)),
+            exclude_failed_runs=bool(s.get("exclude_failed_runs", True)),
+            min_cluster_size=int(s.get("min_cluster_size", 1)),
+            weights={**cls().weights, **(s.get("weights") or {})},
+            kmeans_niter=int(km.get("niter", 25)),
+            kmeans_max_points_per_centroid=int(km.get("max_points_per_centroid", 256)),
+            knn_k=int(knn.get("k", 10)),
+            knn_min_cosine=float(knn.get("min_cosine", 0.9)),
+            knn_exact_max=int(knn.get("exact_max", 20000)),
+            use_gpu=s.get("use_gpu", "auto"),
+            seed=int(seed),
+        )
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"select.method must be one of {METHODS}, got {self.method!r}")
+        if not (self.num_clusters == "auto" or (isinstance(self.num_clusters, int) and self.num_clusters >= 1)):
+            raise ConfigError(f"select.num_clusters must be 'auto' or a positive integer, got {self.num_clusters!r}")
+        if self.num_representatives < 1:
+            raise ConfigError(f"select.num_representatives must be >= 1, got {self.num_representatives}")
+        unknown = set(self.weights) - set(SCORE_TERMS)
+        if unknown:
+            raise ConfigError(f"select.weights has unknown terms {sorted(unknown)}; known: {list(SCORE_TERMS)}")
+        if any(float(w) < 0 for w in self.weights.values()) or sum(float(w) for w in self.weights.values()) <= 0:
+            raise ConfigError(f"select.weights must be >= 0 and not all 0, got {self.weights}")
+        if self.knn_k < 1:
+            raise ConfigError(f"select.knn.k must be >= 1, got {self.knn_k}")
+        if not -1.0 <= self.knn_min_cosine <= 1.0:
+            raise ConfigError(f"select.knn.min_cosine must be in [-1, 1], got {self.knn_min_cosine}")
+
+
+# ----------------------------------------------------------------------------- faiss helpers
+
+
+def _faiss():
+    import faiss  # imported lazily: only this stage and evaluation need it
+
+    return faiss
+
+
+def gpu_available(use_gpu: str | bool = "auto") -> bool:
+    """Whether to run faiss on GPU: ``auto`` = when the installed faiss sees a GPU."""
+    if use_gpu in (False, "false", "off", "cpu"):
+        return False
+    faiss = _faiss()
+    n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if use_gpu in (True, "true", "on", "gpu") and n == 0:
+        raise ConfigError("select.use_gpu=true but faiss sees no GPU (install faiss-gpu, or set select.use_gpu=auto)")
+    return n > 0
+
+
+def l2_normalize(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Float32 C-contiguous rows of unit L2 norm (zero rows stay zero), as faiss wants them."""
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def auto_num_clusters(n: int) -> int:
+    """``round(sqrt(n))``, clipped to [1, min(n, 4096)]: grows with N but keeps k-means affordable."""
+    return int(max(1, min(n, 4096, round(math.sqrt(n)))))
+
+
+def kmeans_labels(xn: np.ndarray, k: int, niter: int = 25, seed: int = 0, gpu: bool = False,
+                  max_points_per_centroid: int = 256) -> np.ndarray:
+    """Spherical k-means on unit rows ``xn`` -> cluster label per row."""
+    faiss = _faiss()
+    n, d = xn.shape
+    k = int(min(k, n))
+    if k <= 1:
+        return np.zeros(n, dtype=np.int64)
+    km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=True, gpu=gpu, verbose=False,
+                      max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
+    km.train(xn)
+    _, labels = km.index.search(xn, 1)
+    return _compact(labels[:, 0])
+
+
+def knn_search(xn: np.ndarray, k: int, exact_max: int = 20000, gpu: bool = False, seed: int = 0):
+    """``k`` nearest neighbours by cosine (inner product on unit rows), excluding each row itself."""
+    faiss = _faiss()
+    n, d = xn.shape
+    k = int(min(k, n - 1))
+    if k < 1:
+        return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+    if n <= exact_max:
+        index = faiss.IndexFlatIP(d)
+    else:
+        # HNSW: approximate but sub-quadratic; exact search on 10^5 x 10^5 would be slow on CPU.
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 64
+        index.hnsw.efSearch = max(64, 2 * k)
+    if gpu and isinstance(index, faiss.IndexFlatIP):
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(xn)
+    sims, idx = index.search(xn, k + 1)
+    # Drop self-matches (usually column 0, but exact duplicates may come in another order).
+    rows = np.arange(n)[:, None]
+    not_self = idx != rows
+    out_s = np.full((n, k), -np.inf, np.float32)
+    out_i = np.full((n, k), -1, np.int64)
+    for r in range(n):  # cheap: k is small
+        keep_i, keep_s = idx[r][not_self[r]][:k], sims[r][not_self[r]][:k]
+        out_i[r, : len(keep_i)], out_s[r, : len(keep_s)] = keep_i, keep_s
+    return out_s, out_i
+
+
+def knn_labels(xn: np.ndarray, k: int = 10, min_cosine: float = 0.9, exact_max: int = 20000, gpu: bool = False) -> np.ndarray:
+    """Connected components of the mutual-kNN graph with cosine >= ``min_cosine``."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = xn.shape[0]
+    if n == 1:
+        return np.zeros(1, dtype=np.int64)
+    sims, idx = knn_search(xn, k, exact_max=exact_max, gpu=gpu)
+    src = np.repeat(np.arange(n), idx.shape[1])
+    dst, s = idx.ravel(), sims.ravel()
+    ok = (dst >= 0) & (s >= min_cosine)
+    src, dst = src[ok], dst[ok]
+    adj = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(n, n)).tocsr()
+    mutual = adj.multiply(adj.T)  # edge i-j only if each is among the other's k nearest
+    _, labels = connected_components(mutual, directed=False)
+    return _compact(labels)
+
+
+def _compact(labels: np.ndarray) -> np.ndarray:
+    _, inv = np.unique(labels, return_inverse=True)
+    return inv.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _percentile_rank(v: np.ndarray) -> np.ndarray:
+    """Rank of each value in [0, 1] (ties share their mean rank); 0.5 everywhere if all equal."""
+    from scipy.stats import rankdata
+
+    if len(v) <= 1 or np.all(v == v[0]):
+        return np.full(len(v), 0.5)
+    return (rankdata(v) - 1) / (len(v) - 1)
+
+
+def cluster_stats(xn: np.ndarray, labels: np.ndarray, y: np.ndarray, lam: np.ndarray, run: np.ndarray,
+                  run_loss: np.ndarray) -> list[dict]:
+    """Per-cluster statistics (unscored): members, medoid, size, tightness, runs, lam/loss terms."""
+    lam_pct = _percentile_rank(np.abs(lam))
+    loss_pct = 1.0 - _percentile_rank(run_loss)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    stats = []
+    for members in np.split(order, bounds):
+        if len(members) == 0:
+            continue
+        v = xn[members]
+        s = v.sum(0)
+        n = len(members)
+        s2 = float(s @ s)
+        # Mean pairwise cosine from the sum vector: (|sum|^2 - n) / (n (n - 1)).
+        pairwise = (s2 - float((v * v).sum())) / (n * (n - 1)) if n > 1 else 0.0
+        centroid = s / max(math.sqrt(s2), 1e-12)
+        cos_c = v @ centroid
+        medoid = int(members[int(np.argmax(cos_c))])
+        ys, counts = np.unique(y[members], return_counts=True)
+        stats.append({
+            "members": members,
+            "size": n,
+            "medoid": medoid,
+            "y": int(ys[np.argmax(counts)]),
+            "y_purity": float(counts.max() / n),
+            "mean_pairwise_cosine": float(pairwise),
+            "mean_cosine_to_centroid": float(cos_c.mean()),
+            "num_runs": int(len(np.unique(run[members]))),
+            "mean_lam": float(np.mean(lam[members])),
+            "mean_run_loss": float(np.mean(run_loss[members])),
+            "lam_term": float(lam_pct[members].mean()),
+            "loss_term": float(loss_pct[members].mean()),
+        })
+    return stats
+
+
+def score_clusters(stats: list[dict], weights: dict) -> None:
+    """Add ``terms`` and ``score`` (see the module docstring) to each cluster dict, in place."""
+    if not stats:
+        return
+    max_size = max(c["size"] for c in stats)
+    max_runs = max(c["num_runs"] for c in stats)
+    w = {t: float(weights.get(t, 0.0)) for t in SCORE_TERMS}
+    total = sum(w.values())
+    for c in stats:
+        terms = {
+            "size": math.log(c["size"]) / math.log(max_size) if max_size > 1 else 0.0,
+            "tightness": min(max(c["mean_pairwise_cosine"], 0.0), 1.0),
+            "runs": math.log(c["num_runs"]) / math.log(max_runs) if max_runs > 1 else 0.0,
+            "lam": c["lam_term"],
+            "loss": c["loss_term"],
+        }
+        c["terms"] = terms
+        c["score"] = sum(w[t] * terms[t] for t in SCORE_TERMS) / total
+
+
+def _interleave(per_class: list[list[dict]]) -> list[dict]:
+    """Round-robin over the classes' ranked lists; within a round, the higher score first."""
+    out, depth = [], 0
+    while True:
+        round_ = [lst[depth] for lst in per_class if depth < len(lst)]
+        if not round_:
+            return out
+        out.extend(sorted(round_, key=lambda c: -c["score"]))
+        depth += 1
+
+
+def select_candidates(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, run: torch.Tensor,
+                      run_loss: torch.Tensor, scfg: SelectConfig, keep: torch.Tensor | None = None,
+                      progress: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Cluster and rank candidates. ``keep`` (bool mask) excludes e.g. failed runs.
+
+    Returns the selection tensors (``x``, ``candidate_index``, ``score``, ``cluster_size``, ``y``;
+    best first, indices into the *original* candidate array) and all clusters best first.
+    """
+    from tqdm.auto import tqdm
+
+    scfg.validate()
+    n_all = x.shape[0]
+    if x.ndim != 2 or n_all == 0:
+        raise DataError(f"selection needs a non-empty (N, D) candidate array, got shape {tuple(x.shape)}")
+    for name, t in (("y", y), ("lam", lam), ("run", run), ("run_loss", run_loss)):
+        if t.shape[0] != n_all:
+            raise DataError(f"candidate field {name!r} has {t.shape[0]} entries but there are {n_all} candidates")
+    mask = torch.isfinite(x).all(1)
+    if keep is not None:
+        mask &= keep.bool()
+    idx_all = torch.nonzero(mask).squeeze(1).numpy()
+    if len(idx_all) == 0:
+        raise DataError(f"no usable candidates: all {n_all} are non-finite or from failed runs")
+    xn = l2_normalize(x[idx_all])
+    y_np, lam_np = y[idx_all].numpy(), torch.nan_to_num(lam[idx_all].double()).numpy()
+    run_np, loss_np = run[idx_all].numpy(), torch.nan_to_num(run_loss[idx_all].double(), nan=np.inf).numpy()
+    gpu = gpu_available(scfg.use_gpu)
+    groups = [np.flatnonzero(y_np == c) for c in np.unique(y_np)] if scfg.per_class else [np.arange(len(idx_all))]
+    all_stats = []
+    for g in tqdm(groups, desc="select: clustering", disable=not progress or len(groups) < 2):
+        xg = xn[g]
+        if scfg.method == "kmeans":
+            k = auto_num_clusters(len(g)) if scfg.num_clusters == "auto" else int(scfg.num_clusters)
+            labels = kmeans_labels(xg, k, niter=scfg.kmeans_niter, seed=scfg.seed, gpu=gpu,
+                                   max_points_per_centroid=scfg.kmeans_max_points_per_centroid)
+        else:
+            labels = knn_labels(xg, k=scfg.knn_k, min_cosine=scfg.knn_min_cosine, exact_max=scfg.knn_exact_max, gpu=gpu)
+        stats = cluster_stats(xg, labels, y_np[g], lam_np[g], run_np[g], loss_np[g])
+        # cluster_stats indexes within the group (xg); map back to the original candidate array.
+        for c in stats:
+            c["members"] = idx_all[g[c["members"]]]
+            c["medoid"] = int(idx_all[g[c["medoid"]]])
+        all_stats.append(stats)
+    # Score over all clusters together, so the size/runs normalisation is shared across classes.
+    flat = [c for stats in all_stats for c in stats]
+    score_clusters(flat, scfg.weights)
+    ranked_lists = [
+        sorted([c for c in stats if c["size"] >= scfg.min_cluster_size], key=lambda c: -c["score"]) for stats in all_stats
+    ]
+    ranked = _interleave(ranked_lists) if scfg.per_class else ranked_lists[0]
+    reps = ranked[: scfg.num_representatives]
+    if not reps:
+        raise DataError(f"no cluster has at least select.min_cluster_size={scfg.min_cluster_size} members")
+    medoids = torch.tensor([c["medoid"] for c in reps], dtype=torch.int64)
+    selection = {
+        "x": x[medoids].float(),
+        "candidate_index": medoids,
+        "score": torch.tensor([c["score"] for c in reps], dtype=torch.float32),
+        "cluster_size": torch.tensor([c["size"] for c in reps], dtype=torch.int64),
+        "y": torch.tensor([c["y"] for c in reps], dtype=torch.int64),
+    }
+    # Clusters below min_cluster_size are still listed (after the ranked ones) for inspection.
+    rest = sorted([c for c in flat if c["size"] < scfg.min_cluster_size], key=lambda c: -c["score"])
+    return selection, ranked + rest
+
+
+# ----------------------------------------------------------------------------- stage I/O
+
+
+def read_candidates(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Candidates written by the reconstruct stage (its ``load_candidates`` when available)."""
+    try:
+        from .reconstruct import load_candidates
+    except ImportError:  # reconstruct.py not installed: read the documented file format directly
+        load_candidates = None
+    if load_candidates is not None:
+        out = load_candidates(run_dir)
+        if isinstance(out, tuple):
+            return out[0], out[1]
+        if isinstance(out, dict):
+            return out, out.get("meta", {}) if isinstance(out.get("meta"), dict) else {}
+        # An object with attributes (x, y, lam, run, run_loss, meta).
+        return {k: getattr(out, k) for k in ("x", "y", "lam", "run", "run_loss")}, getattr(out, "meta", {}) or {}
+    return load_tensors(Path(run_dir) / "reconstruct" / "candidates.safetensors", what="reconstruction candidates")
+
+
+def failed_runs(meta: dict) -> set[int]:
+    return {int(r["run"]) for r in meta.get("runs", []) if r.get("status", "ok") != "ok"}
+
+
+def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    scfg = SelectConfig.from_cfg(cfg.select, seed=int(cfg.get("seed", 0)))
+    tensors, meta = read_candidates(run_dir)
+    missing = [k for k in ("x", "y", "lam", "run", "run_loss") if k not in tensors]
+    if missing:
+        raise DataError(f"reconstruction candidates lack field(s) {missing} (see docs/architecture.md)")
+    x, run = tensors["x"].float(), tensors["run"].long()
+    keep = torch.ones(x.shape[0], dtype=torch.bool)
+    failed = failed_runs(meta) if scfg.exclude_failed_runs else set()
+    if failed:
+        keep &= ~torch.isin(run, torch.tensor(sorted(failed), dtype=torch.int64))
+    log.info("select: %d candidates, %d from failed runs excluded", x.shape[0], int((~keep).sum()))
+    selection, clusters = select_candidates(x, tensors["y"].long(), tensors["lam"].float(), run,
+                                            tensors["run_loss"].float(), scfg, keep=keep)
+    out_dir = run_dir / "select"
+    n_used = int(sum(c["size"] for c in clusters))
+    save_tensors(out_dir / "selection.safetensors", selection,
+                 {"method": scfg.method, "num_candidates": x.shape[0], "num_used": n_used,
+                  "num_clusters": len(clusters), "weights": scfg.weights, "per_class": scfg.per_class})
+    save_json(out_dir / "clusters.json", clusters_json(clusters, scfg, x.shape[0], n_used, failed))
+    top = selection["score"][:1].tolist()
+    return {"num_candidates": int(x.shape[0]), "num_used": n_used, "num_clusters": len(clusters),
+            "num_representatives": int(selection["x"].shape[0]), "top_score": top[0] if top else None}
+
+
+def clusters_json(clusters: list[dict], scfg: SelectConfig, n_candidates: int, n_used: int, failed: set[int],
+                  max_members: int = 1000) -> dict:
+    """``select/clusters.json``: settings plus one entry per cluster, best first.
+
+    Entry keys: ``rank``, ``score``, ``terms`` (the score's [0,1] terms), ``size``, ``medoid``
+    (candidate index of the representative), ``y`` (majority class), ``y_purity``,
+    ``mean_pairwise_cosine``, ``mean_cosine_to_centroid``, ``num_runs``, ``mean_lam``,
+    ``mean_run_loss``, ``members`` (candidate indices; first ``max_members`` only) and
+    ``selected`` (whether its medoid is in selection.safetensors).
+    """
+    entries = []
+    for rank, c in enumerate(clusters):
+        e = {k: v for k, v in c.items() if k not in ("members", "lam_term", "loss_term")}
+        e = {"rank": rank, **e, "selected": rank < scfg.num_representatives and c["size"] >= scfg.min_cluster_size}
+        e["members"] = [int(m) for m in c["members"][:max_members]]
+        entries.append(e)
+    return {"method": scfg.method, "num_candidates": n_candidates, "num_used": n_used,
+            "excluded_failed_runs": sorted(failed), "weights": scfg.weights, "per_class": scfg.per_class,
+            "num_clusters": len(clusters), "clusters": entries}
+
+
+def load_selection(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, meta)`` of ``select/selection.safetensors``: representatives best first."""
+    tensors, meta = load_tensors(Path(run_dir) / "select" / "selection.safetensors", what="selection (run the select stage first)")
+    missing = [k for k in ("x", "candidate_index", "score", "cluster_size", "y") if k not in tensors]
+    if missing:
+        raise DataError(f"selection file lacks field(s) {missing}: {Path(run_dir) / 'select' / 'selection.safetensors'}")
+    return tensors, meta
