@@ -35,6 +35,7 @@ import contextlib
 import difflib
 import importlib.util
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -256,6 +257,31 @@ def _timm_tags(base: str) -> list[str]:
     return [m.partition(".")[2] for m in timm.list_pretrained(base + ".*")]
 
 
+def _load_timm_checkpoint(model: nn.Module, name: str, path: Path) -> None:
+    """Load a local file into a timm model strictly (timm's own pretrained loader silently skips
+    missing keys when the head is removed, which would leave random layers in a 'pretrained' model)."""
+    sd = _load_state_dict(path)
+    # timm's conversion for checkpoints from the original repos (e.g. DINOv2, position-embedding resize).
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            sd = filter_fn(sd, model)
+        except Exception as exc:  # a filter that does not understand this checkpoint
+            raise ModelMismatchError(f"checkpoint {str(path)!r} does not fit timm model {name!r}: {exc}") from exc
+    heads = model.pretrained_cfg.get("classifier") or ()
+    for head in (heads,) if isinstance(heads, str) else heads:  # embeddings use no classifier
+        sd = {k: v for k, v in sd.items() if not k.startswith(head + ".")}
+    try:
+        result = model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ModelMismatchError(f"checkpoint {str(path)!r} does not fit timm model {name!r}: {exc}") from exc
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelMismatchError(
+            f"checkpoint {str(path)!r} does not fit timm model {name!r}: "
+            f"missing {result.missing_keys[:6]}, unexpected {result.unexpected_keys[:6]}"
+        )
+
+
 def _build_timm(cfg, input_size=None) -> Backbone:
     import timm
 
@@ -263,26 +289,15 @@ def _build_timm(cfg, input_size=None) -> Backbone:
     _check_timm_name(name)
     ckpt = _checkpoint(cfg)
     pretrained = _as_bool(_get(cfg, "pretrained", False), "pretrained")
-    kwargs: dict[str, Any] = dict(num_classes=0)
-    if ckpt is not None:
-        # timm's own loader: handles safetensors / weights_only torch files and checkpoint
-        # conversions (e.g. ViT position-embedding resampling), drops the classifier.
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(ckpt)))
-    else:
-        kwargs.update(pretrained=pretrained)
     try:
         with _seeded(_get(cfg, "init_seed", 0)):
-            model = timm.create_model(name, **kwargs)
-    except (RuntimeError, KeyError, ValueError) as exc:
-        if ckpt is not None:
-            raise ModelMismatchError(f"checkpoint {str(ckpt)!r} does not fit timm model {name!r}: {exc}") from exc
-        if pretrained:
+            model = timm.create_model(name, pretrained=pretrained and ckpt is None, num_classes=0)
+    except (OSError, RuntimeError, ValueError) as exc:  # huggingface_hub / urllib download errors
+        if pretrained and ckpt is None:
             raise _download_error(f"timm model {name!r}", exc) from exc
         raise
-    except OSError as exc:  # huggingface_hub / urllib download errors
-        if ckpt is None and pretrained:
-            raise _download_error(f"timm model {name!r}", exc) from exc
-        raise DataError(f"cannot read checkpoint {str(ckpt)!r}: {exc}") from exc
+    if ckpt is not None:
+        _load_timm_checkpoint(model, name, ckpt)
     dc = _timm_data_config(model)
     weights = str(ckpt) if ckpt is not None else ("hub" if pretrained else "random")
     return TimmBackbone(
@@ -487,7 +502,9 @@ class SentenceTransformerBackbone(Backbone):
         self.modality = "text"
         self.model = model
         self.batch_size = int(batch_size)
-        self.embed_dim = int(model.get_sentence_embedding_dimension())
+        # renamed get_embedding_dimension in sentence-transformers 6
+        dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        self.embed_dim = int(dim())
         self.preprocessing = {
             "tokenizer": type(model.tokenizer).__name__ if hasattr(model, "tokenizer") else None,
             "max_seq_length": int(getattr(model, "max_seq_length", 0) or 0),
@@ -563,7 +580,8 @@ def _random_sentence_encoder(tokenizer_folder: Path | None, seed: int):
         bert.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         transformer = Transformer(tmp, max_seq_length=128)
-    pooling = Pooling(transformer.get_word_embedding_dimension(), "mean")
+    dim = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
+    pooling = Pooling(dim(), "mean")
     return SentenceTransformer(modules=[transformer, pooling], device="cpu")
 
 
