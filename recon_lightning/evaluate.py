@@ -1,0 +1,496 @@
+"""Stage 6: measure how much of the training set was reconstructed, then write the audit report.
+
+With the true training set (``run_dir/embed`` exists, "evaluation mode"):
+
+* every training sample's best candidate and that cosine (all candidates, not just the selection),
+  and the fraction of the training set reconstructed above each cosine threshold (a curve);
+* selection quality: precision@k of the top-k representatives, where a representative is
+  *good* if its cosine to the nearest training sample is >= ``evaluate.good_threshold``;
+  compared with a random choice among all candidates (expected precision = the base rate) and
+  with choosing candidates by their run's final loss alone (expected precision with random
+  tie-breaking, since every candidate of a run shares its loss);
+* reconstructability vs the victim's margin on each training sample (binary ``y*phi(x)``,
+  y in {-1, 1}; multiclass ``phi_y - max_{c != y} phi_c``): Spearman correlation + scatter plot;
+* images: (training image | reconstruction) grids and SSIM per pair. The reconstruction is the
+  candidate reshaped to an image when the embedding is the flattened pixels (identity backbone:
+  detected by checking that the training embeddings equal the flattened training images), else
+  the inverted PNG from ``run_dir/invert`` when it exists. LPIPS only when its pretrained
+  backbone is available offline; otherwise the report says it was not computed;
+* text: the nearest training sentences to the top representatives.
+
+Without the training set ("attacker mode") the report shows the ranked selection and any
+inverted images / text matches. The figures are written by :mod:`recon_lightning.report`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError, DataError
+from .storage import load_json
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- core figures
+
+
+def max_cosine(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of ``a``: the largest cosine to any row of ``b`` and that row's index."""
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        raise DataError(f"cosine matching needs non-empty sets, got {a.shape[0]} and {b.shape[0]} rows")
+    if a.shape[1] != b.shape[1]:
+        raise DataError(f"cannot compare {a.shape[1]}-d and {b.shape[1]}-d vectors (different embeddings?)")
+    an = F.normalize(a.float(), dim=1)
+    bn = F.normalize(b.float(), dim=1)
+    best = torch.empty(a.shape[0])
+    idx = torch.empty(a.shape[0], dtype=torch.int64)
+    for s in range(0, a.shape[0], chunk):
+        sims = an[s : s + chunk] @ bn.T
+        v, i = sims.max(dim=1)
+        best[s : s + chunk], idx[s : s + chunk] = v, i
+    return best, idx
+
+
+def top_k_cosine(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest cosines from each row of ``a`` to the rows of ``b`` (small ``a``)."""
+    sims = F.normalize(a.float(), dim=1) @ F.normalize(b.float(), dim=1).T
+    return sims.topk(min(k, b.shape[0]), dim=1)
+
+
+def fraction_curve(best_cos: torch.Tensor, thresholds: Sequence[float]) -> list[float]:
+    """Fraction of training samples whose best candidate has cosine >= each threshold."""
+    return [float((best_cos >= t).float().mean()) for t in thresholds]
+
+
+def capped_ks(ks: Sequence[int], n: int) -> list[int]:
+    """``ks`` capped at ``n`` (deduplicated, ascending); e.g. ([10, 50, 100], 30) -> [10, 30]."""
+    return sorted({min(int(k), n) for k in ks if int(k) >= 1} - {0})
+
+
+def precision_at_k(good_ranked: torch.Tensor, ks: Sequence[int]) -> list[float]:
+    """Fraction of good items among the first ``k`` of a ranked list, per k (k capped at the length)."""
+    g = good_ranked.float()
+    return [float(g[:k].mean()) for k in ks]
+
+
+def expected_precision_by_key(good: torch.Tensor, key: torch.Tensor, ks: Sequence[int]) -> list[float]:
+    """Expected precision@k when items are taken in ascending ``key`` order, ties broken at random.
+
+    Items with equal key (e.g. all candidates of one run share its loss) form a group; a group
+    cut by the k boundary contributes its mean goodness times the number of items taken from it.
+    """
+    keys, inv = torch.unique(key.double(), sorted=True, return_inverse=True)
+    counts = torch.bincount(inv, minlength=len(keys)).double()
+    goods = torch.bincount(inv, weights=good.double(), minlength=len(keys))
+    cum_n = torch.cumsum(counts, 0)
+    out = []
+    for k in ks:
+        full = int(torch.searchsorted(cum_n, torch.tensor(float(k)), right=True))  # groups taken whole
+        taken_n = float(cum_n[full - 1]) if full > 0 else 0.0
+        total = float(goods[:full].sum())
+        if taken_n < k and full < len(keys):
+            total += (k - taken_n) * float(goods[full] / counts[full])
+        out.append(total / k)
+    return out
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> tuple[float | None, float | None]:
+    """Spearman rank correlation (rho, p-value); None when undefined (fewer than 3 points or constant)."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 3 or np.all(x == x[0]) or np.all(y == y[0]):
+        return None, None
+    res = spearmanr(x, y)
+    return float(res.statistic), float(res.pvalue)
+
+
+def ssim_kernel_size(h: int, w: int) -> int:
+    """Standard 11x11 window, shrunk to the largest odd size that fits tiny images (8x8 digits -> 7)."""
+    k = min(11, h, w)
+    return k if k % 2 == 1 else k - 1
+
+
+def ssim_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """SSIM per image pair; ``a``, ``b`` float (N, C, H, W) in [0, 1] (torchmetrics)."""
+    from torchmetrics.image import StructuralSimilarityIndexMeasure
+
+    if a.shape != b.shape:
+        raise DataError(f"SSIM needs equally shaped image batches, got {tuple(a.shape)} and {tuple(b.shape)}")
+    k = ssim_kernel_size(a.shape[-2], a.shape[-1])
+    if k < 3:
+        raise DataError(f"images of size {tuple(a.shape[-2:])} are too small for SSIM")
+    metric = StructuralSimilarityIndexMeasure(data_range=1.0, kernel_size=k, sigma=1.5 * k / 11, reduction="none")
+    return metric(a.float(), b.float()).reshape(-1)
+
+
+def lpips_status() -> tuple[bool, str]:
+    """Whether torchmetrics' LPIPS can run offline: it needs torchvision's ImageNet AlexNet
+    weights in the torch hub cache (it would otherwise try to download them)."""
+    try:
+        import torchvision
+
+        url = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url
+    except Exception as err:  # pragma: no cover - torchvision is a dependency
+        return False, f"LPIPS not computed: torchvision unavailable ({err})"
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if cached.is_file():
+        return True, f"LPIPS (AlexNet) with cached weights {cached}"
+    return False, (f"LPIPS not computed: it needs pretrained AlexNet weights that are not available offline "
+                   f"(expected {cached}); SSIM is reported instead")
+
+
+def lpips_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LPIPS per pair (lower = more similar); inputs in [0, 1], resized to at least 32x32."""
+    from torchmetrics.functional.image.lpips import learned_perceptual_image_patch_similarity as lpips
+
+    if a.shape[1] == 1:
+        a, b = a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1)
+    if min(a.shape[-2:]) < 32:
+        a = F.interpolate(a, size=(32, 32), mode="bilinear", align_corners=False)
+        b = F.interpolate(b, size=(32, 32), mode="bilinear", align_corners=False)
+    return torch.stack([lpips(a[i : i + 1], b[i : i + 1], net_type="alex", normalize=True) for i in range(len(a))])
+
+
+def as_images(x: torch.Tensor, shape: Sequence[int], scaling: str = "minmax") -> torch.Tensor:
+    """Flattened pixel vectors -> float images (N, C, H, W) in [0, 1].
+
+    ``minmax`` stretches each image to [0, 1] (cosine ignores scale, and reconstructions are
+    only determined up to scale); ``clip`` keeps values and clips them to [0, 1].
+    """
+    imgs = x.float().reshape(x.shape[0], *shape)
+    if scaling == "clip":
+        return imgs.clamp(0, 1)
+    if scaling == "minmax":
+        lo = imgs.flatten(1).min(1).values.view(-1, 1, 1, 1)
+        hi = imgs.flatten(1).max(1).values.view(-1, 1, 1, 1)
+        return (imgs - lo) / (hi - lo).clamp_min(1e-8)
+    raise ConfigError(f"evaluate.image_scaling must be minmax or clip, got {scaling!r}")
+
+
+def embeddings_are_pixels(train_x: torch.Tensor, train_images: torch.Tensor | None, min_cosine: float = 0.999) -> bool:
+    """True when each training embedding is its flattened image (identity backbone), so candidates
+    can be viewed as images directly. Checked on the data rather than trusted from config names."""
+    if train_images is None or len(train_images) != len(train_x) or len(train_x) == 0:
+        return False
+    if train_images[0].numel() != train_x.shape[1]:
+        return False
+    flat = train_images.flatten(1).float() / 255.0
+    cos = F.cosine_similarity(flat, train_x.float(), dim=1)
+    return bool((cos >= min_cosine).all())
+
+
+def load_png(path: Path) -> torch.Tensor:
+    """A PNG as float (C, H, W) in [0, 1]."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise DataError(f"inverted image listed in invert/inversion.json is missing: {path}")
+    img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(img).permute(2, 0, 1)
+
+
+def match_channels_and_size(train_img: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Resize/convert training images (N, C, H, W) in [0, 1] to ``like``'s channels and size."""
+    out = train_img
+    if out.shape[1] != like.shape[1]:
+        out = out.mean(1, keepdim=True).repeat(1, like.shape[1], 1, 1) if like.shape[1] == 3 else out.mean(1, keepdim=True)
+    if out.shape[-2:] != like.shape[-2:]:
+        out = F.interpolate(out, size=like.shape[-2:], mode="bilinear", align_corners=False)
+    return out.clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class EvalConfig:
+    good_threshold: float = 0.9
+    thresholds: tuple = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    curve_points: int = 101
+    precision_ks: tuple = (10, 50, 100, 500, 1000)
+    grid_pairs: int = 24
+    image_scaling: str = "minmax"
+    lpips: str = "auto"
+    text_top: int = 10
+    text_k: int = 3
+    chunk: int = 4096
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "EvalConfig":
+        e = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg or {})
+        d = cls()
+        out = cls(
+            good_threshold=float(e.get("good_threshold", d.good_threshold)),
+            thresholds=tuple(float(t) for t in e.get("thresholds", d.thresholds)),
+            curve_points=int(e.get("curve_points", d.curve_points)),
+            precision_ks=tuple(int(k) for k in e.get("precision_ks", d.precision_ks)),
+            grid_pairs=int(e.get("grid_pairs", d.grid_pairs)),
+            image_scaling=str(e.get("image_scaling", d.image_scaling)),
+            lpips=str(e.get("lpips", d.lpips)),
+            text_top=int(e.get("text_top", d.text_top)),
+            text_k=int(e.get("text_k", d.text_k)),
+            chunk=int(e.get("chunk", d.chunk)),
+        )
+        if not -1 <= out.good_threshold <= 1:
+            raise ConfigError(f"evaluate.good_threshold is a cosine and must be in [-1, 1], got {out.good_threshold}")
+        if out.curve_points < 2:
+            raise ConfigError(f"evaluate.curve_points must be >= 2, got {out.curve_points}")
+        if out.image_scaling not in ("minmax", "clip"):
+            raise ConfigError(f"evaluate.image_scaling must be minmax or clip, got {out.image_scaling!r}")
+        if out.lpips not in ("auto", "off"):
+            raise ConfigError(f"evaluate.lpips must be auto or off, got {out.lpips!r}")
+        return out
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _rel(run_dir: Path, path: Path) -> str:
+    return path.relative_to(run_dir).as_posix()
+
+
+def _eligible_candidates(run_dir: Path):
+    """Candidates as the selection saw them: finite and not from failed runs."""
+    from .select import failed_runs, read_candidates
+
+    tensors, meta = read_candidates(run_dir)
+    x = tensors["x"].float()
+    keep = torch.isfinite(x).all(1)
+    failed = failed_runs(meta)
+    if failed:
+        keep &= ~torch.isin(tensors["run"].long(), torch.tensor(sorted(failed), dtype=torch.int64))
+    return tensors, keep
+
+
+def _inversion(run_dir: Path) -> list[dict] | None:
+    path = run_dir / "invert" / "inversion.json"
+    return load_json(path, what="inversion results") if path.is_file() else None
+
+
+def _text_matches(run_dir: Path) -> list[dict] | None:
+    path = run_dir / "invert" / "text_matches.json"
+    return load_json(path, what="text matches") if path.is_file() else None
+
+
+def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict:
+    """Compute every figure and write the plots/grids to ``run_dir/report``; returns report.json's dict."""
+    from . import report as rp
+    from .select import load_selection
+
+    run_dir = Path(run_dir)
+    out_dir = run_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sel, sel_meta = load_selection(run_dir)
+    R = sel["x"].shape[0]
+    reps = [
+        {"rank": r, "candidate_index": int(sel["candidate_index"][r]), "score": float(sel["score"][r]),
+         "cluster_size": int(sel["cluster_size"][r]), "y": int(sel["y"][r])}
+        for r in range(R)
+    ]
+    report: dict = {
+        "format": rp.REPORT_FORMAT,
+        "mode": "attacker",
+        "modality": None,
+        "summary": {"num_representatives": R},
+        "selection": {k: sel_meta.get(k) for k in ("method", "num_candidates", "num_used", "num_clusters")},
+        "figures": {},
+        "grids": {},
+        "notes": [],
+    }
+    report["selection"]["representatives"] = reps
+    report["figures"]["selection_scores"] = _rel(run_dir, rp.plot_scores(out_dir / "selection_scores.png", sel["score"]))
+
+    inversion = _inversion(run_dir)
+    if inversion is not None:
+        by_rank = {int(e["rank"]): e for e in inversion}
+        for rep in reps:
+            if rep["rank"] in by_rank:
+                rep["image"] = by_rank[rep["rank"]]["path"]
+                rep["inversion_cosine"] = by_rank[rep["rank"]].get("cosine")
+        report["inversion"] = inversion
+    text_matches = _text_matches(run_dir)
+    if text_matches is not None:
+        report["text_matches_attacker"] = text_matches
+
+    evaluation = (run_dir / "embed" / "embeddings.safetensors").is_file()
+    if not evaluation:
+        report["notes"].append("training set unknown (no run_dir/embed): attacker mode, evaluation figures omitted")
+        if inversion:
+            imgs = torch.stack([load_png(run_dir / e["path"]) for e in sorted(inversion, key=lambda e: e["rank"])[: ecfg.grid_pairs]])
+            caps = [f"#{e['rank']}" for e in sorted(inversion, key=lambda e: e["rank"])[: ecfg.grid_pairs]]
+            report["grids"]["inverted"] = _rel(run_dir, rp.image_grid(out_dir / "inverted.png", imgs, caps, "Inverted representatives"))
+        return report
+
+    from .embed import load_embeddings, load_images, load_samples
+
+    report["mode"] = "evaluation"
+    emb = load_embeddings(run_dir)
+    modality = emb.meta.get("modality", "image")
+    report["modality"] = modality
+    train_x, train_y = emb.train_x.float(), emb.train_y.long()
+    if train_x.shape[1] != sel["x"].shape[1]:
+        raise DataError(f"selection is {sel['x'].shape[1]}-d but the training embeddings are {train_x.shape[1]}-d")
+    cands, keep = _eligible_candidates(run_dir)
+    cand_idx = torch.nonzero(keep).squeeze(1)
+    if len(cand_idx) == 0:
+        raise DataError("no usable candidates to evaluate (all non-finite or from failed runs)")
+    cand_x = cands["x"].float()[cand_idx]
+    n_train = len(train_x)
+
+    # 1. every training sample's best candidate
+    best_cos, best_local = max_cosine(train_x, cand_x, ecfg.chunk)
+    best_cand = cand_idx[best_local]
+    thresholds = torch.linspace(0, 1, ecfg.curve_points).tolist()
+    curve = fraction_curve(best_cos, thresholds)
+    above = {f"{t:g}": v for t, v in zip(ecfg.thresholds, fraction_curve(best_cos, ecfg.thresholds))}
+    per_sample = [{"train_index": i, "y": int(train_y[i]), "best_candidate": int(best_cand[i]), "best_cosine": float(best_cos[i])}
+                  for i in range(n_train)]
+    report["reconstruction"] = {
+        "num_train": n_train,
+        "num_candidates": int(len(cand_idx)),
+        "best_cosine": {"mean": float(best_cos.mean()), "median": float(best_cos.median()),
+                        "min": float(best_cos.min()), "max": float(best_cos.max())},
+        "fraction_curve": {"thresholds": thresholds, "fraction": curve},
+        "fraction_above": above,
+        "per_sample": per_sample,
+    }
+    report["figures"]["fraction_curve"] = _rel(run_dir, rp.plot_fraction_curve(out_dir / "fraction_curve.png", thresholds, curve, ecfg.good_threshold))
+    s = report["summary"]
+    s.update(num_train=n_train, num_candidates=int(len(cand_idx)), best_cosine_mean=float(best_cos.mean()),
+             best_cosine_median=float(best_cos.median()))
+    for t, v in above.items():
+        s[f"frac_train_cos_ge_{t}"] = v
+
+    # 2. selection quality
+    cand_near_cos, cand_near_idx = max_cosine(cand_x, train_x, ecfg.chunk)
+    cand_good = cand_near_cos >= ecfg.good_threshold
+    sel_cos, sel_near = max_cosine(sel["x"].float(), train_x, ecfg.chunk)
+    sel_good = sel_cos >= ecfg.good_threshold
+    for r, rep in enumerate(reps):
+        rep.update(nearest_train_index=int(sel_near[r]), nearest_train_cosine=float(sel_cos[r]), good=bool(sel_good[r]))
+    ks = capped_ks(ecfg.precision_ks, R)
+    base = float(cand_good.float().mean())
+    prec_sel = precision_at_k(sel_good, ks)
+    prec_loss = expected_precision_by_key(cand_good, cands["run_loss"].float()[cand_idx], [min(k, len(cand_idx)) for k in ks])
+    distinct = [int(len(torch.unique(sel_near[:k][sel_good[:k]]))) for k in ks]
+    report["selection_quality"] = {
+        "good_threshold": ecfg.good_threshold, "k": ks, "precision_selected": prec_sel,
+        "precision_random": [base] * len(ks), "precision_by_run_loss": prec_loss,
+        "distinct_train_at_k": distinct, "base_rate": base,
+    }
+    report["figures"]["precision_at_k"] = _rel(run_dir, rp.plot_precision(out_dir / "precision_at_k.png", ks, prec_sel, [base] * len(ks), prec_loss, ecfg.good_threshold))
+    s["precision_random"] = base
+    for k, a, b in zip(ks, prec_sel, prec_loss):
+        s[f"precision_selected_at_{k}"] = a
+        s[f"precision_by_run_loss_at_{k}"] = b
+
+    # 3. reconstructability vs margin
+    margin_info: dict = {"available": False}
+    if (run_dir / "classifier" / "victim.json").is_file():
+        from .victim import load_victim, margins
+
+        model, _ = load_victim(run_dir / "classifier", expected_input_dim=train_x.shape[1])
+        with torch.no_grad():
+            m = margins(model(train_x), train_y)
+        rho, p = spearman(m, best_cos)
+        for i in range(n_train):
+            per_sample[i]["margin"] = float(m[i])
+        margin_info = {"available": True, "spearman_rho": rho, "spearman_p": p, "n": n_train}
+        report["figures"]["margin_scatter"] = _rel(run_dir, rp.plot_margin_scatter(out_dir / "margin_scatter.png", m, best_cos, rho))
+        s["spearman_margin_rho"] = rho
+    else:
+        report["notes"].append("no victim in run_dir/classifier: margin analysis omitted")
+    report["margin"] = margin_info
+
+    # 4. modality-specific: images or text
+    if modality == "text":
+        samples = load_samples(run_dir)
+        texts = samples.get("train_texts") or []
+        top = sel["x"][: ecfg.text_top].float()
+        if len(top) and texts:
+            cos, idx = top_k_cosine(top, train_x, ecfg.text_k)
+            report["text"] = {"nearest_train_texts": [
+                {"rank": r, "candidate_index": reps[r]["candidate_index"],
+                 "matches": [{"train_index": int(j), "text": texts[int(j)], "cosine": float(c)} for c, j in zip(cos[r], idx[r])]}
+                for r in range(len(top))]}
+    else:
+        report["images"] = _image_figures(run_dir, out_dir, ecfg, emb, load_images(run_dir), cand_x, best_local, best_cos,
+                                          sel, sel_near, sel_cos, reps, inversion)
+        for key in ("ssim_best_matches_mean", "ssim_selection_mean", "lpips_best_matches_mean"):
+            if report["images"].get(key) is not None:
+                s[key] = report["images"][key]
+        report["grids"].update(report["images"].pop("grids"))
+    return report
+
+
+def _image_figures(run_dir, out_dir, ecfg, emb, images, cand_x, best_local, best_cos, sel, sel_near, sel_cos, reps, inversion) -> dict:
+    from . import report as rp
+
+    info: dict = {"source": None, "grids": {}}
+    use_lpips, info["lpips_note"] = lpips_status() if ecfg.lpips == "auto" else (False, "LPIPS disabled (evaluate.lpips=off)")
+    info["lpips_available"] = use_lpips
+    if images is None:
+        info["note"] = "no embed/images.safetensors: image figures omitted"
+        return info
+    train_img = images["train"].float() / 255.0
+    shape = tuple(train_img.shape[1:])
+    if embeddings_are_pixels(emb.train_x, images["train"]):
+        info["source"] = "reshape"
+        # Best matches: every training sample against its best candidate (SSIM over all of them).
+        recon = as_images(cand_x[best_local], shape, ecfg.image_scaling)
+        ssim = ssim_pairs(train_img, recon)
+        info["ssim_best_matches_mean"] = float(ssim.mean())
+        info["ssim_best_matches"] = ssim.tolist()
+        if use_lpips:
+            info["lpips_best_matches_mean"] = float(lpips_pairs(train_img, recon).mean())
+        order = torch.argsort(best_cos, descending=True)[: ecfg.grid_pairs]
+        caps = [f"train {int(i)}: cos {float(best_cos[i]):.3f} ssim {float(ssim[i]):.2f}" for i in order]
+        info["grids"]["best_matches"] = _rel(run_dir, rp.image_pair_grid(
+            out_dir / "best_matches.png", train_img[order], recon[order], caps, "Best reconstructions (training | reconstruction)"))
+        sel_img = as_images(sel["x"], shape, ecfg.image_scaling)
+    elif inversion:
+        info["source"] = "inversion"
+        by_rank = {int(e["rank"]): e for e in inversion}
+        ranks = [r for r in range(len(reps)) if r in by_rank]
+        if not ranks:
+            return info
+        inv = [load_png(run_dir / by_rank[r]["path"]) for r in ranks]
+        sel_img = torch.stack([F.interpolate(t[None], size=inv[0].shape[-2:], mode="bilinear", align_corners=False)[0] for t in inv])
+        sel_near, sel_cos = sel_near[ranks], sel_cos[ranks]
+        reps = [reps[r] for r in ranks]
+    else:
+        info["note"] = "embeddings are not pixels and there are no inverted images: image grids omitted"
+        return info
+    # Selection: top representatives next to their nearest training image.
+    n = min(ecfg.grid_pairs, len(sel_img))
+    nearest = match_channels_and_size(train_img[sel_near[:n]], sel_img[:n])
+    ssim_sel = ssim_pairs(nearest, sel_img[:n].clamp(0, 1))
+    info["ssim_selection_mean"] = float(ssim_sel.mean())
+    for rep, v in zip(reps[:n], ssim_sel.tolist()):
+        rep["ssim"] = v
+    caps = [f"#{rep['rank']} -> train {int(j)}: cos {float(c):.3f} ssim {float(v):.2f}"
+            for rep, j, c, v in zip(reps[:n], sel_near[:n], sel_cos[:n], ssim_sel)]
+    info["grids"]["selection"] = _rel(run_dir, rp.image_pair_grid(
+        out_dir / "selection.png", nearest, sel_img[:n], caps, "Top representatives (nearest training | reconstruction)"))
+    return info
+
+
+def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
+    from . import report as rp
+
+    run_dir = Path(run_dir)
+    ecfg = EvalConfig.from_cfg(cfg.get("evaluate", {}))
+    report = build_report(run_dir, ecfg)
+    rp.write_report(run_dir, report)
+    rp.log_report(cfg, run_dir, report)
+    return {"mode": report["mode"], **{k: v for k, v in report["summary"].items() if isinstance(v, (int, float))}}

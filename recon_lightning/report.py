@@ -1,0 +1,311 @@
+"""The audit report: ``run_dir/report.json``, ``run_dir/report/*.png`` and ``run_dir/report.html``.
+
+Written by the evaluate stage (:mod:`recon_lightning.evaluate` computes the numbers; this module
+draws, writes and logs them). ``report.html`` references its images by paths relative to
+``run_dir``, so the folder can be copied or opened from disk without a server.
+
+``report.json`` keys (stable; "eval" = only when the training set is known):
+
+=================================================  ===========================================================
+key                                                meaning
+=================================================  ===========================================================
+``format``                                         ``"recon_lightning.report/1"``
+``mode``                                           ``"evaluation"`` (training set known) or ``"attacker"``
+``modality``                                       ``"image"`` / ``"text"`` (eval), ``null`` in attacker mode
+``summary``                                        flat ``{name: number}``: what is logged to the logger
+``summary.num_representatives``                    representatives in the selection
+``summary.frac_train_cos_ge_<t>``                  eval: fraction of training samples with a candidate at cosine >= t
+``summary.best_cosine_mean`` / ``_median``         eval: over training samples, cosine of their best candidate
+``summary.precision_selected_at_<k>``              eval: precision@k of the ranked representatives
+``summary.precision_by_run_loss_at_<k>``           eval: expected precision@k choosing candidates by run loss
+``summary.precision_random``                       eval: expected precision of a random candidate (base rate)
+``summary.spearman_margin_rho``                    eval: Spearman(margin, best cosine) over training samples
+``summary.ssim_best_matches_mean``                 eval, pixel embeddings: mean SSIM(training, best candidate)
+``summary.ssim_selection_mean``                    eval, images: mean SSIM(nearest training, representative)
+``selection.method/num_candidates/num_clusters``   from the select stage
+``selection.representatives[]``                    best first: ``rank, candidate_index, score, cluster_size, y``;
+                                                   eval adds ``nearest_train_index, nearest_train_cosine, good``
+                                                   (and ``ssim`` for those in the grid); ``image`` = inverted PNG
+``reconstruction.best_cosine``                     eval: ``{mean, median, min, max}``
+``reconstruction.fraction_curve``                  eval: ``{thresholds: [...], fraction: [...]}``
+``reconstruction.fraction_above``                  eval: ``{"<t>": fraction}`` for ``evaluate.thresholds``
+``reconstruction.per_sample[]``                    eval: ``train_index, y, best_candidate, best_cosine, margin``
+``selection_quality``                              eval: ``good_threshold, k, precision_selected, precision_random,
+                                                   precision_by_run_loss, distinct_train_at_k, base_rate``
+``margin``                                         eval: ``{available, spearman_rho, spearman_p, n}``
+``images``                                         eval, images: ``source`` (``reshape``/``inversion``/null),
+                                                   ``ssim_best_matches[_mean]``, ``ssim_selection_mean``,
+                                                   ``lpips_available``, ``lpips_note`` (why LPIPS is absent)
+``text.nearest_train_texts[]``                     eval, text: ``rank, candidate_index, matches[{train_index, text, cosine}]``
+``inversion``                                      contents of ``invert/inversion.json`` when present
+``text_matches_attacker``                          contents of ``invert/text_matches.json`` when present
+``figures`` / ``grids``                            ``{name: PNG path relative to run_dir}``
+``notes``                                          human-readable remarks (what was omitted and why)
+=================================================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .storage import atomic_path, save_json
+
+log = logging.getLogger(__name__)
+
+REPORT_FORMAT = "recon_lightning.report/1"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    _plt().close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_fraction_curve(path: Path, thresholds: Sequence[float], fraction: Sequence[float], good_threshold: float | None = None) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(thresholds, fraction, lw=2, color="C0")
+    if good_threshold is not None:
+        ax.axvline(good_threshold, color="k", ls="--", lw=1, label=f"good threshold {good_threshold:g}")
+        ax.legend()
+    ax.set_xlabel("cosine threshold")
+    ax.set_ylabel("fraction of training set reconstructed")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Training samples with a candidate at cosine >= threshold")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_precision(path: Path, ks: Sequence[int], selected: Sequence[float], random: Sequence[float],
+                   by_loss: Sequence[float], good_threshold: float) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ks, selected, "o-", lw=2, color="C0", label="selection (cluster score)")
+    ax.plot(ks, by_loss, "s--", color="C1", label="by run loss alone")
+    ax.plot(ks, random, ":", color="C2", label="random candidate")
+    ax.set_xscale("log")
+    ax.set_xlabel("k")
+    ax.set_ylabel(f"precision@k (cosine >= {good_threshold:g})")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Selection quality")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_margin_scatter(path: Path, margin: torch.Tensor, best_cos: torch.Tensor, rho: float | None) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(margin.numpy(), best_cos.numpy(), s=14, alpha=0.7, color="C0")
+    ax.set_xlabel("victim margin on the training sample")
+    ax.set_ylabel("cosine of its best candidate")
+    ax.set_title("Reconstructability vs margin" + (f" (Spearman rho = {rho:.3f})" if rho is not None else ""))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_scores(path: Path, scores: torch.Tensor) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(range(len(scores)), scores.numpy(), "o-", ms=3, color="C0")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("cluster score")
+    ax.set_title("Selection: representatives' scores")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _show(ax, img: torch.Tensor) -> None:
+    img = img.detach().float().clamp(0, 1)
+    if img.shape[0] == 1:
+        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def image_pair_grid(path: Path, left: torch.Tensor, right: torch.Tensor, captions: Sequence[str], title: str, cols: int = 4) -> Path:
+    """Pairs (left | right) of float images (N, C, H, W) in [0, 1], ``cols`` pairs per row."""
+    plt = _plt()
+    n = len(left)
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2 * cols * 1.3, rows * 1.6), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(n):
+        r, c = divmod(i, cols)
+        a, b = axes[r, 2 * c], axes[r, 2 * c + 1]
+        a.axis("on"), b.axis("on")
+        _show(a, left[i])
+        _show(b, right[i])
+        a.set_title(captions[i], fontsize=6, loc="left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def image_grid(path: Path, images: torch.Tensor, captions: Sequence[str], title: str, cols: int = 8) -> Path:
+    plt = _plt()
+    n = len(images)
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.5), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(n):
+        ax = axes.ravel()[i]
+        ax.axis("on")
+        _show(ax, images[i])
+        ax.set_title(captions[i], fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- HTML
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _img(src: str, alt: str, width: str = "") -> str:
+    style = f' style="max-width:{width}"' if width else ""
+    return f'<img src="{html.escape(src, quote=True)}" alt="{html.escape(alt, quote=True)}"{style}>'
+
+
+def render_html(report: dict) -> str:
+    """A self-contained page (inline CSS, images by relative path) showing everything in ``report``."""
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>recon_lightning audit report</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#eee}"
+        "img{max-width:100%;border:1px solid #ddd;margin:4px}.figs img{max-width:580px}.note{color:#a50}"
+        ".thumb{height:48px;image-rendering:pixelated}</style></head><body>",
+        "<h1>Training-data reconstruction audit</h1>",
+        f"<p>Mode: <b>{e(report['mode'])}</b>"
+        + (" (the true training set is known: reconstruction is measured)" if report["mode"] == "evaluation"
+           else " (training set unknown: only the ranked candidates are shown)")
+        + (f"; modality: {e(str(report.get('modality')))}" if report.get("modality") else "") + "</p>",
+    ]
+    for note in report.get("notes", []):
+        parts.append(f"<p class='note'>{e(note)}</p>")
+    summary = report.get("summary", {})
+    if summary:
+        parts.append("<h2>Summary</h2><table><tr><th>metric</th><th>value</th></tr>")
+        parts += [f"<tr><td style='text-align:left'>{e(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in summary.items()]
+        parts.append("</table>")
+    imgs = report.get("images") or {}
+    if imgs.get("lpips_note"):
+        parts.append(f"<p class='note'>{e(imgs['lpips_note'])}</p>")
+    if report.get("figures"):
+        parts.append("<h2>Figures</h2><div class='figs'>")
+        parts += [_img(src, name) for name, src in report["figures"].items()]
+        parts.append("</div>")
+    if report.get("grids"):
+        parts.append("<h2>Images</h2>")
+        for name, src in report["grids"].items():
+            parts.append(f"<h3>{e(name.replace('_', ' '))}</h3>{_img(src, name)}")
+    text = (report.get("text") or {}).get("nearest_train_texts")
+    if text:
+        parts.append("<h2>Nearest training sentences to the top representatives</h2><table>"
+                     "<tr><th>rank</th><th>cosine</th><th style='text-align:left'>training text</th></tr>")
+        for row in text:
+            for m in row["matches"]:
+                parts.append(f"<tr><td>{row['rank']}</td><td>{m['cosine']:.3f}</td><td style='text-align:left'>{e(m['text'])}</td></tr>")
+        parts.append("</table>")
+    att = report.get("text_matches_attacker")
+    if att:
+        parts.append("<h2>Inverted text (nearest sentences in the attacker's corpus)</h2><table>"
+                     "<tr><th>rank</th><th>cosine</th><th style='text-align:left'>text</th></tr>")
+        for row in att:
+            for m in row.get("matches", []):
+                parts.append(f"<tr><td>{row.get('rank')}</td><td>{_fmt(m.get('cosine'))}</td><td style='text-align:left'>{e(str(m.get('text')))}</td></tr>")
+        parts.append("</table>")
+    reps = (report.get("selection") or {}).get("representatives", [])
+    if reps:
+        cols = ["rank", "candidate_index", "score", "cluster_size", "y", "nearest_train_index", "nearest_train_cosine", "good", "ssim"]
+        cols = [c for c in cols if any(c in r for r in reps)]
+        has_img = any("image" in r for r in reps)
+        sel = report.get("selection", {})
+        parts.append(f"<h2>Ranked selection</h2><p>method {e(str(sel.get('method')))}, {_fmt(sel.get('num_candidates'))} candidates, "
+                     f"{_fmt(sel.get('num_clusters'))} clusters</p><table><tr>"
+                     + "".join(f"<th>{e(c)}</th>" for c in cols) + ("<th>inverted</th>" if has_img else "") + "</tr>")
+        for r in reps:
+            cells = "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols)
+            if has_img:
+                cells += f"<td>{_img(r['image'], 'inverted') .replace('<img ', '<img class=thumb ') if 'image' in r else ''}</td>"
+            parts.append(f"<tr>{cells}</tr>")
+        parts.append("</table>")
+    parts.append("<p style='color:#888'>Full numbers: <a href='report.json'>report.json</a></p></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.html`` into ``run_dir``."""
+    run_dir = Path(run_dir)
+    save_json(run_dir / "report.json", report)
+    html_path = run_dir / "report.html"
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(render_html(report), encoding="utf-8")
+    return run_dir / "report.json", html_path
+
+
+# ----------------------------------------------------------------------------- logger
+
+
+def log_report(cfg, run_dir: Path, report: dict) -> None:
+    """Send the report's scalars (all loggers) and images/tables (W&B) to the configured logger."""
+    from .training import build_logger
+
+    logger = build_logger(cfg, Path(run_dir), "evaluate")
+    if not logger:
+        return
+    scalars = {f"evaluate/{k}": float(v) for k, v in report.get("summary", {}).items() if isinstance(v, (int, float)) and v is not None}
+    if scalars:
+        logger.log_metrics(scalars, step=0)
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        run = logger.experiment
+        media = {f"evaluate/{name}": wandb.Image(str(Path(run_dir) / src), caption=name)
+                 for name, src in {**report.get("figures", {}), **report.get("grids", {})}.items()}
+        reps = report.get("selection", {}).get("representatives", [])
+        if reps:
+            cols = list(dict.fromkeys(k for r in reps for k in r if k != "image"))  # ordered union
+            media["evaluate/selection"] = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in reps])
+        run.log(media)
+        run.finish()
+    else:
+        logger.save()
+        logger.finalize("success")

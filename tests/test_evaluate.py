@@ -1,0 +1,160 @@
+"""Evaluation figures on hand-made cases, and the evaluate stage on a small synthetic run."""
+
+import math
+
+import pytest
+import torch
+
+from recon_lightning import evaluate as ev
+from recon_lightning.errors import ConfigError, DataError
+from recon_lightning.storage import load_json, save_json, save_tensors
+from recon_lightning.victim import VictimMLP, margins, save_victim
+
+
+def make_run_dir(root, n_train=12, n_noise=60, copies=(0, 1, 2, 3), with_embed=True, seed=0):
+    """A run directory in the documented formats: 8x8 pixel "embeddings" (identity backbone),
+    a random victim, candidates = noisy copies (from 3 runs each) of some training images + noise,
+    and a selection made by the real select stage."""
+    from recon_lightning.select import SelectConfig, select_candidates
+
+    g = torch.Generator().manual_seed(seed)
+    imgs = (torch.rand(n_train, 1, 8, 8, generator=g) * 255).to(torch.uint8)
+    imgs[:, :, 0, 0], imgs[:, :, 0, 1] = 0, 255  # full range, so min-max scaling is the identity
+    train_x = imgs.flatten(1).float() / 255
+    train_y = torch.arange(n_train) % 2
+    xs, ys, runs = [], [], []
+    for i in copies:
+        for r in range(3):
+            xs.append(train_x[i] * (1 + 0.5 * r))  # scaled exact copies: cosine 1
+            ys.append(int(train_y[i]))
+            runs.append(r)
+    xs = torch.stack(xs)
+    noise = torch.randn(n_noise, 64, generator=g)
+    x = torch.cat([xs, noise])
+    y = torch.cat([torch.tensor(ys), torch.randint(0, 2, (n_noise,), generator=g)])
+    run = torch.cat([torch.tensor(runs), torch.randint(0, 3, (n_noise,), generator=g)])
+    lam, loss = torch.rand(len(x), generator=g), run.float() * 0.1
+    if with_embed:
+        meta = {"modality": "image", "embed_dim": 64, "normalize": "none", "backbone": {"name": "identity", "kind": "identity"},
+                "class_names": ["even", "odd"], "mean_norm": float(train_x.norm(dim=1).mean()), "input_size": [1, 8, 8]}
+        save_tensors(root / "embed" / "embeddings.safetensors",
+                     {"train_x": train_x, "train_y": train_y, "test_x": train_x[:2].clone(), "test_y": train_y[:2].clone()}, meta)
+        save_tensors(root / "embed" / "images.safetensors", {"train": imgs, "test": imgs[:2].clone()})
+        save_json(root / "embed" / "samples.json", {"train_ids": [f"t{i}" for i in range(n_train)], "test_ids": ["a", "b"]})
+    torch.manual_seed(seed)
+    save_victim(root / "classifier", VictimMLP(64, [16], 2))
+    save_tensors(root / "reconstruct" / "candidates.safetensors",
+                 {"x": x, "y": y, "lam": lam, "run": run, "run_loss": loss, "norm": x.norm(dim=1)},
+                 {"runs": [{"run": r, "status": "ok", "final_loss": 0.1 * r} for r in range(3)]})
+    sel, _ = select_candidates(x, y, lam, run, loss, ev_select_cfg(), progress=False)
+    save_tensors(root / "select" / "selection.safetensors", sel, {"method": "knn", "num_candidates": len(x)})
+    return {"train_x": train_x, "train_y": train_y, "imgs": imgs, "x": x, "copies": list(copies), "selection": sel}
+
+
+def ev_select_cfg():
+    from recon_lightning.select import SelectConfig
+
+    return SelectConfig(method="knn", num_representatives=8, knn_min_cosine=0.99)
+
+
+def test_best_matches_known():
+    train = torch.eye(3)
+    cands = torch.tensor([[2.0, 0, 0], [0, 0.6, 0.8], [0, -1, 0], [0, 0, 0.5]])
+    best, idx = ev.max_cosine(train, cands, chunk=2)
+    assert best.tolist() == pytest.approx([1.0, 0.6, 1.0])
+    assert idx.tolist() == [0, 1, 3]
+    with pytest.raises(DataError, match="3-d and 2-d"):
+        ev.max_cosine(train, torch.ones(2, 2))
+
+
+def test_fraction_curve_and_precision():
+    best = torch.tensor([0.2, 0.5, 0.95, 1.0])
+    assert ev.fraction_curve(best, [0.0, 0.5, 0.9, 1.0]) == [1.0, 0.75, 0.5, 0.25]
+    good = torch.tensor([True, False, True, True, False])
+    assert ev.precision_at_k(good, [1, 2, 5]) == pytest.approx([1.0, 0.5, 0.6])
+    assert ev.capped_ks([10, 50, 100], 30) == [10, 30]
+    # Choosing by key with ties broken at random: groups {0: [1, 0]}, {1: [1, 1]}, {2: [0]}.
+    key = torch.tensor([0.0, 0.0, 1.0, 1.0, 2.0])
+    assert ev.expected_precision_by_key(good, key, [1, 2, 3, 5]) == pytest.approx([0.5, 0.5, 2 / 3, 0.6])
+
+
+def test_spearman_monotone_margin():
+    margin = torch.linspace(-2, 5, 30)
+    assert ev.spearman(margin, torch.sigmoid(3 * margin))[0] == pytest.approx(1.0)
+    assert ev.spearman(margin, torch.exp(-margin))[0] == pytest.approx(-1.0)
+    assert ev.spearman(margin, torch.ones(30)) == (None, None)
+
+
+def test_ssim_identical_is_one_and_drops_with_noise():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 1, 8, 8, generator=g)
+    assert ev.ssim_pairs(a, a.clone()).tolist() == pytest.approx([1.0] * 3, abs=1e-5)
+    b = (a + 0.3 * torch.randn(3, 1, 8, 8, generator=g)).clamp(0, 1)
+    assert (ev.ssim_pairs(a, b) < 0.9).all()
+    rgb = torch.rand(2, 3, 32, 32, generator=g)
+    assert ev.ssim_pairs(rgb, rgb).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_pixels_detection_and_scaling():
+    imgs = torch.tensor([[[[0, 255], [128, 64]]]], dtype=torch.uint8)
+    x = imgs.flatten(1).float() / 255
+    assert ev.embeddings_are_pixels(x, imgs)
+    assert not ev.embeddings_are_pixels(torch.rand(1, 4), imgs)
+    assert not ev.embeddings_are_pixels(x, None)
+    img = ev.as_images(3 * x - 1, (1, 2, 2), "minmax")
+    assert torch.allclose(img.flatten(), x.flatten(), atol=1e-6)
+    assert ev.as_images(3 * x - 1, (1, 2, 2), "clip").min() == 0
+    available, note = ev.lpips_status()
+    assert isinstance(available, bool) and "LPIPS" in note
+
+
+def test_evaluate_on_synthetic_run(tmp_path):
+    d = make_run_dir(tmp_path)
+    report = ev.build_report(tmp_path, ev.EvalConfig(precision_ks=(1, 4, 100)), progress=False)
+    assert report["mode"] == "evaluation" and report["modality"] == "image"
+    rec = report["reconstruction"]
+    best = torch.tensor([s["best_cosine"] for s in rec["per_sample"]])
+    # Copied training samples are matched exactly (cosine 1) by one of their copies (candidates 3i..3i+2).
+    for j, i in enumerate(d["copies"]):
+        assert best[i] == pytest.approx(1.0, abs=1e-5)
+        assert rec["per_sample"][i]["best_candidate"] in {3 * j, 3 * j + 1, 3 * j + 2}
+    # Independent recomputation of the fraction above 0.9.
+    assert rec["fraction_above"]["0.9"] == pytest.approx(float((best >= 0.9).float().mean()))
+    assert rec["fraction_above"]["0.9"] >= len(d["copies"]) / 12
+    q = report["selection_quality"]
+    assert q["k"] == [1, 4, 8]  # capped at the 8 representatives
+    # The copies form tight 3-run clusters: the selection's top 4 are all good, above the base rate.
+    assert q["precision_selected"][:2] == [1.0, 1.0]
+    assert q["distinct_train_at_k"][1] == 4
+    assert q["base_rate"] == pytest.approx(12 / 72)
+    assert q["precision_selected"][0] > q["precision_random"][0]
+    # Margin: per-sample margins are the victim's, and rho is Spearman over them.
+    from recon_lightning.victim import load_victim
+
+    model, _ = load_victim(tmp_path / "classifier", 64)
+    m = margins(model(d["train_x"]), d["train_y"]).detach()
+    assert [s["margin"] for s in rec["per_sample"]] == pytest.approx(m.tolist(), abs=1e-5)
+    assert report["margin"]["spearman_rho"] == pytest.approx(ev.spearman(m, best)[0])
+    # Images: exact copies reconstruct to SSIM 1.
+    imgs = report["images"]
+    assert imgs["source"] == "reshape"
+    for i in d["copies"]:
+        assert imgs["ssim_best_matches"][i] == pytest.approx(1.0, abs=1e-4)
+    assert (tmp_path / report["grids"]["best_matches"]).is_file()
+    assert (tmp_path / report["grids"]["selection"]).is_file()
+
+
+def test_attacker_mode_without_training_set(tmp_path):
+    make_run_dir(tmp_path, with_embed=False)
+    report = ev.build_report(tmp_path, ev.EvalConfig(), progress=False)
+    assert report["mode"] == "attacker"
+    assert "reconstruction" not in report and "selection_quality" not in report
+    assert len(report["selection"]["representatives"]) == 8
+    assert any("attacker mode" in n for n in report["notes"])
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="good_threshold"):
+        ev.EvalConfig.from_cfg({"good_threshold": 2})
+    with pytest.raises(ConfigError, match="image_scaling"):
+        ev.EvalConfig.from_cfg({"image_scaling": "sigmoid"})
