@@ -1,0 +1,416 @@
+"""Stage 5: invert the selected reconstructed embeddings back into images (or sentences).
+
+Reads the ranked representatives ``select/selection.safetensors`` (``x`` (R, D), best first)
+and the backbone (``cfg.backbone``); inverts the top ``invert.num_images``:
+
+* image backbones, ``invert.method=direct``: optimise images x so that
+  ``cosine(F(aug(x)), target) -> 1`` (plus total-variation / L2 priors) through the frozen
+  backbone's differentiable ``embed_pixels``; x is parameterised by a Deep Image Prior U-Net,
+  a decorrelated Fourier spectrum, or raw sigmoid pixels (``invert.param``), optimised
+  coarse-to-fine (``invert.scales``) under random augmentations (``invert.augment``).
+  One LightningModule per batch of targets; under DDP the targets are sharded across ranks
+  (each rank owns its images, so DDP is told not to average their gradients).
+* the identity backbone (raw pixels): the embedding *is* the image; it is reshaped and written.
+* ``invert.method=unclip``: a diffusion decoder for CLIP embeddings (see ``invert_unclip``).
+* text backbones: nearest sentences of a corpus (``invert.text_corpus``) by cosine (faiss).
+
+Outputs: ``invert/images/rank_XXXX.png`` and ``invert/inversion.json`` (list of ``{"rank",
+"candidate_index", "cosine", "path"}``, cosine between F(saved PNG) without augmentation and
+the target), or ``invert/text_matches.json`` for text.
+
+The target is used exactly as stored (the victim's input space). When the embeddings are
+L2-normalised (embeddings metadata ``normalize: l2``) the cosine loss is unaffected, since
+cosine ignores the target's scale; only unCLIP decoding needs a scale (see ``invert_unclip``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import distributed
+from .backbones import Backbone, build_backbone
+from .errors import ConfigError, DataError, DivergedError, ModelMismatchError
+from .image_params import Augment, build_param, total_variation
+from .storage import load_json, load_tensors, save_json
+from .training import make_trainer
+
+log = logging.getLogger(__name__)
+
+METHODS = ("direct", "unclip")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_targets(run_dir: Path, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``num_images`` representatives ``(x (R, D), candidate_index (R,))`` from the selection."""
+    try:
+        from .select import load_selection
+
+        tensors, _ = load_selection(run_dir)
+    except ImportError:  # select stage module not available: read its file directly
+        tensors, _ = load_tensors(run_dir / "select" / "selection.safetensors", what="selection (run the select stage first)")
+    path = run_dir / "select" / "selection.safetensors"
+    x = tensors.get("x")
+    if x is None or x.ndim != 2 or x.shape[0] == 0:
+        shape = None if x is None else tuple(x.shape)
+        raise DataError(f"selection file has no usable representatives 'x' (expected (R, D), got {shape}): {path}")
+    if not torch.isfinite(x).all():
+        raise DataError(f"selection file holds NaN/inf embeddings: {path}")
+    idx = tensors.get("candidate_index", torch.arange(len(x)))
+    n = len(x) if num_images is None or int(num_images) <= 0 else min(int(num_images), len(x))
+    return x[:n].float(), idx[:n].long()
+
+
+def embeddings_meta(run_dir: Path) -> dict:
+    """Metadata of ``embed/embeddings.safetensors`` without loading its tensors ({} if absent)."""
+    path = run_dir / "embed" / "embeddings.safetensors"
+    if not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("meta", "{}"))
+    except Exception as err:  # noqa: BLE001 - any read failure means a corrupt file
+        raise DataError(f"embeddings file is corrupt: {path}: {err}") from None
+
+
+def native_input_size(run_dir: Path, meta: dict) -> tuple[int, int, int] | None:
+    """The data's (C, H, W) as embedded (needed by the identity backbone)."""
+    if meta.get("input_size"):
+        return tuple(int(v) for v in meta["input_size"])
+    path = run_dir / "embed" / "images.safetensors"
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return tuple(f.get_slice("train").get_shape()[1:])
+    return None
+
+
+def check_dim(targets: torch.Tensor, backbone: Backbone) -> None:
+    if targets.shape[1] != backbone.embed_dim:
+        raise ModelMismatchError(
+            f"embedding size mismatch: the selected embeddings are {targets.shape[1]}-d but backbone "
+            f"{backbone.name!r} produces {backbone.embed_dim}-d embeddings (is cfg.backbone the backbone "
+            f"the embeddings were made with?)"
+        )
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def save_png(img: torch.Tensor, path: Path) -> None:
+    """Write a (C, H, W) uint8 tensor as PNG (atomically: temp file then rename)."""
+    arr = img.permute(1, 2, 0).cpu().numpy()
+    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pil.save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def load_png(path: Path, channels: int) -> torch.Tensor:
+    img = Image.open(path).convert("L" if channels == 1 else "RGB")
+    arr = np.asarray(img)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def cosine_of_images(backbone: Backbone, images_u8: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """cos(F(image), target) for uint8 images as written to disk (no augmentation)."""
+    dev = backbone.device
+    emb = backbone.embed_pixels(images_u8.to(dev).float() / 255.0)
+    return F.cosine_similarity(emb.float(), targets.to(dev).float(), dim=1).cpu()
+
+
+# ----------------------------------------------------------------------------- direct inversion
+
+
+class DirectInversion(L.LightningModule):
+    """The parameters are a batch of images; the loss pulls their embeddings onto ``targets``."""
+
+    def __init__(self, backbone: Backbone, targets: torch.Tensor, cfg: DictConfig, steps: int):
+        super().__init__()
+        if backbone.input_size is None:
+            raise ConfigError(f"backbone {backbone.name!r} has no image input size: direct inversion needs an image backbone")
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.size = tuple(backbone.input_size)
+        self.register_buffer("targets", targets.float().clone())
+        self.image = build_param(cfg.param, len(targets), self.size, cfg)
+        self.augment = Augment.from_config(cfg.augment)
+        self.copies = max(1, int(cfg.augment.copies))
+        self.tv_weight, self.l2_weight = float(cfg.tv_weight), float(cfg.l2_weight)
+        self.lr = float(cfg.lr) if cfg.get("lr") is not None else {"dip": 0.01, "fourier": 0.05, "pixels": 0.05}[cfg.param]
+        self.steps = int(steps)
+        scales = [float(s) for s in cfg.scales] or [1.0]
+        if any(not 0 < s <= 1 for s in scales):
+            raise ConfigError(f"invert.scales must be fractions in (0, 1], got {scales}")
+        self.scales = scales
+        # Each rank optimises its own images: DDP must neither average their gradients nor
+        # broadcast their buffers. DDP needs at least one synced trainable parameter, hence the anchor.
+        self.ddp_anchor = nn.Parameter(torch.zeros(()))
+        self._ddp_params_and_buffers_to_ignore = [
+            f"image.{n}" for n, _ in self.image.named_parameters()
+        ] + [f"image.{n}" for n, _ in self.image.named_buffers()] + ["targets"]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen: BatchNorm statistics and dropout stay in inference mode
+        return self
+
+    def resolution(self, step: int) -> tuple[int, int]:
+        """Coarse-to-fine: ``scales`` split the steps evenly, each stage at scale * native size."""
+        stage = min(len(self.scales) - 1, step * len(self.scales) // max(1, self.steps))
+        s = self.scales[stage]
+        _, h, w = self.size
+        return max(4, round(h * s)), max(4, round(w * s))
+
+    def render(self, res: tuple[int, int] | None = None) -> torch.Tensor:
+        x = self.image(res or tuple(self.size[1:]))
+        if tuple(x.shape[-2:]) != tuple(self.size[1:]):
+            x = F.interpolate(x, size=self.size[1:], mode="bilinear", align_corners=False)
+        return x
+
+    def training_step(self, batch, batch_idx):
+        x = self.render(self.resolution(self.global_step))
+        xa = self.augment(x.repeat(self.copies, 1, 1, 1))
+        emb = self.backbone.embed_pixels(xa)
+        cos = F.cosine_similarity(emb.float(), self.targets.repeat(self.copies, 1), dim=1)
+        cos = cos.view(self.copies, -1).mean(0)
+        # Per-image objectives are summed so each image's gradient does not depend on the batch size.
+        loss = (1 - cos).sum()
+        if self.tv_weight:
+            loss = loss + self.tv_weight * total_variation(x).sum()
+        if self.l2_weight:
+            loss = loss + self.l2_weight * (x - 0.5).pow(2).flatten(1).mean(1).sum()
+        if not torch.isfinite(loss):
+            raise DivergedError(f"inversion loss became {loss.item()} at step {self.global_step}; lower invert.lr")
+        self.log("cos", cos.mean(), prog_bar=True, batch_size=1)
+        self.log("loss", loss / len(cos), prog_bar=False, batch_size=1)
+        return loss + 0.0 * self.ddp_anchor
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.image.parameters(), lr=self.lr)
+
+    @torch.no_grad()
+    def final_images(self) -> torch.Tensor:
+        self.eval()
+        return self.render()
+
+
+def _steps_loader(steps: int) -> DataLoader:
+    # One (ignored) item per optimisation step.
+    return DataLoader(torch.utils.data.TensorDataset(torch.zeros(steps)), batch_size=1)
+
+
+def invert_direct(
+    backbone: Backbone, targets: torch.Tensor, cfg: DictConfig, trainer_factory=None
+) -> torch.Tensor:
+    """Invert ``targets`` (B, D) into images (B, C, H, W) in [0, 1], one Lightning fit per batch.
+
+    ``trainer_factory(steps) -> Trainer`` defaults to a plain CPU/GPU Trainer (for library use);
+    the stage passes one built by ``make_trainer`` so that ``trainer.*`` applies.
+    """
+    check_dim(targets, backbone)
+    steps = int(cfg.steps)
+    if steps < 1:
+        raise ConfigError(f"invert.steps must be >= 1, got {steps}")
+    bs = max(1, int(cfg.batch_size))
+    if trainer_factory is None:
+
+        def trainer_factory(n):
+            return L.Trainer(max_steps=n, max_epochs=1, logger=False, enable_checkpointing=False,
+                             enable_model_summary=False, enable_progress_bar=False)
+
+    out = []
+    for start in range(0, len(targets), bs):
+        L.seed_everything(int(cfg.seed) + start, verbose=False)
+        module = DirectInversion(backbone, targets[start : start + bs], cfg, steps)
+        trainer = trainer_factory(steps)
+        trainer.fit(module, train_dataloaders=_steps_loader(steps))
+        out.append(module.final_images().detach().cpu())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- identity backbone
+
+
+def identity_images(targets: torch.Tensor, size: tuple[int, int, int], scaling: str, normalize: str) -> torch.Tensor:
+    """The identity backbone's embedding is the flattened image: reshape and map into [0, 1].
+
+    ``scaling``: ``clip`` (values are pixels), ``minmax`` (per image, for embeddings of another
+    scale, e.g. L2-normalised), ``auto`` = clip when the embeddings are raw pixels (normalize
+    none) and mostly within [0, 1], else minmax.
+    """
+    x = targets.view(len(targets), *size).float()
+    if scaling == "auto":
+        inside = ((x >= -0.05) & (x <= 1.05)).float().mean().item()
+        scaling = "clip" if normalize != "l2" and inside > 0.9 else "minmax"
+    if scaling == "clip":
+        return x.clamp(0, 1)
+    if scaling == "minmax":
+        lo = x.flatten(1).min(1).values.view(-1, 1, 1, 1)
+        hi = x.flatten(1).max(1).values.view(-1, 1, 1, 1)
+        return (x - lo) / (hi - lo).clamp_min(1e-12)
+    raise ConfigError(f"invert.identity_scaling must be auto | clip | minmax, got {scaling!r}")
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def read_corpus(path: Path) -> list[str]:
+    """Sentences of a corpus file: ``.tsv`` = ``label<TAB>text`` per line (text = last column), else one per line."""
+    if not path.is_file():
+        raise DataError(f"text corpus not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"text corpus is not UTF-8 text: {path}: {err}") from None
+    texts = []
+    for line in lines:
+        if not line.strip():
+            continue
+        text = line.split("\t")[-1].strip() if path.suffix.lower() == ".tsv" else line.strip()
+        if text:
+            texts.append(text)
+    texts = list(dict.fromkeys(texts))  # de-duplicate, keep order
+    if not texts:
+        raise DataError(f"text corpus is empty: {path}")
+    return texts
+
+
+def default_corpus() -> Path:
+    return Path(__file__).resolve().parent / "assets" / "text_topics.tsv"
+
+
+def text_matches(backbone: Backbone, targets: torch.Tensor, corpus: list[str], top_k: int, batch_size: int = 64) -> list[list[dict]]:
+    """For each target, the ``top_k`` corpus sentences by cosine (faiss inner product on unit vectors)."""
+    import faiss
+
+    check_dim(targets, backbone)
+    embs = []
+    for i in tqdm(range(0, len(corpus), batch_size), desc="embed corpus", leave=False):
+        with torch.no_grad():
+            embs.append(backbone.embed(corpus[i : i + batch_size]).float().cpu())
+    corpus_x = F.normalize(torch.cat(embs), dim=1).numpy().astype(np.float32)
+    index = faiss.IndexFlatIP(corpus_x.shape[1])
+    index.add(corpus_x)
+    q = F.normalize(targets.float(), dim=1).numpy().astype(np.float32)
+    sims, ids = index.search(q, min(int(top_k), len(corpus)))
+    return [[{"text": corpus[j], "cosine": float(s)} for s, j in zip(srow, irow) if j >= 0] for srow, irow in zip(sims, ids)]
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
+    icfg = cfg.invert
+    run_dir = Path(run_dir)
+    out = run_dir / "invert"
+    meta = embeddings_meta(run_dir)
+    normalize = meta.get("normalize", "none")
+    targets, cand = load_targets(run_dir, icfg.num_images)
+    backbone = build_backbone(cfg.backbone, input_size=native_input_size(run_dir, meta))
+    check_dim(targets, backbone)
+    rank0 = distributed.is_rank_zero()
+
+    if backbone.modality == "text":
+        if not rank0:
+            return {}
+        corpus_path = Path(icfg.text_corpus).expanduser() if icfg.get("text_corpus") else default_corpus()
+        corpus = read_corpus(corpus_path)
+        backbone.to(_resolve_device(icfg.device))
+        matches = text_matches(backbone, targets, corpus, int(icfg.top_k))
+        rows = [{"rank": r, "candidate_index": int(cand[r]), "matches": m} for r, m in enumerate(matches)]
+        save_json(out / "text_matches.json", rows)
+        best = [m[0]["cosine"] for m in matches if m]
+        return {"n": len(rows), "corpus": str(corpus_path), "corpus_size": len(corpus),
+                "mean_top1_cosine": float(np.mean(best)) if best else None}
+
+    method = icfg.method
+    if method not in METHODS:
+        raise ConfigError(f"unknown invert.method {method!r}; choose from {list(METHODS)}")
+    images_dir = out / "images"
+
+    if backbone.name == "identity":
+        # No optimisation: the embedding is the image.
+        if not rank0:
+            return {}
+        imgs = to_uint8(identity_images(targets, backbone.input_size, icfg.identity_scaling, normalize))
+        ranks, world, rank = list(range(len(targets))), 1, 0
+    else:
+        if method == "unclip":
+            from .invert_unclip import invert_unclip
+
+            world, rank = distributed.world_size(), distributed.global_rank()
+            ranks = list(range(rank, len(targets), world))
+            imgs = to_uint8(invert_unclip(backbone, targets[ranks], cfg, meta)) if ranks else None
+        else:
+
+            def factory(steps):
+                return make_trainer(cfg, run_dir, "invert", max_steps=steps, max_epochs=1, use_distributed_sampler=False,
+                                    enable_checkpointing=False, num_sanity_val_steps=0)
+
+            # The Trainer knows the DDP world before any process group exists (rank 0 launches the others).
+            probe = factory(int(icfg.steps))
+            world, rank = probe.world_size, probe.global_rank
+            # Shard the targets across ranks (round robin); each rank writes its own images.
+            ranks = list(range(rank, len(targets), world))
+            # Every rank must run the same number of fits (DDP collectives): pad a short shard
+            # with copies of its first target and drop them afterwards.
+            per_rank = -(-len(targets) // world)
+            todo = ranks + [ranks[0] if ranks else 0] * (per_rank - len(ranks))
+            imgs = to_uint8(invert_direct(backbone, targets[todo], icfg, factory))[: len(ranks)]
+
+    rows = []
+    if ranks:
+        backbone.to(_resolve_device(icfg.device))
+        cos = cosine_of_images(backbone, imgs, targets[ranks])
+        for j, r in enumerate(ranks):
+            path = images_dir / f"rank_{r:04d}.png"
+            save_png(imgs[j], path)
+            rows.append({"rank": r, "candidate_index": int(cand[r]), "cosine": float(cos[j]),
+                         "path": str(path.relative_to(run_dir))})
+    if world > 1:
+        save_json(out / f"inversion.rank{rank}.json", rows)
+        distributed.barrier()
+        if rank != 0:
+            return {}
+        rows = []
+        for r in range(world):
+            part = out / f"inversion.rank{r}.json"
+            distributed.wait_for(part.is_file, f"rank {r}'s inversion results", poll_s=0.5)
+            rows += load_json(part, what=f"rank {r}'s inversion results")
+            part.unlink()
+        rows.sort(key=lambda row: row["rank"])
+    save_json(out / "inversion.json", rows)
+    cosines = [row["cosine"] for row in rows]
+    return {"n": len(rows), "method": "identity" if backbone.name == "identity" else method,
+            "param": icfg.param if method == "direct" else None,
+            "mean_cosine": float(np.mean(cosines)) if cosines else None,
+            "min_cosine": float(np.min(cosines)) if cosines else None}

@@ -1,0 +1,284 @@
+"""Inversion stage: direct (optimisation) inversion, identity, unCLIP wiring, text retrieval, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from skimage import data as skdata
+from torch import nn
+
+from recon_lightning import invert
+from recon_lightning.backbones import Backbone
+from recon_lightning.errors import ConfigError, DataError, ModelMismatchError
+from recon_lightning.image_params import Augment, DIPParam, FourierParam, PixelParam, build_param
+from recon_lightning.invert import DirectInversion, cosine_of_images, invert_direct, to_uint8
+from recon_lightning.storage import save_tensors
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "invert" / "default.yaml"
+
+
+class TinyCNN(Backbone):
+    """A tiny random-init image backbone with the real interface (mean/std applied inside)."""
+
+    def __init__(self, size=(3, 32, 32), dim=32, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.name, self.input_size, self.embed_dim = "tiny_cnn", tuple(size), dim
+        self.net = nn.Sequential(
+            nn.Conv2d(size[0], 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, dim, bias=False),
+        )
+        self.eval().requires_grad_(False)
+
+    def embed_pixels(self, x):
+        return self.net((x - 0.5) / 0.25)
+
+
+class TinyText(Backbone):
+    """Bag of hashed words through a fixed random projection: similar sentences, similar vectors."""
+
+    modality = "text"
+
+    def __init__(self, dim=48):
+        super().__init__()
+        self.name, self.embed_dim = "tiny_text", dim
+        self.register_buffer("proj", torch.randn(997, dim, generator=torch.Generator().manual_seed(0)))
+
+    def embed(self, texts):
+        out = torch.zeros(len(texts), self.embed_dim)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i] += self.proj[sum(map(ord, w)) * 31 % 997]
+        return out
+
+
+def icfg(**over):
+    cfg = OmegaConf.load(CONFIG)
+    for k, v in over.items():
+        OmegaConf.update(cfg, k, v, merge=False)
+    return cfg
+
+
+def photos(bb):
+    return bb.to_pixels([skdata.chelsea(), skdata.coffee()])
+
+
+def fit_module(module, steps):
+    trainer = L.Trainer(max_steps=steps, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=False)
+    trainer.fit(module, train_dataloaders=invert._steps_loader(steps))
+
+
+# ----------------------------------------------------------------------------- direct inversion
+
+
+def test_direct_inversion_recovers_embedding_of_known_image():
+    bb = TinyCNN()
+    target = bb.embed_pixels(photos(bb))
+    baseline = cosine_of_images(bb, to_uint8(torch.rand(2, 3, 32, 32)), target)
+    x = invert_direct(bb, target, icfg(steps=60, batch_size=2, param="fourier"))
+    assert x.shape == (2, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    cos = cosine_of_images(bb, to_uint8(x), target)
+    assert (cos > 0.9).all(), cos
+    assert (cos > baseline + 0.2).all(), (cos, baseline)
+
+
+@pytest.mark.parametrize(
+    "param, over",
+    [
+        ("pixels", {"decorrelate": False, "scales": [1.0]}),
+        ("pixels", {"augment.crop_scale": [1.0, 1.0], "augment.flip": False, "augment.rotate": 0.0}),
+        ("fourier", {"fourier.decay": 1.5, "augment.copies": 1, "l2_weight": 0.1}),
+        ("dip", {"dip.channels": [8, 16], "dip.skip": 2, "dip.input_channels": 8, "scales": [0.5, 1.0]}),
+        ("dip", {"dip.channels": [8], "dip.skip": 0, "dip.input_channels": 4, "dip.input_noise": 0.0, "tv_weight": 0.0}),
+    ],
+)
+def test_every_parameterisation_and_option_improves_the_cosine(param, over):
+    bb = TinyCNN(size=(3, 24, 24), dim=24)
+    target = bb.embed_pixels(photos(bb))
+    L.seed_everything(0, verbose=False)
+    module = DirectInversion(bb, target, icfg(param=param, **over), steps=30)
+    before = cosine_of_images(bb, to_uint8(module.final_images()), target)
+    fit_module(module, 30)
+    after = cosine_of_images(bb, to_uint8(module.final_images()), target)
+    assert (after > before + 0.05).all(), (before, after)
+    assert not bb.training  # the frozen backbone stays in eval mode during fitting
+
+
+def test_coarse_to_fine_schedule_and_coarse_updates():
+    bb = TinyCNN()
+    module = DirectInversion(bb, torch.randn(1, 32), icfg(param="pixels", scales=[0.25, 0.5, 1.0]), steps=30)
+    assert [module.resolution(s) for s in (0, 9, 10, 29)] == [(8, 8), (8, 8), (16, 16), (32, 32)]
+    # Pixels at a coarse scale: the gradient is constant within each 4x4 block.
+    p = PixelParam(1, (3, 32, 32), decorrelate=False)
+    p(( 8, 8)).sum().backward()
+    g = p.logits.grad[0, 0]
+    assert torch.allclose(g[:4, :4], g[0, 0].expand(4, 4))
+    assert not torch.allclose(g[0, 0], g[4, 4])
+    # Fourier at a coarse scale renders no frequency above that scale's Nyquist limit.
+    f = FourierParam(1, (3, 32, 32), init_std=1.0)
+    spec = torch.fft.rfft2(torch.logit(f((8, 8)).detach().clamp(1e-6, 1 - 1e-6)))
+    assert spec[..., 8:, 8:].abs().max() < 1e-3 * spec.abs().max()
+    spec_full = torch.fft.rfft2(torch.logit(f((32, 32)).detach().clamp(1e-6, 1 - 1e-6)))
+    assert spec_full[..., 8:12, 8:12].abs().max() > 1e-2 * spec_full.abs().max()
+
+
+def test_dip_images_are_independent_networks():
+    p = DIPParam(2, (3, 16, 16), channels=(8, 16), skip=2, input_channels=4)
+    out = p((16, 16))
+    assert out.shape == (2, 3, 16, 16)
+    out[0].sum().backward()  # image 0's loss must not touch image 1's network
+    w = p.down[0][0][0].weight.grad  # grouped conv: first half of output channels = image 0
+    half = w.shape[0] // 2
+    assert w[:half].abs().sum() > 0 and w[half:].abs().sum() == 0
+    with pytest.raises(ConfigError, match="unknown invert.param"):
+        build_param("wavelets", 1, (3, 8, 8), icfg())
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(crop_scale=(0.5, 0.5)), dict(jitter=0.1), dict(flip=True), dict(rotate=20.0), dict(color=0.2), dict(noise=0.05)],
+)
+def test_each_augmentation_changes_images_per_sample_and_is_differentiable(kw):
+    torch.manual_seed(0)
+    x = photos(TinyCNN()).repeat(4, 1, 1, 1)[:6].requires_grad_(True)  # identical pairs of images
+    y = Augment(**kw)(x)
+    assert y.shape == x.shape
+    assert not torch.allclose(y, x, atol=1e-3)
+    if kw != dict(flip=True):  # a flip may by chance hit (or miss) every sample
+        assert not torch.allclose(y[0], y[2], atol=1e-4)  # per-sample randomness on equal inputs
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # All options off: identity.
+    assert torch.allclose(Augment()(x), x)
+
+
+def test_bad_augment_config_is_config_error():
+    with pytest.raises(ConfigError, match="crop_scale"):
+        Augment(crop_scale=(0.0, 1.0))
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def write_run(run_dir: Path, x: torch.Tensor, meta: dict | None = None, images: torch.Tensor | None = None):
+    n = len(x)
+    save_tensors(run_dir / "select" / "selection.safetensors",
+                 {"x": x, "candidate_index": torch.arange(n) + 100, "score": torch.linspace(1, 0, n),
+                  "cluster_size": torch.ones(n, dtype=torch.long), "y": torch.zeros(n, dtype=torch.long)})
+    save_tensors(run_dir / "embed" / "embeddings.safetensors", {"train_x": x}, {"normalize": "none", **(meta or {})})
+    if images is not None:
+        save_tensors(run_dir / "embed" / "images.safetensors", {"train": images, "test": images.clone()})
+
+
+def test_stage_writes_pngs_and_json_with_true_cosines(make_cfg, tmp_path, monkeypatch):
+    bb = TinyCNN()
+    target = bb.embed_pixels(photos(bb))
+    run_dir = tmp_path / "run"
+    write_run(run_dir, torch.cat([target, target.flip(0)]))
+    monkeypatch.setattr(invert, "build_backbone", lambda cfg, input_size=None: TinyCNN())
+    cfg = make_cfg("invert.steps=20", "invert.batch_size=2", "invert.num_images=3", "invert.param=pixels")
+    summary = invert.run_stage(cfg, run_dir)
+    rows = json.loads((run_dir / "invert" / "inversion.json").read_text())
+    assert [r["rank"] for r in rows] == [0, 1, 2] and summary["n"] == 3
+    assert [r["candidate_index"] for r in rows] == [100, 101, 102]
+    for r in rows:
+        img = invert.load_png(run_dir / r["path"], 3)
+        assert img.shape == (3, 32, 32)
+        # The reported cosine is that of the PNG on disk, without augmentation.
+        recomputed = cosine_of_images(bb, img[None], torch.cat([target, target.flip(0)])[r["rank"] : r["rank"] + 1])
+        assert abs(recomputed.item() - r["cosine"]) < 1e-4
+    assert summary["mean_cosine"] == pytest.approx(np.mean([r["cosine"] for r in rows]))
+
+
+def test_identity_backbone_writes_the_embedding_as_image(make_cfg, tmp_path):
+    imgs = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    x = imgs.flatten(1).float() / 255
+    run_dir = tmp_path / "run"
+    write_run(run_dir, x, {"input_size": [1, 8, 8]}, images=imgs)
+    summary = invert.run_stage(make_cfg("backbone=identity"), run_dir)
+    rows = json.loads((run_dir / "invert" / "inversion.json").read_text())
+    assert summary["method"] == "identity" and len(rows) == 3
+    for r in rows:
+        assert torch.equal(invert.load_png(run_dir / r["path"], 1), imgs[r["rank"]])
+        assert r["cosine"] == pytest.approx(1.0, abs=1e-6)
+    # L2-normalised pixels are rescaled per image (min-max), not clipped into black.
+    scaled = invert.identity_images(x * 0.01 - 0.3, (1, 8, 8), "auto", "l2")
+    assert torch.allclose(scaled.flatten(1).amax(1), torch.ones(3)) and torch.allclose(scaled.flatten(1).amin(1), torch.zeros(3))
+
+
+def test_mismatched_embedding_size_is_model_mismatch(make_cfg, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    write_run(run_dir, torch.randn(2, 20))
+    monkeypatch.setattr(invert, "build_backbone", lambda cfg, input_size=None: TinyCNN(dim=32))
+    with pytest.raises(ModelMismatchError, match="20-d .* 32-d"):
+        invert.run_stage(make_cfg(), run_dir)
+    with pytest.raises(ModelMismatchError, match="embedding size mismatch"):
+        invert_direct(TinyCNN(dim=32), torch.randn(1, 16), icfg())
+
+
+def test_missing_or_corrupt_selection_is_data_error(make_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(DataError, match="selection"):
+        invert.run_stage(make_cfg(), run_dir)
+    (run_dir / "select").mkdir(parents=True)
+    (run_dir / "select" / "selection.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(DataError, match="corrupt"):
+        invert.run_stage(make_cfg(), run_dir)
+    save_tensors(run_dir / "select" / "selection.safetensors", {"x": torch.full((2, 4), float("nan")), "candidate_index": torch.arange(2),
+                                                                  "score": torch.ones(2), "cluster_size": torch.ones(2), "y": torch.zeros(2)})
+    with pytest.raises(DataError, match="NaN"):
+        invert.run_stage(make_cfg(), run_dir)
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def test_text_retrieval_finds_the_sentence(make_cfg, tmp_path, monkeypatch):
+    corpus = [
+        "the cat sat on the warm mat",
+        "stock markets fell sharply on monday",
+        "the team won the championship final",
+        "heavy rain is expected this weekend",
+        "a new vaccine trial shows promise",
+    ]
+    path = tmp_path / "corpus.tsv"
+    path.write_text("".join(f"topic{i}\t{t}\n" for i, t in enumerate(corpus)))
+    bb = TinyText()
+    # Targets: embeddings of two corpus sentences, slightly perturbed (as a reconstruction would be).
+    x = bb.embed([corpus[2], corpus[4]])
+    x = x + 0.05 * x.norm(dim=1, keepdim=True) * torch.randn_like(x) / x.shape[1] ** 0.5
+    run_dir = tmp_path / "run"
+    write_run(run_dir, x, {"modality": "text"})
+    monkeypatch.setattr(invert, "build_backbone", lambda cfg, input_size=None: TinyText())
+    summary = invert.run_stage(make_cfg(f"invert.text_corpus={path}", "invert.top_k=3"), run_dir)
+    rows = json.loads((run_dir / "invert" / "text_matches.json").read_text())
+    assert [r["matches"][0]["text"] for r in rows] == [corpus[2], corpus[4]]
+    assert all(len(r["matches"]) == 3 for r in rows)
+    assert all(r["matches"][0]["cosine"] > 0.95 > r["matches"][1]["cosine"] for r in rows)
+    assert summary["corpus_size"] == 5
+    with pytest.raises(DataError, match="not found"):
+        invert.run_stage(make_cfg(f"invert.text_corpus={tmp_path / 'nope.txt'}"), run_dir)
+
+
+# ----------------------------------------------------------------------------- real backbone kinds
+
+
+def test_inversion_through_a_tiny_timm_vit():
+    from recon_lightning.backbones import build_backbone
+
+    bb = build_backbone({"kind": "timm", "model": "test_vit", "pretrained": False})
+    img = bb.to_pixels([skdata.chelsea()])
+    target = bb.embed_pixels(img)
+    L.seed_everything(0, verbose=False)
+    module = DirectInversion(bb, target, icfg(param="fourier", scales=[0.5, 1.0]), steps=25)
+    before = cosine_of_images(bb, to_uint8(module.final_images()), target)
+    fit_module(module, 25)
+    after = cosine_of_images(bb, to_uint8(module.final_images()), target)
+    assert after.item() > before.item() + 0.05, (before, after)
