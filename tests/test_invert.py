@@ -282,3 +282,101 @@ def test_inversion_through_a_tiny_timm_vit():
     fit_module(module, 25)
     after = cosine_of_images(bb, to_uint8(module.final_images()), target)
     assert after.item() > before.item() + 0.05, (before, after)
+
+
+# ----------------------------------------------------------------------------- unCLIP
+
+
+def tiny_unclip_pipeline(embed_dim=32):
+    """A randomly initialised Stable unCLIP pipeline built from component configs (no download),
+    sized like diffusers' own fast tests; the tokenizer comes from a tiny in-memory vocabulary."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=embed_dim, projection_dim=embed_dim,
+        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(vocab), max_position_embeddings=16))
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64), attention_head_dim=(2, 4),
+        class_embed_type="projection", projection_class_embeddings_input_dim=embed_dim * 2,
+        cross_attention_dim=embed_dim, layers_per_block=1, upcast_attention=True, use_linear_projection=True)
+    return StableUnCLIPImg2ImgPipeline(
+        feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
+        image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=embed_dim, projection_dim=embed_dim, num_hidden_layers=1, num_attention_heads=4,
+            image_size=32, intermediate_size=37, patch_size=8)),
+        image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=embed_dim),
+        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet,
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1),
+        vae=AutoencoderKL(),
+    )
+
+
+def test_unclip_end_to_end_with_tiny_pipeline(make_cfg, tmp_path, monkeypatch):
+    from recon_lightning import invert_unclip
+
+    folder = tmp_path / "tiny_unclip"
+    tiny_unclip_pipeline().save_pretrained(folder)  # loaded back through the real from_pretrained path
+    bb = TinyCNN(dim=32)
+    target = bb.embed_pixels(photos(bb))
+    run_dir = tmp_path / "run"
+    write_run(run_dir, target, {"normalize": "l2"})
+    over = [f"invert.unclip.model={folder}", "invert.unclip.steps=2", "invert.unclip.height=16", "invert.unclip.width=24",
+            "invert.batch_size=2", "invert.device=cpu"]
+    cfg = make_cfg("invert.method=unclip", *over)
+
+    # Decoder output at the configured size.
+    pipe, kind = invert_unclip.load_pipeline(str(folder), torch.device("cpu"), torch.float32)
+    assert kind == "stable_unclip"
+    arr = invert_unclip.decode(pipe, kind, target, cfg.invert.unclip, torch.Generator().manual_seed(0))
+    assert arr.shape == (2, 16, 24, 3) and np.isfinite(arr).all() and 0 <= arr.min() and arr.max() <= 1
+    # Embedding scale: L2-normalised targets are rescaled to the decoder's statistics (mean 0, std 1 -> sqrt(32)).
+    assert invert_unclip.target_norm("auto", pipe, kind, {"normalize": "l2"}) == pytest.approx(32 ** 0.5)
+
+    # The whole stage: PNGs at the backbone's input size, cosines reported.
+    monkeypatch.setattr(invert, "build_backbone", lambda cfg, input_size=None: TinyCNN(dim=32))
+    summary = invert.run_stage(cfg, run_dir)
+    rows = json.loads((run_dir / "invert" / "inversion.json").read_text())
+    assert summary["method"] == "unclip" and len(rows) == 2
+    assert all(-1 <= r["cosine"] <= 1 for r in rows)
+    assert invert.load_png(run_dir / rows[0]["path"], 3).shape == (3, 32, 32)
+
+    # A decoder whose embedding size differs from the backbone's is a clear mismatch.
+    monkeypatch.setattr(invert, "build_backbone", lambda cfg, input_size=None: TinyCNN(dim=16))
+    write_run(run_dir, torch.randn(2, 16))
+    with pytest.raises(ModelMismatchError, match="32-d"):
+        invert.run_stage(cfg, run_dir)
+
+
+def test_unclip_checks_the_backbone_shares_the_decoder_embedding_space():
+    from recon_lightning.invert_unclip import check_embedding_space
+
+    sd = "stabilityai/stable-diffusion-2-1-unclip"
+    ok = OmegaConf.create({"kind": "open_clip", "model": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"})
+    assert check_embedding_space(ok, sd, 1024).dim == 1024
+    with pytest.raises(ConfigError, match="ViT-H-14.*laion2b_s32b_b79k"):
+        check_embedding_space(OmegaConf.create({"kind": "timm", "model": "vit_small_patch16_224.dino"}), sd, 384)
+    with pytest.raises(ConfigError, match="pretrained='openai'"):
+        check_embedding_space(OmegaConf.create({"kind": "open_clip", "model": "ViT-H-14", "pretrained": "openai"}), sd, 1024)
+    vitl = OmegaConf.create({"kind": "open_clip", "model": "ViT-L-14", "pretrained": "openai"})
+    assert check_embedding_space(vitl, "kakaobrain/karlo-v1-alpha-image-variations", 768).pipeline == "karlo"
+    with pytest.raises(ConfigError, match="ViT-H-14"):
+        check_embedding_space(vitl, sd, 768)
+    with pytest.raises(ConfigError, match="neither a known unCLIP decoder"):
+        invert_unclip_kind("/no/such/pipeline")
+
+
+def invert_unclip_kind(model):
+    from recon_lightning.invert_unclip import pipeline_kind
+
+    return pipeline_kind(model)
