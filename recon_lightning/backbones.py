@@ -247,7 +247,7 @@ def _check_timm_name(name: str) -> None:
     if not name or not timm.is_model(name):
         raise _unknown("timm model", str(name), timm.list_models())
     base, _, tag = name.partition(".")
-    if tag and name not in timm.list_pretrained(base + ".*") and tag not in _timm_tags(base):
+    if tag and tag not in _timm_tags(base):  # timm.is_model ignores the tag
         raise _unknown(f"pretrained tag for timm model {base!r}:", tag, _timm_tags(base))
 
 
@@ -333,12 +333,15 @@ def _build_open_clip(cfg, input_size=None) -> Backbone:
             raise DataError(f"open_clip model config file {name!r} does not exist")
         open_clip.add_model_config(str(path))
         name = path.stem
-    if name not in open_clip.list_models():
+    hub_model = name.startswith(("hf-hub:", "local-dir:"))  # config + weights fetched from the name itself
+    if not hub_model and name not in open_clip.list_models():
         raise _unknown("open_clip model", name, open_clip.list_models())
     ckpt = _checkpoint(cfg)
     tag = _get(cfg, "pretrained", False)
     if ckpt is not None:
         pretrained, weights = str(ckpt), str(ckpt)
+    elif hub_model:
+        pretrained, weights = None, name
     elif tag is False or (isinstance(tag, str) and tag.lower() in ("false", "none", "")):
         pretrained, weights = None, "random"
     else:
@@ -355,8 +358,8 @@ def _build_open_clip(cfg, input_size=None) -> Backbone:
     except (RuntimeError, OSError, KeyError, ValueError) as exc:
         if ckpt is not None:
             raise ModelMismatchError(f"checkpoint {str(ckpt)!r} does not fit open_clip model {name!r}: {exc}") from exc
-        if pretrained is not None:
-            raise _download_error(f"open_clip model {name!r} ({pretrained})", exc) from exc
+        if pretrained is not None or hub_model:
+            raise _download_error(f"open_clip model {name!r} ({pretrained or 'hub'})", exc) from exc
         raise
     visual = model.visual  # keep only the image tower (the text tower can be ~350M params)
     del model
