@@ -67,3 +67,18 @@ def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, **overrides: Any) -
         return L.Trainer(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"invalid trainer settings for stage {stage}: {err}") from None
+
+
+def checkpointing(run_dir: Path, stage: str, every_n_steps: int) -> tuple[Any, str | None]:
+    """A callback that keeps ``run_dir/<stage>/checkpoints/last.ckpt`` fresh, and the checkpoint to
+    resume from if a previous attempt of this stage was killed (None otherwise).
+
+    Resume with ``trainer.fit(..., ckpt_path=ckpt, weights_only=True)``: no pickled code is run.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    directory = run_dir / stage / "checkpoints"
+    callback = ModelCheckpoint(dirpath=str(directory), save_last=True, save_top_k=0,
+                               every_n_train_steps=max(1, int(every_n_steps)), save_on_train_epoch_end=False)
+    last = directory / "last.ckpt"
+    return callback, (str(last) if last.is_file() else None)

@@ -229,7 +229,7 @@ def _plot_margins(path: Path, train_margins: torch.Tensor, test_margins: torch.T
 def run_stage(cfg, run_dir: Path) -> dict:
     """Train the victim on the cached embeddings and save it to ``run_dir/classifier``."""
     from .embed import load_embeddings
-    from .training import make_trainer
+    from .training import checkpointing, make_trainer
 
     c = cfg.classifier
     emb = load_embeddings(run_dir)
@@ -248,15 +248,18 @@ def run_stage(cfg, run_dir: Path) -> dict:
     has_test = len(emb.test_x) > 0
     # Full batch: one step per epoch, so logging every N steps is logging every N epochs.
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    # Long schedules checkpoint periodically; a killed run resumes from the last checkpoint.
+    ckpt_callback, resume_from = checkpointing(run_dir, "classifier", every_n_steps=int(c.checkpoint_every_n_epochs))
     trainer = make_trainer(
         cfg, run_dir, "classifier",
         check_val_every_n_epoch=int(c.log_every_n_epochs),
         log_every_n_steps=int(c.log_every_n_epochs),
-        enable_checkpointing=False,
+        callbacks=[ckpt_callback],
         limit_val_batches=1.0 if has_test else 0,
         num_sanity_val_steps=0,
     )
-    trainer.fit(module, _full_batch(emb.train_x, emb.train_y), _full_batch(emb.test_x, emb.test_y) if has_test else None)
+    trainer.fit(module, _full_batch(emb.train_x, emb.train_y), _full_batch(emb.test_x, emb.test_y) if has_test else None,
+                ckpt_path=resume_from, weights_only=True)
 
     model.eval()
     with torch.no_grad():
