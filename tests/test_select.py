@@ -80,7 +80,7 @@ def test_faiss_cpu_paths():
     xn = l2_normalize(x)
     labels = kmeans_labels(xn, 5, gpu=False)
     assert labels.shape == (70,) and labels.max() < 5
-    labels = knn_labels(xn, k=5, min_cosine=0.9, exact_max=10)  # forces the HNSW index
+    labels = knn_labels(xn, k=5, min_cosine=0.9, exact_max=10)  # forces the IVF index
     assert len(set(labels[60:].tolist())) == 1 and len(set(labels[:60].tolist())) > 50
     assert auto_num_clusters(10_000) == 100 and auto_num_clusters(1) == 1
 

@@ -1,0 +1,121 @@
+"""The report files: JSON keys, every image the HTML references exists, logger output, and
+the page actually shows its plots in a headless browser."""
+
+import html.parser
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recon_lightning import evaluate as ev
+from recon_lightning.report import REPORT_FORMAT, render_html
+from recon_lightning.storage import load_json
+from test_evaluate import make_run_dir
+
+
+class _ImgSrc(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.srcs = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.srcs.append(dict(attrs)["src"])
+
+
+def img_srcs(page: str) -> list[str]:
+    p = _ImgSrc()
+    p.feed(page)
+    return p.srcs
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    """One evaluated synthetic run shared by this module's tests (the stage takes a few seconds)."""
+    from recon_lightning.fit import load_config
+
+    run = tmp_path_factory.mktemp("report") / "run"
+    make_run_dir(run)
+    cfg = load_config([f"run_dir={run}", "logger.name=csv", "trainer.enable_progress_bar=false"])
+    summary = ev.run_stage(cfg, run)
+    return run, summary
+
+
+def test_report_files_and_html_references(evaluated_run):
+    run, summary = evaluated_run
+    report = load_json(run / "report.json")
+    assert report["format"] == REPORT_FORMAT and report["mode"] == "evaluation"
+    for key in ("summary", "selection", "reconstruction", "selection_quality", "margin", "images", "figures", "grids"):
+        assert key in report
+    assert set(report["figures"]) == {"selection_scores", "fraction_curve", "precision_at_k", "margin_scatter"}
+    assert summary["best_cosine_mean"] == pytest.approx(report["summary"]["best_cosine_mean"])
+    srcs = img_srcs((run / "report.html").read_text())
+    assert len(srcs) == len(report["figures"]) + len(report["grids"])
+    for src in srcs:
+        assert not Path(src).is_absolute()
+        assert (run / src).is_file(), f"report.html references missing {src}"
+        assert (run / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # CSV logger got the same scalars.
+    metrics = (run / "logs" / "evaluate" / "metrics.csv").read_text()
+    assert "evaluate/best_cosine_mean" in metrics and "evaluate/precision_random" in metrics
+
+
+def test_attacker_report_lists_selection_and_inverted_images(tmp_path):
+    from PIL import Image
+
+    make_run_dir(tmp_path, with_embed=False)
+    (tmp_path / "invert" / "images").mkdir(parents=True)
+    entries = []
+    for r in range(3):
+        path = f"invert/images/rank_{r:03d}.png"
+        Image.fromarray((np.random.default_rng(r).random((16, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / path)
+        entries.append({"rank": r, "candidate_index": r, "cosine": 0.9, "path": path})
+    from recon_lightning.storage import save_json
+
+    save_json(tmp_path / "invert" / "inversion.json", entries)
+    report = ev.build_report(tmp_path, ev.EvalConfig(), progress=False)
+    page = render_html(report)
+    srcs = img_srcs(page)
+    for e in entries:
+        assert e["path"] in srcs
+    assert "inverted" in report["grids"]
+    for src in srcs:
+        assert (tmp_path / src).is_file()
+    assert "Ranked selection" in page and "attacker" in page
+
+
+def _pixel_counts(png: Path) -> tuple[int, int]:
+    """(pixels of matplotlib's default colour C0 #1f77b4, i.e. drawn plot data; non-white pixels)."""
+    from PIL import Image
+
+    a = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    return int((np.abs(a - np.array([31, 119, 180])).sum(-1) < 40).sum()), int((a.min(-1) < 200).sum())
+
+
+def _screenshot(chromium: str, page: Path, out: Path) -> None:
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           "--allow-file-access-from-files", f"--screenshot={out}", "--window-size=1300,3000",
+           "--virtual-time-budget=5000", page.resolve().as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=120)
+    assert out.is_file(), f"chromium wrote no screenshot: {' '.join(cmd)}"
+
+
+def test_html_renders_plots_in_headless_chromium(evaluated_run, tmp_path):
+    chromium = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if chromium is None:
+        pytest.skip("no chromium binary found")
+    run, _ = evaluated_run
+    shot = tmp_path / "shot.png"
+    _screenshot(chromium, run / "report.html", shot)
+    # Control: the same page with its images missing (a broken report).
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(run / "report.html", broken / "report.html")
+    shot_broken = tmp_path / "shot_broken.png"
+    _screenshot(chromium, broken / "report.html", shot_broken)
+    (blue, ink), (blue_broken, ink_broken) = _pixel_counts(shot), _pixel_counts(shot_broken)
+    # Plot lines/markers are drawn (the broken page has none) and the image grids fill the page.
+    assert blue > 300 and blue_broken < 50, f"plots not visible: {blue} plot-coloured pixels (broken page: {blue_broken})"
+    assert ink > 5 * ink_broken, f"page with images has {ink} non-white pixels, without images {ink_broken}"
