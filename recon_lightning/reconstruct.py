@@ -641,7 +641,7 @@ def _work(cfg: DictConfig, run_dir: Path, victim: VictimMLP, spec: dict, plan: d
         trainer = _make_trainer(cfg, run_dir, steps, logger=logger, **device_kw)
         trainer.fit(module)
         for res in module.results():
-            extra = {**common_meta, "steps_planned": steps}
+            extra = {**common_meta, "steps_planned": steps, "rank": rank}
             if train_x is not None and res["status"] == "ok":
                 extra["recon_score"] = match_candidates(res["x"].cpu(), train_x)["score"]
             write_run(run_dir, res, hps[res["run"]], extra)

@@ -1,0 +1,311 @@
+"""Reconstruction stage: the KKT objective, batching, resume, failure handling, scoring."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recon_lightning import reconstruct as R
+from recon_lightning.errors import ConfigError
+from recon_lightning.storage import load_tensors
+from recon_lightning.victim import VictimMLP, save_victim
+
+REPO = Path(__file__).resolve().parent.parent
+F64 = torch.float64
+BIG_ALPHA = torch.tensor([5000.0], dtype=F64)  # sigmoid(alpha * x) is exactly 0/1 at these pre-activations
+
+
+def simplex_points(n: int, D: int, radii: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """n points with pairwise negative inner products (a rotated regular simplex), norms ``radii``."""
+    g = torch.Generator().manual_seed(seed)
+    s = F.normalize(torch.eye(n, dtype=F64) - 1.0 / n, dim=1)
+    q, _ = torch.linalg.qr(torch.randn(D, D, dtype=F64, generator=g))
+    return (torch.cat([s, torch.zeros(n, D - n, dtype=F64)], 1) @ q.T) * radii[:, None]
+
+
+def kkt_binary_victim(n=4, D=6, seed=0):
+    """A 2-layer homogeneous net at an exact KKT point: hidden unit j = c_j x_j, only active on x_j,
+    output weight c_j |x_j| y_j; then theta = sum_j lambda_j y_j grad phi(x_j) holds for lambda_j = 1/|x_j|."""
+    g = torch.Generator().manual_seed(seed)
+    r = 0.8 + 0.4 * torch.rand(n, dtype=F64, generator=g)
+    x = simplex_points(n, D, r, seed)
+    y = torch.tensor([0, 1] * (n // 2))
+    c = 0.5 + torch.rand(n, dtype=F64, generator=g)
+    v = VictimMLP(D, [n], 2, bias=False).double()
+    with torch.no_grad():
+        v.layers[0].weight.copy_(c[:, None] * x)
+        v.layers[1].weight.copy_((c * r * (2 * y - 1))[None].to(F64))
+    return v, x, y, 1.0 / r
+
+
+def test_binary_kkt_point_has_zero_loss():
+    v, x, y, lam = kkt_binary_victim()
+    obj = R.KKTObjective(v, {"weight_decay": 0.0}, "binary", "relu_sigmoid_grad", F64)
+    _, rel = obj.kkt(x[None], lam[None], y[None], BIG_ALPHA)
+    assert rel.item() < 1e-20
+    # ... and the same objective is far from zero once the multipliers are wrong.
+    _, rel_bad = obj.kkt(x[None], (lam * 1.3)[None], y[None], BIG_ALPHA)
+    assert rel_bad.item() > 1e-2
+
+
+def test_multiclass_kkt_point_has_zero_loss():
+    n, D, C = 4, 6, 3
+    g = torch.Generator().manual_seed(1)
+    y = torch.tensor([0, 1, 2, 0])
+    lam = 0.2 + torch.rand(n, C, dtype=F64, generator=g)
+    onehot = F.one_hot(y, C).to(F64)
+    off = lam * (1 - onehot)
+    G = onehot * off.sum(1, keepdim=True) - off  # coefficient of each logit
+    r = 1.0 / G.norm(dim=1)  # makes unit j's input weights consistent: r^2 ||G_j||^2 = 1
+    x = simplex_points(n, D, r, seed=1)
+    c = 0.5 + torch.rand(n, dtype=F64, generator=g)
+    v = VictimMLP(D, [n], C, bias=False).double()
+    with torch.no_grad():
+        v.layers[0].weight.copy_(c[:, None] * x)
+        v.layers[1].weight.copy_((c * r**2)[None] * G.T)
+    obj = R.KKTObjective(v, {"weight_decay": 0.0}, "multiclass", "relu_sigmoid_grad", F64)
+    _, rel = obj.kkt(x[None], lam[None], y[None], BIG_ALPHA)
+    assert rel.item() < 1e-20
+    lam_bad = lam.clone()
+    lam_bad[0, 1] *= 2
+    assert obj.kkt(x[None], lam_bad[None], y[None], BIG_ALPHA)[1].item() > 1e-3
+
+
+def test_weight_decay_stationary_point_has_zero_loss():
+    v, x, y, lam = kkt_binary_victim(seed=2)
+    n_train = 4
+    wd = 0.5 / (n_train * lam.max().item())
+    mu = lam * n_train * wd  # wd * theta = (1/n) sum mu y grad phi  <=>  theta = sum (mu / (n wd)) y grad phi
+    assert bool((mu > 0).all() and (mu <= 1).all())
+    obj = R.KKTObjective(v, {"weight_decay": wd, "n_train": n_train}, "binary_wd", "relu_sigmoid_grad", F64)
+    _, rel = obj.kkt(x[None], mu[None], y[None], BIG_ALPHA)
+    assert rel.item() < 1e-20
+    assert obj.kkt(x[None], lam[None], y[None], BIG_ALPHA)[1].item() > 1e-2  # unscaled multipliers are wrong
+    # the multipliers of this form are probabilities: a value above 1 is penalised
+    pen = obj.lambda_penalty(torch.tensor([[0.5, 1.5]], dtype=F64), torch.tensor([0, 1]), torch.tensor([0.1], dtype=F64))
+    assert pen.item() == pytest.approx(0.25)
+
+
+def test_batched_forward_matches_victim_and_gradients_are_finite():
+    torch.manual_seed(0)
+    v = VictimMLP(5, [7, 6], 3, bias=[True, True, False]).double()
+    obj = R.KKTObjective(v, {"weight_decay": 0.0}, "multiclass", "relu_sigmoid_grad", F64)
+    x = torch.randn(3, 4, 5, dtype=F64, requires_grad=True)
+    alpha = torch.tensor([10.0, 50.0, 300.0], dtype=F64)
+    params = [p.expand(3, *p.shape) for p in obj.victim_params()]
+    out = obj.forward_runs(x, alpha, params)
+    for k in range(3):
+        torch.testing.assert_close(out[k], v(x[k]))  # forward is the plain ReLU network
+    lam = torch.rand(3, 4, 3, dtype=F64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0]).expand(3, -1)
+    _, rel = obj.kkt(x, lam, y, alpha)
+    rel.sum().backward()  # double backward through the custom activation
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert torch.isfinite(lam.grad).all() and lam.grad.abs().sum() > 0
+    # double backward agrees with finite differences for the smooth (softplus) network
+    # (relu_sigmoid_grad is deliberately not a true gradient: its forward is ReLU)
+    obj = R.KKTObjective(v, {"weight_decay": 0.0}, "multiclass", "softplus", F64)
+    x0 = torch.randn(1, 2, 5, dtype=F64, requires_grad=True)
+    lam0 = torch.rand(1, 2, 3, dtype=F64)
+    f = lambda xx: obj.kkt(xx, lam0, torch.tensor([[0, 2]]), torch.tensor([20.0], dtype=F64))[0]
+    assert torch.autograd.gradcheck(f, (x0,), eps=1e-6, atol=1e-5)
+
+
+def test_softplus_activation_and_hparam_sampling():
+    a = torch.tensor([[[50.0]]], dtype=F64)
+    h = torch.linspace(-1, 1, 11, dtype=F64)
+    assert torch.allclose(R.make_activation("softplus", a)(h), h.clamp_min(0), atol=0.02)
+    cfg = {"init_scale": [1e-6, 1e-1], "lr": 0.01, "lambda_lr": None, "lambda_min": [0.01, 0.5], "alpha": [10, 500]}
+    hp = [R.sample_hparams(cfg, 0, r) for r in range(50)]
+    assert hp[3] == R.sample_hparams(cfg, 0, 3)  # deterministic in (seed, run)
+    assert hp[3] != R.sample_hparams(cfg, 1, 3)
+    assert all(h["lr"] == 0.01 == h["lambda_lr"] for h in hp)  # pinned value
+    assert all(1e-6 <= h["init_scale"] <= 1e-1 and 0.01 <= h["lambda_min"] <= 0.5 and 10 <= h["alpha"] <= 500 for h in hp)
+    assert min(h["init_scale"] for h in hp) < 1e-4 < max(h["init_scale"] for h in hp)  # log-uniform spread
+    with pytest.raises(ConfigError, match="reconstruct.alpha"):
+        R.sample_hparams({**cfg, "alpha": [1, 2, 3]}, 0, 0)
+
+
+def test_match_candidates():
+    train = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    cands = torch.tensor([[2.0, 0.1, 0], [0, 0, -1.0], [0.1, 3.0, 0]])
+    m = R.match_candidates(cands, train, chunk=2)
+    assert m["candidate_best_train"].tolist() == [0, 0, 1]
+    assert m["train_best_candidate"].tolist()[:2] == [0, 2]
+    assert m["train_best_cos"][2].item() == pytest.approx(0.0)
+    assert m["score"] == pytest.approx(float(m["train_best_cos"].mean()))
+
+
+# ----------------------------------------------------------------------------- stage-level tests
+
+
+def _victim_dir(tmp_path: Path, num_classes=2, D=8, H=16, n_train=4, weight_decay=0.0) -> Path:
+    torch.manual_seed(0)
+    v = VictimMLP(D, [H], num_classes, bias=[True, False])
+    run_dir = tmp_path / "run"
+    save_victim(run_dir / "classifier", v, {"loss": "bce" if num_classes == 2 else "ce", "weight_decay": weight_decay,
+                                           "n_train": n_train, "embedding": {"normalize": "l2", "mean_norm": 1.0}})
+    return run_dir
+
+
+def _cfg(make_cfg, run_dir, *overrides):
+    return make_cfg("logger.name=none", "reconstruct.steps=15", "reconstruct.num_runs=4", "reconstruct.runs_per_batch=4",
+                    "reconstruct.lr=[0.001, 0.05]", *overrides, run_dir=run_dir)
+
+
+def test_batched_runs_equal_one_at_a_time(tmp_path, make_cfg):
+    run_dir = _victim_dir(tmp_path, num_classes=3)
+    a = R.run_stage(_cfg(make_cfg, run_dir, "reconstruct.dtype=float64"), run_dir)
+    ta = {r: load_tensors(R.run_path(run_dir, r))[0] for r in range(4)}
+    other = tmp_path / "other"
+    (other / "classifier").mkdir(parents=True)
+    for f in ("model.safetensors", "victim.json"):
+        (other / "classifier" / f).write_bytes((run_dir / "classifier" / f).read_bytes())
+    b = R.run_stage(_cfg(make_cfg, other, "reconstruct.dtype=float64", "reconstruct.runs_per_batch=1"), other)
+    assert a["runs_ok"] == b["runs_ok"] == 4 and a["form"] == "multiclass"
+    for r in range(4):
+        tb = load_tensors(R.run_path(other, r))[0]
+        torch.testing.assert_close(ta[r]["x"], tb["x"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(ta[r]["lam_full"], tb["lam_full"], rtol=1e-5, atol=1e-7)
+    c = R.load_candidates(run_dir)
+    assert len(c) == 4 * 3 * 3  # 4 runs x 3 classes x ceil(2 * 4 / 3) candidates
+    assert c.y.tolist()[:9] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert sorted(set(c.run.tolist())) == [0, 1, 2, 3]
+    assert torch.allclose(c.norm, c.x.norm(dim=1))
+
+
+def test_resume_skips_finished_runs(tmp_path, make_cfg):
+    run_dir = _victim_dir(tmp_path)
+    cfg = _cfg(make_cfg, run_dir, "reconstruct.runs_per_batch=2")
+    R.run_stage(cfg, run_dir)
+    paths = [R.run_path(run_dir, r) for r in range(4)]
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+    paths[2].unlink()  # as if the job died before run 2 was written
+    summary = R.run_stage(cfg, run_dir)
+    assert summary["runs_ok"] == 4 and summary["candidates"] == 4 * 8  # 2 * n_train candidates per run
+    for r in (0, 1, 3):
+        assert paths[r].stat().st_mtime_ns == mtimes[r]  # untouched
+    assert paths[2].is_file()
+    c = R.load_candidates(run_dir)
+    assert sorted(c.run.unique().tolist()) == [0, 1, 2, 3]
+    assert [rec["run"] for rec in c.runs] == [0, 1, 2, 3]
+
+
+def test_nan_run_is_recorded_failed_others_finish(tmp_path, make_cfg, monkeypatch):
+    run_dir = _victim_dir(tmp_path)
+    real = R.sample_hparams
+
+    def poisoned(rcfg, seed, run_id):
+        hp = real(rcfg, seed, run_id)
+        if run_id == 1:
+            hp["init_scale"] = float("nan")  # an injected bad hyperparameter
+        return hp
+
+    monkeypatch.setattr(R, "sample_hparams", poisoned)
+    summary = R.run_stage(_cfg(make_cfg, run_dir), run_dir)
+    assert summary["runs_ok"] == 3 and summary["runs_failed"] == 1
+    _, meta = load_tensors(R.run_path(run_dir, 1))
+    assert meta["status"] == "failed" and "non-finite" in meta["error"] and meta["hparams"]["init_scale"] != meta["hparams"]["init_scale"]
+    c = R.load_candidates(run_dir)
+    assert 1 not in c.run.tolist() and torch.isfinite(c.x).all()
+    assert [rec["status"] for rec in c.runs] == ["ok", "failed", "ok", "ok"]
+    for r in (0, 2, 3):
+        assert load_tensors(R.run_path(run_dir, r))[1]["steps"] == 15  # the others ran to the end
+
+
+def test_scoring_against_training_set(tmp_path, make_cfg):
+    from recon_lightning.storage import save_tensors
+
+    run_dir = _victim_dir(tmp_path)
+    train_x = F.normalize(torch.randn(4, 8), dim=1)
+    save_tensors(run_dir / "embed" / "embeddings.safetensors",
+                 {"train_x": train_x, "train_y": torch.tensor([0, 1, 0, 1]), "test_x": train_x.clone(), "test_y": torch.tensor([0, 1, 0, 1])},
+                 {"normalize": "l2", "class_names": ["a", "b"], "mean_norm": 1.0})
+    summary = R.run_stage(_cfg(make_cfg, run_dir, "reconstruct.num_runs=2", "reconstruct.runs_per_batch=2"), run_dir)
+    c = R.load_candidates(run_dir)
+    scores = [rec["recon_score"] for rec in c.runs]
+    for r, s in enumerate(scores):
+        assert s == pytest.approx(R.match_candidates(c.x[c.run == r], train_x)["score"], abs=1e-6)
+    assert summary["recon_score"] == pytest.approx(max(scores))
+    assert c["train_best_cos"].shape == (4,) and c["candidate_best_train"].shape == (len(c),)
+    assert 0 <= summary["frac_train_cos_ge_0.9"] <= 1
+
+
+def test_bad_config_errors(tmp_path, make_cfg):
+    run_dir = _victim_dir(tmp_path)
+    with pytest.raises(ConfigError, match="reconstruct.form"):
+        R.run_stage(_cfg(make_cfg, run_dir, "reconstruct.form=multiclass"), run_dir)
+    with pytest.raises(ConfigError, match="weight_decay"):
+        R.run_stage(_cfg(make_cfg, run_dir, "reconstruct.form=binary_wd"), run_dir)
+    with pytest.raises(ConfigError, match="reconstruct.lr"):
+        R.run_stage(_cfg(make_cfg, run_dir, "reconstruct.lr=[1, 2, 3]"), run_dir)
+
+
+def _wait_for(pred, timeout):
+    start = time.time()
+    while not pred():
+        if time.time() - start > timeout:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_kill_and_resume_subprocess(tmp_path):
+    """SIGKILL a real `python -m recon_lightning.fit stage=reconstruct` after a run file exists; rerun; every
+    run's candidates appear exactly once."""
+    run_dir = _victim_dir(tmp_path, D=16, H=64)
+    args = [sys.executable, "-m", "recon_lightning.fit", "stage=reconstruct", f"run_dir={run_dir}", "logger.name=none",
+            "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "reconstruct.num_runs=6",
+            "reconstruct.runs_per_batch=1", "reconstruct.steps=300", "reconstruct.lr=0.01"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: R.run_path(run_dir, 0).is_file() or proc.poll() is not None, 120)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_before = {r: R.run_path(run_dir, r).stat().st_mtime_ns for r in range(6) if R.run_path(run_dir, r).is_file()}
+    assert 0 in done_before and len(done_before) < 6, "the kill came too late to test resuming"
+    assert not (run_dir / "reconstruct" / "candidates.safetensors").exists()
+    out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for r, mtime in done_before.items():
+        assert R.run_path(run_dir, r).stat().st_mtime_ns == mtime
+    c = R.load_candidates(run_dir)
+    counts = torch.bincount(c.run, minlength=6)
+    assert counts.tolist() == [8] * 6  # 2 * n_train candidates for each run, no duplicates
+    assert not list((run_dir / "reconstruct" / "runs").glob(".*tmp"))  # no half-written files left
+
+
+def test_ddp_two_cpu_processes_shard_runs(tmp_path):
+    run_dir = _victim_dir(tmp_path)
+    common = ["stage=reconstruct", "logger.name=none", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+              "reconstruct.num_runs=5", "reconstruct.runs_per_batch=2", "reconstruct.steps=10", "reconstruct.lr=0.01"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "recon_lightning.fit", f"run_dir={run_dir}", "trainer.strategy=ddp",
+                          "trainer.devices=2", *common], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = {r: load_tensors(R.run_path(run_dir, r))[1]["rank"] for r in range(5)}
+    assert ranks == {r: r % 2 for r in range(5)}  # run r on rank r % world_size, each exactly once
+    c = R.load_candidates(run_dir)
+    # a single-process run of the same config gives the same set of runs and candidates
+    single = tmp_path / "single"
+    (single / "classifier").mkdir(parents=True)
+    for f in ("model.safetensors", "victim.json"):
+        (single / "classifier" / f).write_bytes((run_dir / "classifier" / f).read_bytes())
+    out = subprocess.run([sys.executable, "-m", "recon_lightning.fit", f"run_dir={single}", *common],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    s = R.load_candidates(single)
+    assert sorted(set(c.run.tolist())) == sorted(set(s.run.tolist())) == list(range(5))
+    torch.testing.assert_close(c.x, s.x, rtol=1e-4, atol=1e-6)
