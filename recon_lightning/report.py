@@ -303,7 +303,7 @@ def log_report(cfg, run_dir: Path, report: dict) -> None:
         reps = report.get("selection", {}).get("representatives", [])
         if reps:
             cols = list(dict.fromkeys(k for r in reps for k in r if k != "image"))  # ordered union
-            media["evaluate/selection"] = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in reps])
+            media["evaluate/selection_table"] = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in reps])
         run.log(media)
         run.finish()
     else:

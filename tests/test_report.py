@@ -119,3 +119,17 @@ def test_html_renders_plots_in_headless_chromium(evaluated_run, tmp_path):
     # Plot lines/markers are drawn (the broken page has none) and the image grids fill the page.
     assert blue > 300 and blue_broken < 50, f"plots not visible: {blue} plot-coloured pixels (broken page: {blue_broken})"
     assert ink > 5 * ink_broken, f"page with images has {ink} non-white pixels, without images {ink_broken}"
+
+
+def test_wandb_offline_gets_images_and_table(evaluated_run, monkeypatch):
+    from recon_lightning.fit import load_config
+    from recon_lightning.report import log_report
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run, _ = evaluated_run
+    report = load_json(run / "report.json")
+    log_report(load_config([f"run_dir={run}", "logger.name=wandb"]), run, report)
+    media = next((run / "wandb").glob("offline-run-*/files/media"))
+    logged = {p.name.split("_1_")[0] for p in media.rglob("*.png")}
+    assert logged == set(report["figures"]) | set(report["grids"])
+    assert list(media.rglob("selection_table*.table.json"))
