@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 # Every run works offline unless the user opts in: no hub, no W&B server needed.
@@ -94,8 +95,25 @@ def main_with_config(cfg: DictConfig) -> dict:
     return summaries
 
 
+def _quiet_library_logs() -> None:
+    """Lightning prints to its own console handler *and* propagates to Hydra's: keep one copy,
+    and drop its advertising tips and a deprecation warning from its internals."""
+    import lightning.pytorch  # noqa: F401  (it installs its console handler on import)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for handler in list(lg.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                lg.removeHandler(handler)
+        lg.propagate = True
+    for handler in logging.getLogger().handlers:  # Hydra's console and file handlers
+        handler.addFilter(lambda record: "Tip:" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
+    _quiet_library_logs()
     try:
         main_with_config(cfg)
     except ReconError as err:

@@ -20,11 +20,12 @@ LOGGERS = ("csv", "wandb", "tensorboard", "none")
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, stage: str) -> Logger | bool:
-    """The configured Lightning logger for one stage. W&B defaults to offline mode (no account,
+    """The configured Lightning logger for one stage (CSV/TensorBoard files in ``run_dir/<stage>/logs``,
+    so they move aside with the stage's outputs when its config changes). W&B defaults to offline mode (no account,
     no network); sync later with ``wandb sync <run_dir>/wandb/offline-run-*``."""
     name = cfg.logger.name
     if name == "csv":
-        return CSVLogger(save_dir=str(run_dir / "logs"), name=stage, version="")
+        return CSVLogger(save_dir=str(run_dir / stage), name="logs", version="")
     if name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
@@ -47,7 +48,7 @@ def build_logger(cfg: DictConfig, run_dir: Path, stage: str) -> Logger | bool:
     if name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        return TensorBoardLogger(save_dir=str(run_dir / "logs"), name=stage, version="")
+        return TensorBoardLogger(save_dir=str(run_dir / stage), name="logs", version="")
     if name == "none":
         return False
     raise ConfigError(f"unknown logger.name {name!r}; choose from {LOGGERS}")

@@ -60,7 +60,7 @@ def test_classifier_separates_digits_and_reloads_identically(make_cfg, tmp_path)
     model2, _ = load_victim(tmp_path / "run/classifier")
     assert torch.equal(model2(emb.train_x), logits)
     assert (tmp_path / "run/classifier/margins.png").is_file()
-    assert (tmp_path / "run/logs/classifier/metrics.csv").is_file()
+    assert (tmp_path / "run/classifier/logs/metrics.csv").is_file()
 
 
 def test_multiclass_uses_cross_entropy(make_cfg, tmp_path):
