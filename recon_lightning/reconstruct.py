@@ -589,7 +589,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     # (runs are independent, so DDP's all-reduce would only mix unrelated runs).
     outer = _make_trainer(cfg, run_dir, steps, logger=False)
     launcher = outer.strategy.launcher
-    from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
     if launcher is not None and not isinstance(launcher, _SubprocessScriptLauncher):
         raise ConfigError(f"reconstruction supports trainer.strategy=ddp (or auto / torchrun / SLURM), not {type(outer.strategy).__name__} with {type(launcher).__name__}")

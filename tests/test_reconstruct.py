@@ -263,8 +263,8 @@ def test_kill_and_resume_subprocess(tmp_path):
     run's candidates appear exactly once."""
     run_dir = _victim_dir(tmp_path, D=16, H=64)
     args = [sys.executable, "-m", "recon_lightning.fit", "stage=reconstruct", f"run_dir={run_dir}", "logger.name=none",
-            "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "reconstruct.num_runs=6",
-            "reconstruct.runs_per_batch=1", "reconstruct.steps=300", "reconstruct.lr=0.01"]
+            f"reconstruct.victim_dir={run_dir / 'classifier'}", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "reconstruct.num_runs=5",
+            "reconstruct.runs_per_batch=1", "reconstruct.steps=200", "reconstruct.lr=0.01"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -274,16 +274,16 @@ def test_kill_and_resume_subprocess(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    done_before = {r: R.run_path(run_dir, r).stat().st_mtime_ns for r in range(6) if R.run_path(run_dir, r).is_file()}
-    assert 0 in done_before and len(done_before) < 6, "the kill came too late to test resuming"
+    done_before = {r: R.run_path(run_dir, r).stat().st_mtime_ns for r in range(5) if R.run_path(run_dir, r).is_file()}
+    assert 0 in done_before and len(done_before) < 5, "the kill came too late to test resuming"
     assert not (run_dir / "reconstruct" / "candidates.safetensors").exists()
     out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     for r, mtime in done_before.items():
         assert R.run_path(run_dir, r).stat().st_mtime_ns == mtime
     c = R.load_candidates(run_dir)
-    counts = torch.bincount(c.run, minlength=6)
-    assert counts.tolist() == [8] * 6  # 2 * n_train candidates for each run, no duplicates
+    counts = torch.bincount(c.run, minlength=5)
+    assert counts.tolist() == [8] * 5  # 2 * n_train candidates for each run, no duplicates
     assert not list((run_dir / "reconstruct" / "runs").glob(".*tmp"))  # no half-written files left
 
 
@@ -293,6 +293,7 @@ def test_ddp_two_cpu_processes_shard_runs(tmp_path):
               "reconstruct.num_runs=5", "reconstruct.runs_per_batch=2", "reconstruct.steps=10", "reconstruct.lr=0.01"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "recon_lightning.fit", f"run_dir={run_dir}", "trainer.strategy=ddp",
+                          f"reconstruct.victim_dir={run_dir / 'classifier'}",
                           "trainer.devices=2", *common], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = {r: load_tensors(R.run_path(run_dir, r))[1]["rank"] for r in range(5)}
@@ -303,7 +304,8 @@ def test_ddp_two_cpu_processes_shard_runs(tmp_path):
     (single / "classifier").mkdir(parents=True)
     for f in ("model.safetensors", "victim.json"):
         (single / "classifier" / f).write_bytes((run_dir / "classifier" / f).read_bytes())
-    out = subprocess.run([sys.executable, "-m", "recon_lightning.fit", f"run_dir={single}", *common],
+    out = subprocess.run([sys.executable, "-m", "recon_lightning.fit", f"run_dir={single}", *common,
+                          f"reconstruct.victim_dir={single / 'classifier'}"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     s = R.load_candidates(single)
