@@ -1,0 +1,164 @@
+"""Offline sweep runner: ``python -m recon_lightning.sweep sweeps/reconstruct.yaml --count N [-- key=value ...]``.
+
+Samples configurations from a W&B sweep file locally (no W&B server) and runs the sweep's own
+``command`` for each, as a W&B agent would. Every configuration gets its own run directory
+``<run_dir>/sweeps/<sweep name>/trial_XXX`` and reuses the victim (``<run_dir>/classifier``) and
+the training embeddings (for scoring) of the base ``run_dir``, which must exist already.
+Results (parameters, summary, metric) are appended to ``<run_dir>/sweeps/<sweep name>/results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .errors import ConfigError, ReconError
+from .storage import load_json
+
+
+def sample_value(name: str, spec: dict, rng: np.random.Generator):
+    """One value of a W&B sweep parameter (the distributions W&B's random search uses)."""
+    if "value" in spec:
+        return spec["value"]
+    if "values" in spec:
+        return spec["values"][int(rng.integers(len(spec["values"])))]
+    dist = spec.get("distribution", "uniform" if isinstance(spec.get("min"), float) else "int_uniform")
+    lo, hi = spec.get("min"), spec.get("max")
+    if lo is None or hi is None:
+        raise ConfigError(f"sweep parameter {name}: distribution {dist} needs min and max")
+    if dist == "uniform":
+        return float(rng.uniform(lo, hi))
+    if dist == "int_uniform":
+        return int(rng.integers(int(lo), int(hi) + 1))
+    if dist == "log_uniform_values":
+        return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    if dist == "log_uniform":  # W&B: min/max are natural logs
+        return float(math.exp(rng.uniform(lo, hi)))
+    if dist == "q_uniform":
+        q = spec.get("q", 1)
+        return float(round(rng.uniform(lo, hi) / q) * q)
+    raise ConfigError(f"sweep parameter {name}: distribution {dist!r} is not supported offline")
+
+
+def configurations(sweep: dict, count: int, seed: int) -> list[dict]:
+    method = sweep.get("method", "random")
+    params = sweep.get("parameters") or {}
+    if method == "grid":
+        names = list(params)
+        choices = [params[n]["values"] if "values" in params[n] else [params[n]["value"]] for n in names]
+        grid = [dict(zip(names, combo)) for combo in itertools.product(*choices)]
+        return grid[:count]
+    if method != "random":
+        raise ConfigError(f"offline sweeps support method random or grid, not {method!r} (use a W&B server for bayes)")
+    rng = np.random.default_rng(seed)
+    return [{name: sample_value(name, spec, rng) for name, spec in params.items()} for _ in range(count)]
+
+
+def expand_command(sweep: dict, params: dict) -> list[str]:
+    """The sweep's ``command`` with W&B's macros filled in."""
+    command = sweep.get("command") or ["${env}", "${interpreter}", "${program}", "${args}"]
+    args_nh = [f"{k}={_fmt(v)}" for k, v in params.items()]
+    out: list[str] = []
+    for part in command:
+        if part == "${env}":
+            if os.name != "nt":
+                out.append("/usr/bin/env")
+        elif part == "${interpreter}":
+            out.append(sys.executable)
+        elif part == "${program}":
+            out.append(str(sweep.get("program", "")))
+        elif part == "${args_no_hyphens}":
+            out.extend(args_nh)
+        elif part == "${args}":
+            out.extend(f"--{a}" for a in args_nh)
+        elif part == "${args_json}":
+            out.append(json.dumps(params))
+        else:
+            out.append(part)
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_fmt(x) for x in v) + "]"
+    if v is None:
+        return "null"
+    return str(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", help="W&B sweep YAML file")
+    parser.add_argument("--count", type=int, default=4, help="number of configurations to run")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the configuration sampler")
+    parser.add_argument("--run-dir", default=None, help="base run dir holding classifier/ and embed/ (default: the config's run_dir)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # key=value overrides for every configuration go after "--" (or anywhere, as bare key=value words)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    extra = [a for a in argv if "=" in a and not a.startswith("-")] + extra
+    args = parser.parse_args([a for a in argv if not ("=" in a and not a.startswith("-"))])
+    args.overrides = extra
+    try:
+        return _run(args)
+    except ReconError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    path = Path(args.sweep)
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    sweep = yaml.safe_load(path.read_text())
+    if not isinstance(sweep, dict) or "parameters" not in sweep:
+        raise ConfigError(f"{path} is not a W&B sweep file (no 'parameters')")
+    if args.run_dir is None:
+        from .fit import load_config
+
+        args.run_dir = load_config(args.overrides).run_dir
+    base = Path(args.run_dir).expanduser().resolve()
+    if not (base / "classifier" / "victim.json").is_file():
+        raise ConfigError(f"no victim in {base / 'classifier'}: run `python -m recon_lightning.fit stage=classifier` first")
+    out_dir = base / "sweeps" / path.stem
+    metric = (sweep.get("metric") or {}).get("name", "recon_score")
+    goal = (sweep.get("metric") or {}).get("goal", "maximize")
+    results = []
+    for i, params in enumerate(configurations(sweep, args.count, args.seed)):
+        trial = out_dir / f"trial_{i:03d}"
+        cmd = expand_command(sweep, params) + [
+            f"run_dir={trial}", f"reconstruct.victim_dir={base / 'classifier'}", f"reconstruct.embeddings_dir={base}",
+            *args.overrides,
+        ]
+        print(f"[{i + 1}/{args.count}] {' '.join(cmd)}", flush=True)
+        if args.dry_run:
+            continue
+        proc = subprocess.run(cmd)
+        done = trial / "reconstruct" / "DONE.json"
+        summary = load_json(done).get("summary", {}) if proc.returncode == 0 and done.is_file() else {}
+        row = {"trial": i, "params": params, "returncode": proc.returncode, "metric": summary.get(metric), "summary": summary}
+        results.append(row)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    scored = [r for r in results if r["metric"] is not None]
+    if scored:
+        best = (max if goal == "maximize" else min)(scored, key=lambda r: r["metric"])
+        print(f"best {metric} = {best['metric']:.4f} (trial {best['trial']}): {best['params']}")
+    elif results:
+        print(f"no trial reported {metric} (is there a training set in {base / 'embed'}?)")
+    return 0 if all(r["returncode"] == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
