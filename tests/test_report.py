@@ -57,8 +57,12 @@ def test_report_files_and_html_references(evaluated_run):
         assert not Path(src).is_absolute()
         assert (run / src).is_file(), f"report.html references missing {src}"
         assert (run / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # CSV logger got the same scalars.
-    metrics = (run / "logs" / "evaluate" / "metrics.csv").read_text()
+    # CSV logger got the same scalars (wherever training.build_logger puts the evaluate stage's CSV).
+    from recon_lightning.fit import load_config
+    from recon_lightning.training import build_logger
+
+    log_dir = Path(build_logger(load_config([f"run_dir={run}", "logger.name=csv"]), run, "evaluate").log_dir)
+    metrics = (log_dir / "metrics.csv").read_text()
     assert "evaluate/best_cosine_mean" in metrics and "evaluate/precision_random" in metrics
 
 
