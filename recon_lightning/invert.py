@@ -159,7 +159,7 @@ class DirectInversion(L.LightningModule):
         self.augment = Augment.from_config(cfg.augment)
         self.copies = max(1, int(cfg.augment.copies))
         self.tv_weight, self.l2_weight = float(cfg.tv_weight), float(cfg.l2_weight)
-        self.lr = float(cfg.lr) if cfg.get("lr") is not None else {"dip": 0.01, "fourier": 0.05, "pixels": 0.05}[cfg.param]
+        self.lr = float(cfg.lr) if cfg.get("lr") is not None else {"dip": 0.002, "fourier": 0.05, "pixels": 0.05}[cfg.param]
         self.steps = int(steps)
         scales = [float(s) for s in cfg.scales] or [1.0]
         if any(not 0 < s <= 1 for s in scales):
