@@ -36,6 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, DataError
 from .storage import load_json
+from .image_params import to_unit_range
+from .reconstruct import match_candidates
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +51,8 @@ def max_cosine(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> tuple[tor
         raise DataError(f"cosine matching needs non-empty sets, got {a.shape[0]} and {b.shape[0]} rows")
     if a.shape[1] != b.shape[1]:
         raise DataError(f"cannot compare {a.shape[1]}-d and {b.shape[1]}-d vectors (different embeddings?)")
-    an = F.normalize(a.float(), dim=1)
-    bn = F.normalize(b.float(), dim=1)
-    best = torch.empty(a.shape[0])
-    idx = torch.empty(a.shape[0], dtype=torch.int64)
-    for s in range(0, a.shape[0], chunk):
-        sims = an[s : s + chunk] @ bn.T
-        v, i = sims.max(dim=1)
-        best[s : s + chunk], idx[s : s + chunk] = v, i
-    return best, idx
+    match = match_candidates(a, b, chunk)
+    return match["candidate_best_cos"], match["candidate_best_train"]
 
 
 def top_k_cosine(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,13 +162,8 @@ def as_images(x: torch.Tensor, shape: Sequence[int], scaling: str = "minmax") ->
     ``minmax`` stretches each image to [0, 1] (cosine ignores scale, and reconstructions are
     only determined up to scale); ``clip`` keeps values and clips them to [0, 1].
     """
-    imgs = x.float().reshape(x.shape[0], *shape)
-    if scaling == "clip":
-        return imgs.clamp(0, 1)
-    if scaling == "minmax":
-        lo = imgs.flatten(1).min(1).values.view(-1, 1, 1, 1)
-        hi = imgs.flatten(1).max(1).values.view(-1, 1, 1, 1)
-        return (imgs - lo) / (hi - lo).clamp_min(1e-8)
+    if scaling in ("clip", "minmax"):
+        return to_unit_range(x.float().reshape(x.shape[0], *shape), scaling)
     raise ConfigError(f"evaluate.image_scaling must be minmax or clip, got {scaling!r}")
 
 
@@ -347,8 +337,9 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
     cand_x = cands["x"].float()[cand_idx]
     n_train = len(train_x)
 
-    # 1. every training sample's best candidate
-    best_cos, best_local = max_cosine(train_x, cand_x, ecfg.chunk)
+    # 1. every training sample's best candidate (and, for step 2, every candidate's nearest sample)
+    match = match_candidates(cand_x, train_x, ecfg.chunk)
+    best_cos, best_local = match["train_best_cos"], match["train_best_candidate"]
     best_cand = cand_idx[best_local]
     thresholds = torch.linspace(0, 1, ecfg.curve_points).tolist()
     curve = fraction_curve(best_cos, thresholds)
@@ -372,7 +363,7 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
         s[f"frac_train_cos_ge_{t}"] = v
 
     # 2. selection quality
-    cand_near_cos, cand_near_idx = max_cosine(cand_x, train_x, ecfg.chunk)
+    cand_near_cos, cand_near_idx = match["candidate_best_cos"], match["candidate_best_train"]
     cand_good = cand_near_cos >= ecfg.good_threshold
     sel_cos, sel_near = max_cosine(sel["x"].float(), train_x, ecfg.chunk)
     sel_good = sel_cos >= ecfg.good_threshold

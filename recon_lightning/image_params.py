@@ -248,3 +248,15 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     dh = (x[..., 1:, :] - x[..., :-1, :]).pow(2).flatten(1).mean(1)
     dw = (x[..., :, 1:] - x[..., :, :-1]).pow(2).flatten(1).mean(1)
     return dh + dw
+
+
+def to_unit_range(imgs: torch.Tensor, scaling: str) -> torch.Tensor:
+    """Map image-shaped values into [0, 1]: ``clip`` keeps pixel values, ``minmax`` stretches each
+    image (for vectors known only up to scale, such as reconstructions or L2-normalised pixels)."""
+    if scaling == "clip":
+        return imgs.clamp(0, 1)
+    if scaling == "minmax":
+        lo = imgs.flatten(1).min(1).values.view(-1, *([1] * (imgs.dim() - 1)))
+        hi = imgs.flatten(1).max(1).values.view(-1, *([1] * (imgs.dim() - 1)))
+        return (imgs - lo) / (hi - lo).clamp_min(1e-8)
+    raise ValueError(f"unknown scaling {scaling!r}")

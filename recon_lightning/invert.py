@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .backbones import Backbone, build_backbone
 from .errors import ConfigError, DataError, DivergedError, ModelMismatchError
-from .image_params import Augment, build_param, total_variation
+from .image_params import Augment, build_param, to_unit_range, total_variation
 from .storage import load_json, load_tensors, save_json
 from .training import make_trainer
 
@@ -265,12 +265,8 @@ def identity_images(targets: torch.Tensor, size: tuple[int, int, int], scaling: 
     if scaling == "auto":
         inside = ((x >= -0.05) & (x <= 1.05)).float().mean().item()
         scaling = "clip" if normalize != "l2" and inside > 0.9 else "minmax"
-    if scaling == "clip":
-        return x.clamp(0, 1)
-    if scaling == "minmax":
-        lo = x.flatten(1).min(1).values.view(-1, 1, 1, 1)
-        hi = x.flatten(1).max(1).values.view(-1, 1, 1, 1)
-        return (x - lo) / (hi - lo).clamp_min(1e-12)
+    if scaling in ("clip", "minmax"):
+        return to_unit_range(x, scaling)
     raise ConfigError(f"invert.identity_scaling must be auto | clip | minmax, got {scaling!r}")
 
 
