@@ -22,6 +22,7 @@ from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
+KINDS = ("digits", "skimage", "imagefolder", "text")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -46,7 +47,7 @@ def load_dataset(cfg, seed: int = 0) -> Dataset:
     kind = cfg.get("kind")
     loaders = {"digits": _digits, "skimage": _skimage, "imagefolder": _imagefolder, "text": _text}
     if kind not in loaders:
-        raise ConfigError(f"unknown data.kind {kind!r}; choose from {sorted(loaders)}")
+        raise ConfigError(f"unknown data.kind {kind!r}; choose from {sorted(KINDS)}")
     for key in ("n_per_class", "n_test_per_class"):
         if int(cfg.get(key, 0)) < (1 if key == "n_per_class" else 0):
             raise ConfigError(f"data.{key} must be >= {1 if key == 'n_per_class' else 0}, got {cfg.get(key)}")

@@ -77,10 +77,24 @@ def embed_split(backbone: Backbone, split: Split, batch_size: int, device: torch
     return torch.cat(embeddings), (torch.cat(images) if images else None)
 
 
-def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
-    out = run_dir / "embed"
+def check_config(cfg: DictConfig) -> None:
+    """Cheap checks of the embed/data/backbone config, run by ``fit`` before any stage starts."""
+    from .backbones import KINDS
+    from .data import KINDS as DATA_KINDS
+
     if cfg.embed.normalize not in NORMALIZATIONS:
         raise ConfigError(f"embed.normalize must be one of {NORMALIZATIONS}, got {cfg.embed.normalize!r}")
+    if int(cfg.embed.batch_size) < 1:
+        raise ConfigError(f"embed.batch_size must be >= 1, got {cfg.embed.batch_size}")
+    if cfg.backbone.get("kind") not in KINDS:
+        raise ConfigError(f"unknown backbone kind {cfg.backbone.get('kind')!r}; known: {sorted(KINDS)}")
+    if cfg.data.get("kind") not in DATA_KINDS:
+        raise ConfigError(f"unknown data.kind {cfg.data.get('kind')!r}; choose from {sorted(DATA_KINDS)}")
+
+
+def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
+    out = run_dir / "embed"
+    check_config(cfg)
     dataset = load_dataset(cfg.data, seed=cfg.seed)
     backbone = build_backbone(cfg.backbone, input_size=dataset.native_size)
     if backbone.modality != dataset.modality:

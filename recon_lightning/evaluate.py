@@ -476,6 +476,11 @@ def _image_figures(run_dir, out_dir, ecfg, emb, images, cand_x, best_local, best
     return info
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Cheap checks of evaluate.*, run by ``fit`` before any stage starts."""
+    EvalConfig.from_cfg(cfg)
+
+
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     from . import report as rp
 

@@ -78,6 +78,18 @@ def wanted_stages(cfg: DictConfig, stages: list[Stage]) -> list[str]:
     return requested
 
 
+def check_configs(cfg: DictConfig, stages: list[Stage], wanted: list[str]) -> None:
+    """Validate the config of every stage that may run *before* the first starts, so a typo in
+    ``invert.*`` fails in seconds, not after an hour of reconstruction."""
+    names = [s.name for s in stages]
+    last = max(names.index(w) for w in wanted)
+    modules = {name: module for name, module, _, _ in PIPELINE}
+    for stage in stages[: last + 1]:
+        module = importlib.import_module(f"recon_lightning.{modules[stage.name]}")
+        if hasattr(module, "check_config"):
+            module.check_config(cfg)
+
+
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose the same config ``python -m recon_lightning.fit`` would (for the Python API and tests)."""
     from hydra import compose, initialize_config_dir
@@ -90,7 +102,9 @@ def main_with_config(cfg: DictConfig) -> dict:
     """Run the pipeline for an already-composed config (used by ``main`` and by tests)."""
     stages = available_stages()
     run_dir = Path(cfg.run_dir).expanduser().resolve()
-    summaries = run_stages(cfg, stages, wanted_stages(cfg, stages), run_dir)
+    wanted = wanted_stages(cfg, stages)
+    check_configs(cfg, stages, wanted)
+    summaries = run_stages(cfg, stages, wanted, run_dir)
     for name, summary in summaries.items():
         log.info("%s: %s", name, summary)
     return summaries

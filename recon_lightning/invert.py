@@ -324,6 +324,20 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+PARAMS = ("dip", "fourier", "pixels")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Cheap checks of invert.*, run by ``fit`` before any stage starts."""
+    icfg = cfg.invert
+    if icfg.method not in METHODS:
+        raise ConfigError(f"unknown invert.method {icfg.method!r}; choose from {list(METHODS)}")
+    if icfg.param not in PARAMS:
+        raise ConfigError(f"unknown invert.param {icfg.param!r}; choose from {list(PARAMS)}")
+    if int(icfg.steps) < 1 or int(icfg.batch_size) < 1:
+        raise ConfigError("invert.steps and invert.batch_size must be >= 1")
+
+
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     icfg = cfg.invert
     run_dir = Path(run_dir)

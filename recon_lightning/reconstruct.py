@@ -528,6 +528,12 @@ def merge_runs(run_dir: Path, num_runs: int, train_x: torch.Tensor | None, meta:
 # ----------------------------------------------------------------------------- the stage
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Cheap checks of reconstruct.* (values, ranges, choices), run by ``fit`` before any stage starts;
+    what depends on the victim is checked again once it is loaded."""
+    _plan(cfg, {"num_classes": 2, "n_train": 1})
+
+
 def _plan(cfg: DictConfig, spec: dict) -> dict:
     rcfg = OmegaConf.to_container(cfg.reconstruct, resolve=True)
     for key in ("num_runs", "runs_per_batch", "steps"):

@@ -395,6 +395,11 @@ def failed_runs(meta: dict) -> set[int]:
     return {int(r["run"]) for r in meta.get("runs", []) if r.get("status", "ok") != "ok"}
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Cheap checks of select.*, run by ``fit`` before any stage starts."""
+    SelectConfig.from_cfg(cfg)
+
+
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     scfg = SelectConfig.from_cfg(cfg.select, seed=int(cfg.get("seed", 0)))

@@ -226,12 +226,30 @@ def _plot_margins(path: Path, train_margins: torch.Tensor, test_margins: torch.T
     plt.close(fig)
 
 
+def check_config(cfg) -> None:
+    """Cheap checks of classifier.*, run by ``fit`` before any stage starts."""
+    c = cfg.classifier
+    if c.loss not in ("auto", "bce", "ce"):
+        raise ConfigError(f"classifier.loss must be auto, bce or ce, got {c.loss!r}")
+    if c.optimizer not in ("sgd", "adam"):
+        raise ConfigError(f"classifier.optimizer must be sgd or adam, got {c.optimizer!r}")
+    if float(c.lr) <= 0 or float(c.weight_decay) < 0 or int(cfg.trainer.max_epochs) < 1:
+        raise ConfigError("classifier.lr must be > 0, classifier.weight_decay >= 0 and trainer.max_epochs >= 1")
+    if not c.hidden or any(int(h) < 1 for h in c.hidden):
+        raise ConfigError(f"classifier.hidden must be a non-empty list of layer widths, got {c.hidden}")
+    for key in ("bias", "init_scale"):
+        value = c[key]
+        if OmegaConf.is_list(value) and len(value) != len(c.hidden) + 1:
+            raise ConfigError(f"classifier.{key} needs one entry per layer ({len(c.hidden) + 1} = len(hidden) + 1), got {len(value)}")
+
+
 def run_stage(cfg, run_dir: Path) -> dict:
     """Train the victim on the cached embeddings and save it to ``run_dir/classifier``."""
     from .embed import load_embeddings
     from .training import checkpointing, make_trainer
 
     c = cfg.classifier
+    check_config(cfg)
     emb = load_embeddings(run_dir)
     num_classes = emb.num_classes
     loss = c.loss if c.loss != "auto" else ("bce" if num_classes == 2 else "ce")

@@ -123,3 +123,11 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "recon_lightning.fit", "backbone=nonexistent", f"run_dir={tmp_path}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "backbone/nonexistent" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_late_stage_config_fails_before_any_work(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="unknown invert.param 'nope'"):
+        main_with_config(make_cfg("invert.param=nope"))
+    with pytest.raises(ConfigError, match=r"reconstruct.lr: range \[1.0, 0.1\] has low > high"):
+        main_with_config(make_cfg("reconstruct.lr=[1,0.1]"))
+    assert not (tmp_path / "run/embed").exists()  # nothing ran
