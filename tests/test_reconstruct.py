@@ -311,3 +311,71 @@ def test_ddp_two_cpu_processes_shard_runs(tmp_path):
     s = R.load_candidates(single)
     assert sorted(set(c.run.tolist())) == sorted(set(s.run.tolist())) == list(range(5))
     torch.testing.assert_close(c.x, s.x, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- recovery
+
+
+def identifiable_points(D: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """4 unit vectors in R^D whose labels force one hidden unit per point.
+
+    Same-class pairs have cosine -0.8 (< -1/2, so one ReLU unit serving both costs more norm than
+    two), cross-class pairs -0.05 (a unit stays off the other class without sitting on a kink).
+    With nearly orthogonal random points a max-margin net is linear per class instead, and the
+    KKT condition then only determines class means, not individual points.
+    """
+    G = torch.full((4, 4), -0.05, dtype=F64)
+    G[0, 2] = G[2, 0] = G[1, 3] = G[3, 1] = -0.8
+    G.fill_diagonal_(1.0)
+    q, _ = torch.linalg.qr(torch.randn(D, 4, dtype=F64, generator=torch.Generator().manual_seed(seed)))
+    return torch.linalg.cholesky(G) @ q.T, torch.tensor([0, 1, 0, 1])
+
+
+def test_reconstruction_recovers_training_points(tmp_path, make_cfg):
+    """A tiny victim trained (to stationarity, with weight decay) on 4 points: every training point
+    gets a reconstructed candidate with cosine > 0.95, through the real stage."""
+    D, H, wd = 10, 50, 1e-2
+    x, y = identifiable_points(D, seed=0)
+    torch.set_flush_denormal(True)  # denormals make the double backward ~50x slower on CPU
+    torch.manual_seed(0)
+    v = VictimMLP(D, [H], 2, bias=False, init_scale=[0.1, 0.1]).double()
+    opt = torch.optim.LBFGS(v.parameters(), lr=1, max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(v(x), y.to(F64)) + wd / 2 * sum(p.pow(2).sum() for p in v.parameters())
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    # The victim really is at a stationary point: the true points with the true multipliers
+    # (|l'_i| = sigmoid(-margin_i)) satisfy the condition the stage optimises.
+    spec = {"weight_decay": wd, "n_train": 4}
+    obj = R.KKTObjective(v, spec, "binary_wd", "relu_sigmoid_grad", F64)
+    lam_true = torch.sigmoid(-(2 * y - 1) * v(x)).detach()
+    assert obj.kkt(x[None], lam_true[None], y[None], BIG_ALPHA, create_graph=False)[1].item() < 1e-6
+
+    # The stage's own pieces (hyperparameter sampling, candidate init, penalties, per-run optimiser
+    # groups), stepped in a plain loop: the Lightning loop adds nothing here and costs minutes.
+    rcfg = {"init_scale": [1e-3, 1e-1], "lr": 0.1, "lambda_lr": None, "lambda_min": [0.01, 0.1], "alpha": [50.0, 300.0],
+            "kkt_loss": "relative", "lambda_weight": 1.0, "prior_weight": 1.0, "box": [0.0, 1.0], "optimizer": "adam"}
+    runs = list(range(8))
+    module = R.ReconstructionModule(obj, runs, [R.sample_hparams(rcfg, 0, r) for r in runs], R.candidate_labels(2, 4), D,
+                                    rcfg, "sphere", 1.0, F64)
+    opt = module.configure_optimizers()
+    try:
+        for _ in range(2000):
+            loss = module.losses()["total"].sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_flush_denormal(False)
+    cands = module.x().detach().reshape(-1, D)
+    match = R.match_candidates(cands, x)
+    assert match["train_best_cos"].min().item() > 0.95, match["train_best_cos"].tolist()
+    # The control: these candidates do not match points the victim was not trained on.
+    other, _ = identifiable_points(D, seed=1)
+    assert R.match_candidates(cands, other)["train_best_cos"].max().item() < 0.9
