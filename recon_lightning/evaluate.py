@@ -355,12 +355,27 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
         "fraction_above": above,
         "per_sample": per_sample,
     }
-    report["figures"]["fraction_curve"] = _rel(run_dir, rp.plot_fraction_curve(out_dir / "fraction_curve.png", thresholds, curve, ecfg.good_threshold))
+    # Baseline: held-out samples of the same distribution. Candidates that come no closer than
+    # unseen data (common for raw pixels, where all images are alike) show no leakage.
+    heldout_curve = None
+    if len(emb.test_x):
+        heldout = match_candidates(emb.test_x.float(), train_x, ecfg.chunk)["train_best_cos"]
+        heldout_curve = fraction_curve(heldout, thresholds)
+        report["reconstruction"]["heldout_baseline"] = {
+            "best_cosine_mean": float(heldout.mean()),
+            "fraction_above": {f"{t:g}": v for t, v in zip(ecfg.thresholds, fraction_curve(heldout, ecfg.thresholds))},
+            "fraction_curve": heldout_curve,
+        }
+    report["figures"]["fraction_curve"] = _rel(run_dir, rp.plot_fraction_curve(
+        out_dir / "fraction_curve.png", thresholds, curve, ecfg.good_threshold, heldout_curve))
     s = report["summary"]
     s.update(num_train=n_train, num_candidates=int(len(cand_idx)), best_cosine_mean=float(best_cos.mean()),
              best_cosine_median=float(best_cos.median()))
     for t, v in above.items():
         s[f"frac_train_cos_ge_{t}"] = v
+    if heldout_curve is not None:
+        s["heldout_best_cosine_mean"] = report["reconstruction"]["heldout_baseline"]["best_cosine_mean"]
+        s["heldout_frac_cos_ge_0.9"] = float(fraction_curve(heldout, [0.9])[0])
 
     # 2. selection quality
     cand_near_cos, cand_near_idx = match["candidate_best_cos"], match["candidate_best_train"]

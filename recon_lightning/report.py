@@ -27,6 +27,10 @@ key                                                meaning
                                                    eval adds ``nearest_train_index, nearest_train_cosine, good``
                                                    (and ``ssim`` for those in the grid); ``image`` = inverted PNG
 ``reconstruction.best_cosine``                     eval: ``{mean, median, min, max}``
+``reconstruction.heldout_baseline``                eval: the same figures for the nearest *held-out* sample
+                                                   (``best_cosine_mean, fraction_above, fraction_curve``): a
+                                                   candidate must beat unseen data to show leakage
+``summary.heldout_best_cosine_mean``               eval: baseline of ``best_cosine_mean`` from held-out samples
 ``reconstruction.fraction_curve``                  eval: ``{thresholds: [...], fraction: [...]}``
 ``reconstruction.fraction_above``                  eval: ``{"<t>": fraction}`` for ``evaluate.thresholds``
 ``reconstruction.per_sample[]``                    eval: ``train_index, y, best_candidate, best_cosine, margin``
@@ -80,13 +84,17 @@ def _save(fig, path: Path) -> Path:
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_fraction_curve(path: Path, thresholds: Sequence[float], fraction: Sequence[float], good_threshold: float | None = None) -> Path:
+def plot_fraction_curve(path: Path, thresholds: Sequence[float], fraction: Sequence[float], good_threshold: float | None = None,
+                        heldout: Sequence[float] | None = None) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(thresholds, fraction, lw=2, color="C0")
+    ax.plot(thresholds, fraction, lw=2, color="C0", label="reconstruction candidates")
+    if heldout is not None:
+        # Baseline: how close unseen samples of the same distribution come; leakage means beating it.
+        ax.plot(thresholds, heldout, lw=1.5, ls="-.", color="C3", label="baseline: nearest held-out sample")
     if good_threshold is not None:
         ax.axvline(good_threshold, color="k", ls="--", lw=1, label=f"good threshold {good_threshold:g}")
-        ax.legend()
+    ax.legend()
     ax.set_xlabel("cosine threshold")
     ax.set_ylabel("fraction of training set reconstructed")
     ax.set_ylim(-0.02, 1.02)
