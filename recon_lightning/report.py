@@ -216,7 +216,7 @@ def render_html(report: dict) -> str:
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>recon_lightning audit report</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}"
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#eee}"
-        "img{max-width:100%;border:1px solid #ddd;margin:4px}.figs img{max-width:580px}.note{color:#a50}"
+        "img{max-width:100%;border:1px solid #ddd;margin:4px}.figs img{max-width:580px;vertical-align:top}.note{color:#a50}"
         ".thumb{height:48px;image-rendering:pixelated}</style></head><body>",
         "<h1>Training-data reconstruction audit</h1>",
         f"<p>Mode: <b>{e(report['mode'])}</b>"
