@@ -181,7 +181,7 @@ class VictimModule(L.LightningModule):
         self.log_dict(
             {f"{prefix}/loss": loss, f"{prefix}/acc": accuracy(logits, y), f"{prefix}/margin_min": m.min(),
              f"{prefix}/margin_mean": m.mean()},
-            on_step=False, on_epoch=True, prog_bar=prefix == "train", batch_size=len(x),
+            on_step=False, on_epoch=True, prog_bar=prefix == "train", batch_size=len(x), sync_dist=True,
         )
         if not torch.isfinite(loss):
             raise DivergedError(f"victim training diverged ({prefix} loss {loss.item()}); lower classifier.lr")
