@@ -241,6 +241,16 @@ def _timm_data_config(model: nn.Module) -> dict:
     return timm.data.resolve_data_config({}, model=model)
 
 
+def _wrap_timm(cls, cfg, name: str, model: nn.Module, weights: str, crop_pct: bool = False) -> Backbone:
+    """A backbone around a timm model, with the model's own preprocessing (timm's data config)."""
+    dc = _timm_data_config(model)
+    extra = {"library": "timm", "model": name, "weights": weights}
+    if crop_pct:
+        extra["model_crop_pct"] = dc.get("crop_pct")
+    return cls(name=str(_get(cfg, "name", name)), model=model, input_size=dc["input_size"], mean=dc["mean"],
+               std=dc["std"], interpolation=dc.get("interpolation", "bicubic"), extra=extra)
+
+
 def _check_timm_name(name: str) -> None:
     import timm
 
@@ -298,17 +308,8 @@ def _build_timm(cfg, input_size=None) -> Backbone:
         raise
     if ckpt is not None:
         _load_timm_checkpoint(model, name, ckpt)
-    dc = _timm_data_config(model)
     weights = str(ckpt) if ckpt is not None else ("hub" if pretrained else "random")
-    return TimmBackbone(
-        name=str(_get(cfg, "name", name)),
-        model=model,
-        input_size=dc["input_size"],
-        mean=dc["mean"],
-        std=dc["std"],
-        interpolation=dc.get("interpolation", "bicubic"),
-        extra={"library": "timm", "model": name, "weights": weights, "model_crop_pct": dc.get("crop_pct")},
-    )
+    return _wrap_timm(TimmBackbone, cfg, name, model, weights, crop_pct=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,16 +481,7 @@ def _build_efficientnet_lite(cfg, input_size=None) -> Backbone:
             model.load_state_dict(sd, strict=True)
         except RuntimeError as exc:
             raise ModelMismatchError(f"checkpoint {str(path)!r} does not fit timm model {name!r}: {exc}") from exc
-    dc = _timm_data_config(model)
-    return EfficientNetLiteBackbone(
-        name=str(_get(cfg, "name", name)),
-        model=model,
-        input_size=dc["input_size"],
-        mean=dc["mean"],
-        std=dc["std"],
-        interpolation=dc.get("interpolation", "bicubic"),
-        extra={"library": "timm", "model": name, "weights": str(path) if path else "random"},
-    )
+    return _wrap_timm(EfficientNetLiteBackbone, cfg, name, model, str(path) if path else "random")
 
 
 # ----------------------------------------------------------------------------------------------
