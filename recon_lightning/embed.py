@@ -22,6 +22,7 @@ from .backbones import Backbone, build_backbone
 from .data import Split, load_dataset
 from .errors import ConfigError, DataError
 from .storage import load_json, load_tensors, save_json, save_tensors
+from .training import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,6 @@ class Embeddings:
     @property
     def num_classes(self) -> int:
         return len(self.meta["class_names"])
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def normalize(x: torch.Tensor, how: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from .errors import ConfigError, ReconError  # noqa: E402
-from .stages import Stage, run_stages  # noqa: E402
+from .stages import Stage, run_stages, stages_to_run  # noqa: E402
 
 log = logging.getLogger("recon_lightning")
 
@@ -81,10 +81,8 @@ def wanted_stages(cfg: DictConfig, stages: list[Stage]) -> list[str]:
 def check_configs(cfg: DictConfig, stages: list[Stage], wanted: list[str]) -> None:
     """Validate the config of every stage that may run *before* the first starts, so a typo in
     ``invert.*`` fails in seconds, not after an hour of reconstruction."""
-    names = [s.name for s in stages]
-    last = max(names.index(w) for w in wanted)
     modules = {name: module for name, module, _, _ in PIPELINE}
-    for stage in stages[: last + 1]:
+    for stage in stages_to_run(cfg, stages, wanted):
         module = importlib.import_module(f"recon_lightning.{modules[stage.name]}")
         if hasattr(module, "check_config"):
             module.check_config(cfg)

@@ -44,7 +44,7 @@ from .backbones import Backbone, build_backbone
 from .errors import ConfigError, DataError, DivergedError, ModelMismatchError
 from .image_params import Augment, build_param, to_unit_range, total_variation
 from .storage import load_json, load_tensors, save_json
-from .training import make_trainer
+from .training import make_trainer, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -318,12 +318,6 @@ def text_matches(backbone: Backbone, targets: torch.Tensor, corpus: list[str], t
 # ----------------------------------------------------------------------------- stage
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 PARAMS = ("dip", "fourier", "pixels")
 
 
@@ -354,7 +348,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
             return {}
         corpus_path = Path(icfg.text_corpus).expanduser() if icfg.get("text_corpus") else default_corpus()
         corpus = read_corpus(corpus_path)
-        backbone.to(_resolve_device(icfg.device))
+        backbone.to(resolve_device(icfg.device))
         matches = text_matches(backbone, targets, corpus, int(icfg.top_k))
         rows = [{"rank": r, "candidate_index": int(cand[r]), "matches": m} for r, m in enumerate(matches)]
         save_json(out / "text_matches.json", rows)
@@ -399,7 +393,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
 
     rows = []
     if ranks:
-        backbone.to(_resolve_device(icfg.device))
+        backbone.to(resolve_device(icfg.device))
         cos = cosine_of_images(backbone, imgs, targets[ranks])
         for j, r in enumerate(ranks):
             path = images_dir / f"rank_{r:04d}.png"

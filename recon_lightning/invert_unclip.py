@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from .backbones import Backbone
 from .errors import ConfigError, DataError, ModelMismatchError
+from .training import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +192,7 @@ def invert_unclip(backbone: Backbone, targets: torch.Tensor, cfg: DictConfig, me
     ucfg = icfg.unclip
     model = str(ucfg.model)
     check_embedding_space(cfg.backbone, model, backbone.embed_dim)
-    device = torch.device("cuda" if icfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if icfg.device == "auto" else icfg.device))
+    device = resolve_device(icfg.device)
     dtype = _dtype(str(ucfg.dtype), device)
     kind = pipeline_kind(model)
     if pipe is None:

@@ -67,6 +67,15 @@ def _prepare_dir(stage_dir: Path, fp: str) -> None:
     marker.write_text(fp + "\n")
 
 
+def stages_to_run(cfg: DictConfig, stages: list[Stage], wanted: list[str]) -> list[Stage]:
+    """The enabled stages up to the last wanted one: like ``make``, a wanted stage brings the
+    earlier stages it depends on (each skipped later if already up to date)."""
+    enabled = [s for s in stages if s.enabled(cfg)]
+    names = [s.name for s in enabled]
+    last = max((names.index(w) for w in wanted if w in names), default=-1)
+    return enabled[: last + 1]
+
+
 def run_stages(cfg: DictConfig, stages: list[Stage], wanted: list[str], run_dir: Path) -> dict[str, dict]:
     """Run the ``wanted`` stages in pipeline order; return their summaries.
 
@@ -75,10 +84,7 @@ def run_stages(cfg: DictConfig, stages: list[Stage], wanted: list[str], run_dir:
     run_dir.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, dict] = {}
     upstream = ""
-    enabled = [s for s in stages if s.enabled(cfg)]
-    names = [s.name for s in enabled]
-    last = max((names.index(w) for w in wanted if w in names), default=-1)
-    for stage in enabled[: last + 1]:
+    for stage in stages_to_run(cfg, stages, wanted):
         fp = stage_fingerprint(cfg, stage, upstream)
         upstream = fp
         stage_dir = run_dir / stage.name

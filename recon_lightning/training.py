@@ -11,12 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 
 LOGGERS = ("csv", "wandb", "tensorboard", "none")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = CUDA when available, else CPU; any other value is a torch device string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, stage: str) -> Logger | bool:

@@ -255,8 +255,6 @@ def run_stage(cfg, run_dir: Path) -> dict:
     loss = c.loss if c.loss != "auto" else ("bce" if num_classes == 2 else "ce")
     if loss not in ("bce", "ce") or (loss == "bce" and num_classes != 2):
         raise ConfigError(f"classifier.loss={c.loss!r} does not fit {num_classes} classes (bce needs exactly 2)")
-    if float(c.lr) <= 0 or float(c.weight_decay) < 0:
-        raise ConfigError("classifier.lr must be > 0 and classifier.weight_decay >= 0")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     as_plain = lambda v: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v  # noqa: E731
     model = VictimMLP(emb.dim, list(c.hidden), num_classes, bias=as_plain(c.bias), init_scale=as_plain(c.init_scale))
