@@ -15,14 +15,16 @@ candidates of K runs form a (K, m, D) tensor, and the victim's weights are *expa
 (K, out, in) leaves, so one backward gives every run its own gradient (a batched matmul each
 layer). Each run has its own optimiser parameter group (own learning rate) and is masked out
 if its loss turns NaN/inf. Finished runs are written to ``reconstruct/runs/run_XXXXX.safetensors``
-before the next batch starts, so a killed job resumes where it stopped; under DDP run ``r``
-goes to rank ``r % world_size``. Rank 0 merges all runs into ``reconstruct/candidates.safetensors``.
+before the next batch starts, and the running batch keeps a Lightning checkpoint
+(``reconstruct/checkpoints/runs_*/last.ckpt``), so a killed job resumes where it stopped; under
+DDP run ``r`` goes to rank ``r % world_size``. Rank 0 merges all runs into ``reconstruct/candidates.safetensors``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from . import distributed
 from .errors import ConfigError, DataError
-from .storage import load_tensors, save_tensors
+from .storage import fingerprint, load_tensors, save_tensors
 from .victim import VictimMLP, load_victim
 
 log = logging.getLogger(__name__)
@@ -304,6 +306,18 @@ class ReconstructionModule(L.LightningModule):
         self.errors: dict[int, str] = {}
         self.last_rel = torch.full((K,), float("nan"))
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Which runs have failed travels with the candidates (plain tensors and strings: weights_only loads it).
+        checkpoint["reconstruction"] = {"run_ids": list(self.run_ids), "active": self.active.cpu(),
+                                        "errors": {int(k): v for k, v in self.errors.items()}}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("reconstruction") or {}
+        if state.get("run_ids") != list(self.run_ids):
+            raise DataError(f"checkpoint holds runs {state.get('run_ids')}, not {self.run_ids}; delete it to start over")
+        self.active.copy_(state["active"])
+        self.errors = {int(k): v for k, v in state["errors"].items()}
+
     def x(self) -> torch.Tensor:
         return torch.stack(list(self.xs))
 
@@ -539,6 +553,8 @@ def _plan(cfg: DictConfig, spec: dict) -> dict:
     for key in ("num_runs", "runs_per_batch", "steps"):
         if int(rcfg[key]) < 1:
             raise ConfigError(f"reconstruct.{key} must be >= 1, got {rcfg[key]}")
+    if int(rcfg["checkpoint_every_n_steps"]) < 0:
+        raise ConfigError(f"reconstruct.checkpoint_every_n_steps must be >= 0 (0 = off), got {rcfg['checkpoint_every_n_steps']}")
     if rcfg["dtype"] not in DTYPES:
         raise ConfigError(f"reconstruct.dtype must be one of {list(DTYPES)}, got {rcfg['dtype']!r}")
     if rcfg["activation"] not in ACTIVATIONS:
@@ -576,51 +592,39 @@ def _train_embeddings(cfg: DictConfig, run_dir: Path, input_dim: int) -> torch.T
     return train_x
 
 
-def _ranks(trainer: L.Trainer) -> tuple[int, int]:
-    strategy = trainer.strategy
-    if hasattr(strategy, "set_world_ranks"):
-        strategy.set_world_ranks()  # reads LOCAL_RANK/NODE_RANK set by the launcher
-    return int(strategy.global_rank), int(strategy.world_size)
-
-
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     """Reconstruct candidates from the victim (``reconstruct.victim_dir`` or ``run_dir/classifier``)."""
+    from .training import run_on_every_rank
+
     run_dir = Path(run_dir)
     victim_dir = Path(cfg.reconstruct.victim_dir) if cfg.reconstruct.get("victim_dir") else run_dir / "classifier"
     victim, spec = load_victim(victim_dir)
     plan = _plan(cfg, spec)
-    steps = int(plan["rcfg"]["steps"])
-    # The user's trainer settings decide the world (devices x nodes) and launch the DDP processes;
-    # each rank then optimises its own runs on its own device, with no gradient synchronisation
-    # (runs are independent, so DDP's all-reduce would only mix unrelated runs).
-    outer = _make_trainer(cfg, run_dir, steps, logger=False)
-    launcher = outer.strategy.launcher
-    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-
-    if launcher is not None and not isinstance(launcher, _SubprocessScriptLauncher):
-        raise ConfigError(f"reconstruction supports trainer.strategy=ddp (or auto / torchrun / SLURM), not {type(outer.strategy).__name__} with {type(launcher).__name__}")
-    if launcher is not None:
-        return launcher.launch(_work, cfg, run_dir, victim, spec, plan, outer)
-    return _work(cfg, run_dir, victim, spec, plan, outer)
+    # Runs are independent: each rank optimises its own runs on its own device (no DDP all-reduce).
+    return run_on_every_rank(cfg, run_dir, "reconstruct", _work, cfg, run_dir, victim, spec, plan)
 
 
 def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, **overrides) -> L.Trainer:
     from .training import make_trainer
 
-    return make_trainer(cfg, run_dir, "reconstruct", max_steps=steps, precision="32-true", enable_checkpointing=False,
+    return make_trainer(cfg, run_dir, "reconstruct", max_steps=steps, precision="32-true",
                         log_every_n_steps=int(cfg.reconstruct.log_every_n_steps), num_sanity_val_steps=0,
                         **overrides)
 
 
-def _work(cfg: DictConfig, run_dir: Path, victim: VictimMLP, spec: dict, plan: dict, outer: L.Trainer) -> dict:
-    from .training import build_logger
+def batch_name(run_ids: Sequence[int], hparams: Sequence[dict]) -> str:
+    """Checkpoint folder of one batch of runs: names its runs, so a resumed job finds the same batch."""
+    tag = fingerprint("reconstruct-batch", list(run_ids), list(hparams))
+    return f"runs_{run_ids[0]:05d}-{run_ids[-1]:05d}_{tag}"
 
-    rank, world = _ranks(outer)
+
+def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path, victim: VictimMLP, spec: dict,
+          plan: dict) -> dict:
+    from .training import build_logger, checkpoint_dir, checkpointing
+
     rcfg, hps = plan["rcfg"], plan["hparams"]
     num_runs, K, steps = int(rcfg["num_runs"]), int(rcfg["runs_per_batch"]), int(rcfg["steps"])
     dtype = DTYPES[rcfg["dtype"]]
-    root = outer.strategy.root_device
-    device_kw = {"accelerator": root.type, "devices": [root.index] if root.type == "cuda" else 1, "num_nodes": 1, "strategy": "auto"}
     train_x = _train_embeddings(cfg, run_dir, victim.input_dim)
     y = candidate_labels(int(spec["num_classes"]), plan["per_class"])
     mean_norm = (spec.get("embedding") or {}).get("mean_norm")
@@ -644,8 +648,18 @@ def _work(cfg: DictConfig, run_dir: Path, victim: VictimMLP, spec: dict, plan: d
         batch = pending[b : b + K]
         module = ReconstructionModule(objective, batch, [hps[r] for r in batch], y, victim.input_dim, rcfg,
                                       plan["prior"], mean_norm, dtype)
-        trainer = _make_trainer(cfg, run_dir, steps, logger=logger, **device_kw)
-        trainer.fit(module)
+        # Long runs checkpoint every reconstruct.checkpoint_every_n_steps; a killed batch resumes there.
+        every = int(rcfg["checkpoint_every_n_steps"])
+        name = batch_name(batch, [hps[r] for r in batch])
+        callbacks, resume_from = [], None
+        if every > 0:
+            callback, resume_from = checkpointing(run_dir, "reconstruct", every, name=name)
+            callbacks.append(callback)
+            if resume_from:
+                log.info("runs %s: resuming from %s", batch, resume_from)
+        trainer = _make_trainer(cfg, run_dir, steps, logger=logger, callbacks=callbacks, enable_checkpointing=every > 0,
+                                default_root_dir=str(checkpoint_dir(run_dir, "reconstruct", name)), **device_kw)
+        trainer.fit(module, ckpt_path=resume_from, weights_only=True)
         for res in module.results():
             extra = {**common_meta, "steps_planned": steps, "rank": rank}
             if train_x is not None and res["status"] == "ok":
@@ -656,6 +670,7 @@ def _work(cfg: DictConfig, run_dir: Path, victim: VictimMLP, spec: dict, plan: d
                                     **({"run_recon_score": extra["recon_score"]} if "recon_score" in extra else {})})
             log.info("run %d: %s, relative KKT loss %.4g%s", res["run"], res["status"], res["final_loss"],
                      f", recon_score {extra['recon_score']:.4f}" if "recon_score" in extra else "")
+        shutil.rmtree(checkpoint_dir(run_dir, "reconstruct", name), ignore_errors=True)  # its runs are on disk
 
     if rank != 0:
         return {"rank": rank, "runs": mine}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -78,16 +78,55 @@ def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, **overrides: Any) -
         raise ConfigError(f"invalid trainer settings for stage {stage}: {err}") from None
 
 
-def checkpointing(run_dir: Path, stage: str, every_n_steps: int) -> tuple[Any, str | None]:
-    """A callback that keeps ``run_dir/<stage>/checkpoints/last.ckpt`` fresh, and the checkpoint to
-    resume from if a previous attempt of this stage was killed (None otherwise).
+def checkpointing(run_dir: Path, stage: str, every_n_steps: int, name: str | None = None) -> tuple[Any, str | None]:
+    """A callback that keeps ``run_dir/<stage>/checkpoints[/<name>]/last.ckpt`` fresh, and the checkpoint
+    to resume from if a previous attempt was killed (None otherwise). ``name`` separates the fits of
+    a stage that runs several (one per batch of reconstruction runs or inversion targets).
 
-    Resume with ``trainer.fit(..., ckpt_path=ckpt, weights_only=True)``: no pickled code is run.
+    Build the Trainer with ``default_root_dir=checkpoint_dir(...)``: SLURM pre-emption checkpoints
+    (``hpc_ckpt_N.ckpt``, written on ``--signal=SIGUSR1@90``) then land beside ``last.ckpt``, and the
+    newer of the two is resumed. Resume with ``trainer.fit(..., ckpt_path=ckpt, weights_only=True)``:
+    no pickled code is run.
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    directory = run_dir / stage / "checkpoints"
+    directory = checkpoint_dir(run_dir, stage, name)
     callback = ModelCheckpoint(dirpath=str(directory), save_last=True, save_top_k=0,
                                every_n_train_steps=max(1, int(every_n_steps)), save_on_train_epoch_end=False)
-    last = directory / "last.ckpt"
-    return callback, (str(last) if last.is_file() else None)
+    found = [p for p in [directory / "last.ckpt", *directory.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    newest = max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
+    return callback, (str(newest) if newest else None)
+
+
+def checkpoint_dir(run_dir: Path, stage: str, name: str | None = None) -> Path:
+    directory = Path(run_dir) / stage / "checkpoints"
+    return directory / name if name else directory
+
+
+def run_on_every_rank(cfg: DictConfig, run_dir: Path, stage: str, work: Callable[..., Any], *args: Any) -> Any:
+    """Start the processes that ``trainer.*`` asks for and run ``work(rank, world, device_kw, *args)`` in each.
+
+    For stages whose ranks share no gradients (reconstruction runs and inversion targets are
+    independent): the user's Trainer only launches the world (DDP subprocesses, or the processes
+    SLURM / torchrun started), then each rank fits its own shard with single-device Trainers built
+    with ``device_kw``. DDP would only all-reduce unrelated parameters and make every rank run the
+    same number of fits; this way each rank also checkpoints and resumes its own fits.
+    """
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    outer = make_trainer(cfg, run_dir, stage, logger=False, enable_checkpointing=False)
+    launcher = outer.strategy.launcher
+    if launcher is not None and not isinstance(launcher, _SubprocessScriptLauncher):
+        raise ConfigError(f"stage {stage} supports trainer.strategy=ddp (or auto / torchrun / SLURM), "
+                          f"not {type(outer.strategy).__name__} with {type(launcher).__name__}")
+
+    def on_rank() -> Any:
+        strategy = outer.strategy
+        if hasattr(strategy, "set_world_ranks"):
+            strategy.set_world_ranks()  # reads LOCAL_RANK / NODE_RANK set by the launcher
+        root = strategy.root_device
+        device_kw = {"accelerator": root.type, "devices": [root.index] if root.type == "cuda" else 1,
+                     "num_nodes": 1, "strategy": "auto"}
+        return work(int(strategy.global_rank), int(strategy.world_size), device_kw, *args)
+
+    return launcher.launch(on_rank) if launcher is not None else on_rank()

@@ -246,7 +246,7 @@ def check_config(cfg) -> None:
 def run_stage(cfg, run_dir: Path) -> dict:
     """Train the victim on the cached embeddings and save it to ``run_dir/classifier``."""
     from .embed import load_embeddings
-    from .training import checkpointing, make_trainer
+    from .training import checkpoint_dir, checkpointing, make_trainer
 
     c = cfg.classifier
     check_config(cfg)
@@ -271,6 +271,7 @@ def run_stage(cfg, run_dir: Path) -> dict:
         check_val_every_n_epoch=int(c.log_every_n_epochs),
         log_every_n_steps=int(c.log_every_n_epochs),
         callbacks=[ckpt_callback],
+        default_root_dir=str(checkpoint_dir(run_dir, "classifier")),
         limit_val_batches=1.0 if has_test else 0,
         num_sanity_val_steps=0,
     )

@@ -287,6 +287,45 @@ def test_kill_and_resume_subprocess(tmp_path):
     assert not list((run_dir / "reconstruct" / "runs").glob(".*tmp"))  # no half-written files left
 
 
+def test_killed_batch_resumes_from_its_lightning_checkpoint(tmp_path):
+    """SIGKILL in the middle of a batch (no run finished, a checkpoint exists): the rerun restores the
+    Lightning checkpoint and ends with exactly the candidates of an uninterrupted job."""
+    run_dir = _victim_dir(tmp_path, D=16, H=64)
+    args = ["stage=reconstruct", "logger.name=none", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+            "reconstruct.num_runs=2", "reconstruct.runs_per_batch=2", "reconstruct.steps=400", "reconstruct.lr=0.01",
+            "reconstruct.dtype=float64", "reconstruct.checkpoint_every_n_steps=20"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "recon_lightning.fit", f"run_dir={run_dir}", f"reconstruct.victim_dir={run_dir / 'classifier'}", *args]
+    ckpts = run_dir / "reconstruct" / "checkpoints"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: any(ckpts.glob("runs_*/last.ckpt")) or proc.poll() is not None, 120)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert any(ckpts.glob("runs_*/last.ckpt")) and not R.run_path(run_dir, 0).exists(), "the kill came too late"
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Restored all states from the checkpoint" in out.stdout + out.stderr
+    assert not list(ckpts.glob("runs_*")), "a finished batch's checkpoint is removed once its runs are on disk"
+    # The same job, never interrupted:
+    clean = tmp_path / "clean"
+    (clean / "classifier").mkdir(parents=True)
+    for f in ("model.safetensors", "victim.json"):
+        (clean / "classifier" / f).write_bytes((run_dir / "classifier" / f).read_bytes())
+    out = subprocess.run([sys.executable, "-m", "recon_lightning.fit", f"run_dir={clean}",
+                          f"reconstruct.victim_dir={clean / 'classifier'}", *args],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    resumed, uninterrupted = R.load_candidates(run_dir), R.load_candidates(clean)
+    assert [rec["run"] for rec in resumed.runs] == [0, 1]
+    assert all(load_tensors(R.run_path(run_dir, r))[1]["steps"] == 400 for r in range(2))
+    torch.testing.assert_close(resumed.x, uninterrupted.x, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(resumed.lam, uninterrupted.lam, rtol=1e-9, atol=1e-12)
+
+
 def test_ddp_two_cpu_processes_shard_runs(tmp_path):
     run_dir = _victim_dir(tmp_path)
     common = ["stage=reconstruct", "logger.name=none", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
