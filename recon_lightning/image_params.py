@@ -52,14 +52,25 @@ def _fit(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def _randn(n: int, shape: Sequence[int], seeds: Sequence[int] | None) -> torch.Tensor:
+    """(n, *shape) standard normal; with ``seeds``, image i is drawn from its own generator, so an
+    image's start does not depend on which batch (or DDP rank) it is optimised in."""
+    if seeds is None:
+        return torch.randn(n, *shape)
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} images")
+    return torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
 class PixelParam(nn.Module):
     """Sigmoid-parameterised pixels at full resolution."""
 
-    def __init__(self, n: int, size: Sequence[int], decorrelate: bool = True, init_std: float = 0.1):
+    def __init__(self, n: int, size: Sequence[int], decorrelate: bool = True, init_std: float = 0.1,
+                 seeds: Sequence[int] | None = None):
         super().__init__()
         c, h, w = size
         self.decorrelate = decorrelate and c == 3
-        self.logits = nn.Parameter(torch.randn(n, c, h, w) * init_std)
+        self.logits = nn.Parameter(_randn(n, (c, h, w), seeds) * init_std)
 
     def forward(self, res: tuple[int, int]) -> torch.Tensor:
         t = self.logits
@@ -74,7 +85,8 @@ class PixelParam(nn.Module):
 class FourierParam(nn.Module):
     """lucid's ``fft_image`` + ``to_valid_rgb``: scaled spectrum -> irfft -> decorrelated colour -> sigmoid."""
 
-    def __init__(self, n: int, size: Sequence[int], decay: float = 1.0, init_std: float = 0.01, decorrelate: bool = True):
+    def __init__(self, n: int, size: Sequence[int], decay: float = 1.0, init_std: float = 0.01, decorrelate: bool = True,
+                 seeds: Sequence[int] | None = None):
         super().__init__()
         c, h, w = size
         self.h, self.w = h, w
@@ -86,7 +98,7 @@ class FourierParam(nn.Module):
         self.register_buffer("scale", 1.0 / torch.clamp(freqs, min=1.0 / max(h, w)) ** decay, persistent=False)
         self.register_buffer("fy", fy.abs().expand_as(freqs).clone(), persistent=False)
         self.register_buffer("fx", fx.abs().expand_as(freqs).clone(), persistent=False)
-        self.spectrum = nn.Parameter(torch.randn(n, c, h, w // 2 + 1, 2) * init_std)
+        self.spectrum = nn.Parameter(_randn(n, (c, h, w // 2 + 1, 2), seeds) * init_std)
 
     def forward(self, res: tuple[int, int]) -> torch.Tensor:
         spec = torch.view_as_complex(self.spectrum) * self.scale
@@ -175,13 +187,14 @@ class DIPParam(nn.Module):
         return _fit(x, tuple(res))
 
 
-def build_param(kind: str, n: int, size: Sequence[int], cfg) -> nn.Module:
-    """The parameterisation ``kind`` (``cfg`` = the ``invert`` config section) for ``n`` images."""
+def build_param(kind: str, n: int, size: Sequence[int], cfg, seeds: Sequence[int] | None = None) -> nn.Module:
+    """The parameterisation ``kind`` (``cfg`` = the ``invert`` config section) for ``n`` images;
+    ``seeds`` (one per image) fix each pixel / Fourier image's initialisation on its own."""
     decorrelate = bool(cfg.get("decorrelate", True))
     if kind == "pixels":
-        return PixelParam(n, size, decorrelate=decorrelate)
+        return PixelParam(n, size, decorrelate=decorrelate, seeds=seeds)
     if kind == "fourier":
-        return FourierParam(n, size, decay=float(cfg.fourier.decay), decorrelate=decorrelate)
+        return FourierParam(n, size, decay=float(cfg.fourier.decay), decorrelate=decorrelate, seeds=seeds)
     if kind == "dip":
         d = cfg.dip
         return DIPParam(

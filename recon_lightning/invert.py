@@ -8,8 +8,9 @@ and the backbone (``cfg.backbone``); inverts the top ``invert.num_images``:
   backbone's differentiable ``embed_pixels``; x is parameterised by a Deep Image Prior U-Net,
   a decorrelated Fourier spectrum, or raw sigmoid pixels (``invert.param``), optimised
   coarse-to-fine (``invert.scales``) under random augmentations (``invert.augment``).
-  One LightningModule per batch of targets; under DDP the targets are sharded across ranks
-  (each rank owns its images, so DDP is told not to average their gradients).
+  One LightningModule per batch of targets; each finished batch's images are on disk before
+  the next starts and the running batch keeps a Lightning checkpoint, so a killed job resumes.
+  Under DDP target ``t`` goes to rank ``t % world_size``, which fits it on its own device.
 * the identity backbone (raw pixels): the embedding *is* the image; it is reshaped and written.
 * ``invert.method=unclip``: a diffusion decoder for CLIP embeddings (see ``invert_unclip``).
 * text backbones: nearest sentences of a corpus (``invert.text_corpus``) by cosine (faiss).
@@ -25,8 +26,11 @@ cosine ignores the target's scale; only unCLIP decoding needs a scale (see ``inv
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -43,8 +47,8 @@ from . import distributed
 from .backbones import Backbone, build_backbone
 from .errors import ConfigError, DataError, DivergedError, ModelMismatchError
 from .image_params import Augment, build_param, to_unit_range, total_variation
-from .storage import load_json, load_tensors, save_json
-from .training import make_trainer, resolve_device
+from .storage import fingerprint, load_json, load_tensors, save_json
+from .training import checkpoint_dir, checkpointing, make_trainer, resolve_device, run_on_every_rank
 
 log = logging.getLogger(__name__)
 
@@ -146,16 +150,23 @@ def cosine_of_images(backbone: Backbone, images_u8: torch.Tensor, targets: torch
 
 
 class DirectInversion(L.LightningModule):
-    """The parameters are a batch of images; the loss pulls their embeddings onto ``targets``."""
+    """The parameters are a batch of images; the loss pulls their embeddings onto ``targets``.
 
-    def __init__(self, backbone: Backbone, targets: torch.Tensor, cfg: DictConfig, steps: int):
+    ``target_ids`` (the targets' ranks in the selection) seed each pixel / Fourier image's start,
+    so an image does not depend on the batch or DDP rank it is optimised in.
+    """
+
+    def __init__(self, backbone: Backbone, targets: torch.Tensor, cfg: DictConfig, steps: int,
+                 target_ids: list[int] | None = None):
         super().__init__()
         if backbone.input_size is None:
             raise ConfigError(f"backbone {backbone.name!r} has no image input size: direct inversion needs an image backbone")
         self.backbone = backbone.eval().requires_grad_(False)
         self.size = tuple(backbone.input_size)
         self.register_buffer("targets", targets.float().clone())
-        self.image = build_param(cfg.param, len(targets), self.size, cfg)
+        self.target_ids = list(range(len(targets))) if target_ids is None else [int(t) for t in target_ids]
+        self.image = build_param(cfg.param, len(targets), self.size, cfg,
+                                 seeds=[int(cfg.seed) + t for t in self.target_ids])
         self.augment = Augment.from_config(cfg.augment)
         self.copies = max(1, int(cfg.augment.copies))
         self.tv_weight, self.l2_weight = float(cfg.tv_weight), float(cfg.l2_weight)
@@ -165,12 +176,17 @@ class DirectInversion(L.LightningModule):
         if any(not 0 < s <= 1 for s in scales):
             raise ConfigError(f"invert.scales must be fractions in (0, 1], got {scales}")
         self.scales = scales
-        # Each rank optimises its own images: DDP must neither average their gradients nor
-        # broadcast their buffers. DDP needs at least one synced trainable parameter, hence the anchor.
-        self.ddp_anchor = nn.Parameter(torch.zeros(()))
-        self._ddp_params_and_buffers_to_ignore = [
-            f"image.{n}" for n, _ in self.image.named_parameters()
-        ] + [f"image.{n}" for n, _ in self.image.named_buffers()] + ["targets"]
+        self.strict_loading = False  # checkpoints leave out the frozen backbone (see on_save_checkpoint)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The backbone is frozen and can be huge (ViT-H): checkpoint only the images being optimised.
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")}
+        checkpoint["inversion"] = {"target_ids": self.target_ids}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = (checkpoint.get("inversion") or {}).get("target_ids")
+        if saved != self.target_ids:
+            raise DataError(f"inversion checkpoint holds targets {saved}, not {self.target_ids}; delete it to start over")
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -206,7 +222,7 @@ class DirectInversion(L.LightningModule):
             raise DivergedError(f"inversion loss became {loss.item()} at step {self.global_step}; lower invert.lr")
         self.log("cos", cos.mean(), prog_bar=True, batch_size=1)
         self.log("loss", loss / len(cos), prog_bar=False, batch_size=1)
-        return loss + 0.0 * self.ddp_anchor
+        return loss
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.image.parameters(), lr=self.lr)
@@ -222,13 +238,24 @@ def _steps_loader(steps: int) -> DataLoader:
     return DataLoader(torch.utils.data.TensorDataset(torch.zeros(steps)), batch_size=1)
 
 
+def invert_batch(backbone: Backbone, targets: torch.Tensor, cfg: DictConfig, target_ids: list[int],
+                 trainer: L.Trainer, ckpt_path: str | None = None) -> torch.Tensor:
+    """One Lightning fit: images (B, C, H, W) in [0, 1] for ``targets`` (B, D); resumes ``ckpt_path`` if given."""
+    steps = int(cfg.steps)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen backbone, on purpose
+    L.seed_everything(int(cfg.seed) + int(target_ids[0]), verbose=False)  # augmentations / DIP noise
+    module = DirectInversion(backbone, targets, cfg, steps, target_ids)
+    trainer.fit(module, train_dataloaders=_steps_loader(steps), ckpt_path=ckpt_path, weights_only=True)
+    return module.final_images().detach().cpu()
+
+
 def invert_direct(
     backbone: Backbone, targets: torch.Tensor, cfg: DictConfig, trainer_factory=None
 ) -> torch.Tensor:
     """Invert ``targets`` (B, D) into images (B, C, H, W) in [0, 1], one Lightning fit per batch.
 
     ``trainer_factory(steps) -> Trainer`` defaults to a plain CPU/GPU Trainer (for library use);
-    the stage passes one built by ``make_trainer`` so that ``trainer.*`` applies.
+    the stage builds its own (``trainer.*``, checkpoints) and calls ``invert_batch`` itself.
     """
     check_dim(targets, backbone)
     steps = int(cfg.steps)
@@ -243,11 +270,8 @@ def invert_direct(
 
     out = []
     for start in range(0, len(targets), bs):
-        L.seed_everything(int(cfg.seed) + start, verbose=False)
-        module = DirectInversion(backbone, targets[start : start + bs], cfg, steps)
-        trainer = trainer_factory(steps)
-        trainer.fit(module, train_dataloaders=_steps_loader(steps))
-        out.append(module.final_images().detach().cpu())
+        ids = list(range(start, min(start + bs, len(targets))))
+        out.append(invert_batch(backbone, targets[ids], cfg, ids, trainer_factory(steps)))
     return torch.cat(out)
 
 
@@ -330,6 +354,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown invert.param {icfg.param!r}; choose from {list(PARAMS)}")
     if int(icfg.steps) < 1 or int(icfg.batch_size) < 1:
         raise ConfigError("invert.steps and invert.batch_size must be >= 1")
+    if int(icfg.checkpoint_every_n_steps) < 0:
+        raise ConfigError(f"invert.checkpoint_every_n_steps must be >= 0 (0 = off), got {icfg.checkpoint_every_n_steps}")
 
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
@@ -356,65 +382,99 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
         return {"n": len(rows), "corpus": str(corpus_path), "corpus_size": len(corpus),
                 "mean_top1_cosine": float(np.mean(best)) if best else None}
 
-    method = icfg.method
-    if method not in METHODS:
-        raise ConfigError(f"unknown invert.method {method!r}; choose from {list(METHODS)}")
-    images_dir = out / "images"
-
     if backbone.name == "identity":
         # No optimisation: the embedding is the image.
         if not rank0:
             return {}
         imgs = to_uint8(identity_images(targets, backbone.input_size, icfg.identity_scaling, normalize))
-        ranks, world, rank = list(range(len(targets))), 1, 0
+        rows = write_images(run_dir, list(range(len(targets))), imgs, backbone, targets, cand,
+                            resolve_device(icfg.device), worker_rank=0)
     else:
-        if method == "unclip":
-            from .invert_unclip import invert_unclip
-
-            world, rank = distributed.world_size(), distributed.global_rank()
-            ranks = list(range(rank, len(targets), world))
-            imgs = to_uint8(invert_unclip(backbone, targets[ranks], cfg, meta)) if ranks else None
-        else:
-
-            def factory(steps):
-                return make_trainer(cfg, run_dir, "invert", max_steps=steps, max_epochs=1, use_distributed_sampler=False,
-                                    enable_checkpointing=False, num_sanity_val_steps=0)
-
-            # The Trainer knows the DDP world before any process group exists (rank 0 launches the others).
-            probe = factory(int(icfg.steps))
-            world, rank = probe.world_size, probe.global_rank
-            # Shard the targets across ranks (round robin); each rank writes its own images.
-            ranks = list(range(rank, len(targets), world))
-            # Every rank must run the same number of fits (DDP collectives): pad a short shard
-            # with copies of its first target and drop them afterwards.
-            per_rank = -(-len(targets) // world)
-            todo = ranks + [ranks[0] if ranks else 0] * (per_rank - len(ranks))
-            imgs = to_uint8(invert_direct(backbone, targets[todo], icfg, factory))[: len(ranks)]
-
-    rows = []
-    if ranks:
-        backbone.to(resolve_device(icfg.device))
-        cos = cosine_of_images(backbone, imgs, targets[ranks])
-        for j, r in enumerate(ranks):
-            path = images_dir / f"rank_{r:04d}.png"
-            save_png(imgs[j], path)
-            rows.append({"rank": r, "candidate_index": int(cand[r]), "cosine": float(cos[j]),
-                         "path": str(path.relative_to(run_dir))})
-    if world > 1:
-        save_json(out / f"inversion.rank{rank}.json", rows)
-        distributed.barrier()
-        if rank != 0:
+        if icfg.method not in METHODS:
+            raise ConfigError(f"unknown invert.method {icfg.method!r}; choose from {list(METHODS)}")
+        rows = run_on_every_rank(cfg, run_dir, "invert", _invert_on_rank, cfg, run_dir, backbone, targets, cand, meta)
+        if rows is None:  # a rank other than 0
             return {}
-        rows = []
-        for r in range(world):
-            part = out / f"inversion.rank{r}.json"
-            distributed.wait_for(part.is_file, f"rank {r}'s inversion results", poll_s=0.5)
-            rows += load_json(part, what=f"rank {r}'s inversion results")
-            part.unlink()
-        rows.sort(key=lambda row: row["rank"])
     save_json(out / "inversion.json", rows)
     cosines = [row["cosine"] for row in rows]
-    return {"n": len(rows), "method": "identity" if backbone.name == "identity" else method,
-            "param": icfg.param if method == "direct" else None,
+    method = "identity" if backbone.name == "identity" else icfg.method
+    return {"n": len(rows), "method": method, "param": icfg.param if method == "direct" else None,
             "mean_cosine": float(np.mean(cosines)) if cosines else None,
             "min_cosine": float(np.min(cosines)) if cosines else None}
+
+
+def write_images(run_dir: Path, ids: list[int], imgs: torch.Tensor, backbone: Backbone, targets: torch.Tensor,
+                 cand: torch.Tensor, device: torch.device, worker_rank: int) -> list[dict]:
+    """Save the images of targets ``ids`` as PNGs and score them: cosine(F(saved PNG), target)."""
+    backbone.to(device)
+    cos = cosine_of_images(backbone, imgs, targets[ids])
+    rows = []
+    for j, t in enumerate(ids):
+        path = run_dir / "invert" / "images" / f"rank_{t:04d}.png"
+        save_png(imgs[j], path)
+        rows.append({"rank": t, "candidate_index": int(cand[t]), "cosine": float(cos[j]),
+                     "path": str(path.relative_to(run_dir)), "worker_rank": worker_rank,
+                     "target_key": target_key(targets[t])})
+    return rows
+
+
+def batches_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "invert" / "batches"
+
+
+def target_key(target: torch.Tensor) -> str:
+    """Identifies a target embedding, so a finished image is reused only for the very same target."""
+    return hashlib.sha1(target.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def finished_rows(run_dir: Path, targets: torch.Tensor) -> dict[int, dict]:
+    """Rows of the targets whose batch finished earlier (a batch's record is written after its PNGs)."""
+    keys = [target_key(t) for t in targets]
+    rows = {}
+    for record in sorted(batches_dir(run_dir).glob("*.json")):
+        for row in load_json(record, what="inversion batch record"):
+            t = int(row["rank"])
+            if t < len(keys) and row.get("target_key") == keys[t]:
+                rows[t] = row
+    return rows
+
+
+def _invert_on_rank(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path, backbone: Backbone,
+                    targets: torch.Tensor, cand: torch.Tensor, meta: dict) -> list[dict] | None:
+    """One rank's share: targets t with ``t % world == rank`` not finished earlier, a batch at a time;
+    each finished batch's images and record are on disk before the next starts. Rank 0 then merges."""
+    icfg = cfg.invert
+    cuda = device_kw["accelerator"] == "cuda"
+    device = torch.device("cuda", device_kw["devices"][0]) if cuda else resolve_device(icfg.device)
+    done = finished_rows(run_dir, targets)
+    mine = [t for t in range(len(targets)) if t % world == rank and t not in done]
+    log.info("invert rank %d/%d: %d targets to do, %d finished earlier", rank, world, len(mine), len(done))
+    bs, every, decoder = max(1, int(icfg.batch_size)), int(icfg.checkpoint_every_n_steps), None
+    for start in tqdm(range(0, len(mine), bs), desc=f"invert (rank {rank})", disable=not mine, leave=False):
+        ids = mine[start : start + bs]
+        name = f"targets_{ids[0]:04d}-{ids[-1]:04d}_{fingerprint('invert-batch', ids)}"
+        if icfg.method == "unclip":
+            from .invert_unclip import invert_unclip, load_decoder
+
+            decoder = decoder or load_decoder(cfg, backbone, device)
+            imgs = invert_unclip(backbone, targets[ids], cfg, meta, pipe=decoder, device=device)
+        else:
+            # Long optimisations checkpoint every invert.checkpoint_every_n_steps; a killed batch resumes there.
+            callbacks, resume_from = [], None
+            if every > 0:
+                callback, resume_from = checkpointing(run_dir, "invert", every, name=name)
+                callbacks.append(callback)
+            trainer = make_trainer(cfg, run_dir, "invert", max_steps=int(icfg.steps), max_epochs=1, callbacks=callbacks,
+                                   enable_checkpointing=every > 0, num_sanity_val_steps=0,
+                                   default_root_dir=str(checkpoint_dir(run_dir, "invert", name)), **device_kw)
+            imgs = invert_batch(backbone, targets[ids], icfg, ids, trainer, resume_from)
+        rows = write_images(run_dir, ids, to_uint8(imgs), backbone, targets, cand, device, rank)
+        save_json(batches_dir(run_dir) / f"{name}.json", rows)
+        shutil.rmtree(checkpoint_dir(run_dir, "invert", name), ignore_errors=True)  # its images are on disk
+    if rank != 0:
+        return None
+    # Rank 0 merges once every target has a finished batch (shared filesystem; any launcher).
+    distributed.wait_for(lambda: len(finished_rows(run_dir, targets)) == len(targets), "the other ranks' inversions",
+                         poll_s=0.5)
+    rows = finished_rows(run_dir, targets)
+    return [rows[t] for t in range(len(targets))]

@@ -185,14 +185,23 @@ def decode(pipe, kind: str, embeds: torch.Tensor, ucfg, generator: torch.Generat
     return np.asarray(out.images, dtype=np.float32)
 
 
-def invert_unclip(backbone: Backbone, targets: torch.Tensor, cfg: DictConfig, meta: dict, pipe=None) -> torch.Tensor:
-    """Decode ``targets`` (B, D) with the configured unCLIP decoder; images (B, C, H, W) in [0, 1]
-    at the backbone's input size (resized / centre-cropped like any input image)."""
+def load_decoder(cfg: DictConfig, backbone: Backbone, device: torch.device):
+    """The configured unCLIP pipeline on ``device`` (checked against the backbone's embedding space)."""
+    model = str(cfg.invert.unclip.model)
+    check_embedding_space(cfg.backbone, model, backbone.embed_dim)
+    return load_pipeline(model, device, _dtype(str(cfg.invert.unclip.dtype), device))[0]
+
+
+def invert_unclip(backbone: Backbone, targets: torch.Tensor, cfg: DictConfig, meta: dict, pipe=None,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """Decode ``targets`` (B, D) with the configured unCLIP decoder (``pipe``, loaded if None) on
+    ``device`` (default ``invert.device``); images (B, C, H, W) in [0, 1] at the backbone's input
+    size (resized / centre-cropped like any input image)."""
     icfg = cfg.invert
     ucfg = icfg.unclip
     model = str(ucfg.model)
     check_embedding_space(cfg.backbone, model, backbone.embed_dim)
-    device = resolve_device(icfg.device)
+    device = device or resolve_device(icfg.device)
     dtype = _dtype(str(ucfg.dtype), device)
     kind = pipeline_kind(model)
     if pipe is None:

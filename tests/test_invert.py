@@ -117,7 +117,7 @@ def test_coarse_to_fine_schedule_and_coarse_updates():
     module = DirectInversion(bb, torch.randn(1, 32), icfg(param="pixels", scales=[0.25, 0.5, 1.0]), steps=30)
     assert [module.resolution(s) for s in (0, 9, 10, 29)] == [(8, 8), (8, 8), (16, 16), (32, 32)]
     # Pixels at a coarse scale: the gradient is constant within each 4x4 block.
-    p = PixelParam(1, (3, 32, 32), decorrelate=False)
+    p = PixelParam(1, (3, 32, 32), decorrelate=False, init_std=1.0)  # blocks differ clearly
     p(( 8, 8)).sum().backward()
     g = p.logits.grad[0, 0]
     assert torch.allclose(g[:4, :4], g[0, 0].expand(4, 4))
