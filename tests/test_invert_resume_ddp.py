@@ -92,7 +92,9 @@ def test_killed_inversion_resumes_its_batch_and_keeps_finished_ones(selected, tm
 
 def test_ddp_inversion_shards_targets_and_equals_one_process(selected, tmp_path):
     ddp = copy_of(selected, tmp_path / "ddp")
-    fit(ddp, "stage=invert", "invert.steps=6", "trainer.devices=2", "trainer.strategy=ddp")
+    # Checkpoints every 2 steps: each rank writes (and then removes) its own batches' checkpoints.
+    fit(ddp, "stage=invert", "invert.steps=6", "invert.checkpoint_every_n_steps=2", "trainer.devices=2", "trainer.strategy=ddp")
+    assert not list((ddp / "invert/checkpoints").glob("targets_*"))
     rows, imgs = images(ddp)
     assert [r["rank"] for r in rows] == [0, 1, 2, 3, 4]  # every target exactly once
     assert [r["worker_rank"] for r in rows] == [0, 1, 0, 1, 0]  # target t on rank t % 2

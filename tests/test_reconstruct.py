@@ -329,7 +329,8 @@ def test_killed_batch_resumes_from_its_lightning_checkpoint(tmp_path):
 def test_ddp_two_cpu_processes_shard_runs(tmp_path):
     run_dir = _victim_dir(tmp_path)
     common = ["stage=reconstruct", "logger.name=none", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
-              "reconstruct.num_runs=5", "reconstruct.runs_per_batch=2", "reconstruct.steps=10", "reconstruct.lr=0.01"]
+              "reconstruct.num_runs=5", "reconstruct.runs_per_batch=2", "reconstruct.steps=10", "reconstruct.lr=0.01",
+              "reconstruct.checkpoint_every_n_steps=3"]  # every rank checkpoints its own batches
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "recon_lightning.fit", f"run_dir={run_dir}", "trainer.strategy=ddp",
                           f"reconstruct.victim_dir={run_dir / 'classifier'}",
