@@ -6,7 +6,9 @@ strategy, precision) and ``logger.*`` apply uniformly, and metrics always land i
 
 from __future__ import annotations
 
+import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,6 +18,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 LOGGERS = ("csv", "wandb", "tensorboard", "none")
 
@@ -94,8 +98,13 @@ def checkpointing(run_dir: Path, stage: str, every_n_steps: int, name: str | Non
     callback = ModelCheckpoint(dirpath=str(directory), save_last=True, save_top_k=0,
                                every_n_train_steps=max(1, int(every_n_steps)), save_on_train_epoch_end=False)
     found = [p for p in [directory / "last.ckpt", *directory.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    newest = max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
-    return callback, (str(newest) if newest else None)
+    for path in sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True):
+        # Lightning writes checkpoints in place: a kill during the write leaves a truncated file
+        # (torch.save's zip archive then lacks its end record). Skip it rather than fail to resume.
+        if zipfile.is_zipfile(path):
+            return callback, str(path)
+        log.warning("ignoring damaged checkpoint %s (the job was probably killed while writing it)", path)
+    return callback, None
 
 
 def checkpoint_dir(run_dir: Path, stage: str, name: str | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""A victim training killed with SIGKILL resumes from its last Lightning checkpoint."""
+"""Resuming the victim: a training killed with SIGKILL resumes from its last Lightning checkpoint; damaged checkpoints are skipped."""
 
 import os
 import signal
@@ -29,3 +29,22 @@ def test_killed_classifier_resumes_from_checkpoint(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
     assert load_json(run_dir / "classifier/DONE.json")["summary"]["train_acc"] == 1.0
+
+
+def test_damaged_checkpoint_is_skipped_for_the_newest_valid_one(tmp_path):
+    """A kill while Lightning writes last.ckpt leaves a truncated file: resume from the next valid
+    checkpoint (here a SLURM pre-emption checkpoint), or start over, never crash on it."""
+    import torch
+
+    from recon_lightning.training import checkpoint_dir, checkpointing
+
+    folder = checkpoint_dir(tmp_path, "reconstruct", "runs_00000-00001_abc")
+    folder.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, folder / "hpc_ckpt_1.ckpt")
+    good = (folder / "hpc_ckpt_1.ckpt").read_bytes()
+    (folder / "last.ckpt").write_bytes(good[: len(good) // 2])  # newer, but cut off mid-write
+    assert checkpointing(tmp_path, "reconstruct", 10, name="runs_00000-00001_abc")[1] == str(folder / "hpc_ckpt_1.ckpt")
+    (folder / "hpc_ckpt_1.ckpt").unlink()
+    assert checkpointing(tmp_path, "reconstruct", 10, name="runs_00000-00001_abc")[1] is None
+    (folder / "last.ckpt").write_bytes(good)
+    assert checkpointing(tmp_path, "reconstruct", 10, name="runs_00000-00001_abc")[1] == str(folder / "last.ckpt")
