@@ -644,6 +644,8 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
     logger = build_logger(cfg, run_dir, "reconstruct")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+    # Our checkpoints hold the state after step N with global_step N, which is what resuming needs.
+    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
     for b in range(0, len(pending), K):
         batch = pending[b : b + K]
         module = ReconstructionModule(objective, batch, [hps[r] for r in batch], y, victim.input_dim, rcfg,
