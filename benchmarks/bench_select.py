@@ -1,12 +1,23 @@
 """Benchmark the selection stage's clustering on synthetic candidates.
 
-    python benchmarks/bench_select.py                 # N = 10^4 and 10^5, D = 1024, both methods
-    python benchmarks/bench_select.py --n 10000 --method kmeans
+    python benchmarks/bench_select.py                 # N = 10^4 and 10^5, D = 1024: kmeans, knn old and new
+    python benchmarks/bench_select.py --n 100000 --method knn --knn-index old new
+    python benchmarks/bench_select.py --n 100000 --method knn --knn-index new --reduce-dim 32 --nprobe 8
 
 Candidates: ``N`` points, 90% Gaussian noise and 10% near-copies (cosine ~0.99) of ``N/100``
 planted "training samples", each copy from a random run. Reports wall time per method and the
 fraction of the top-``R`` representatives that are planted (the planted rate among all
 candidates is 10%, so a random choice scores ~0.10).
+
+``--knn-index`` picks how ``method=knn`` finds neighbours above ``select.knn.exact_max``
+candidates per class (each variant is one run of ``select_candidates``):
+
+* ``new``: the default configuration, PCA (``--reduce-dim``) + IVF candidates re-ranked by exact cosine;
+* ``old``: ``select.knn.reduce_dim=0``, IVF in the full space (the approach before PCA);
+* ``exact``: exact ``IndexFlatIP`` at every size (``exact_max`` = infinity).
+
+Each knn line after the first also says whether its multi-member clusters are exactly those of
+the first knn variant, and the old/new time ratio is printed when both ran.
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ import numpy as np
 import torch
 
 from recon_lightning.select import SelectConfig, select_candidates
+
+KNN_INDEXES = ("new", "old", "exact")
 
 
 def make_candidates(n: int, d: int, seed: int = 0):
@@ -38,24 +51,68 @@ def make_candidates(n: int, d: int, seed: int = 0):
     return x, y, lam, run, run_loss, is_planted
 
 
+def knn_config(variant: str, args, **common) -> SelectConfig:
+    """SelectConfig for one ``--knn-index`` variant (``new`` takes the tuning flags)."""
+    scfg = SelectConfig(method="knn", **common)
+    if variant == "old":
+        scfg.knn_reduce_dim = 0
+    elif variant == "exact":
+        scfg.knn_exact_max = 2**62
+    else:
+        for key in ("reduce_dim", "k_factor", "nprobe", "nlist"):
+            if getattr(args, key) is not None:
+                setattr(scfg, f"knn_{key}", getattr(args, key))
+    return scfg
+
+
+def multi_clusters(clusters: list[dict]) -> set[frozenset]:
+    return {frozenset(c["members"].tolist()) for c in clusters if c["size"] > 1}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--method", nargs="+", default=["kmeans", "knn"])
+    ap.add_argument("--knn-index", nargs="+", default=["old", "new"], choices=KNN_INDEXES,
+                    help="neighbour search variants for method=knn (default: old new)")
+    ap.add_argument("--reduce-dim", type=int, help="select.knn.reduce_dim for the 'new' variant")
+    ap.add_argument("--k-factor", type=float, help="select.knn.k_factor for the 'new' variant")
+    ap.add_argument("--nprobe", type=int, help="select.knn.nprobe for the 'new' variant")
+    ap.add_argument("--nlist", type=int, help="select.knn.nlist for the 'new' variant (default: auto)")
     ap.add_argument("--representatives", type=int, default=100)
+    ap.add_argument("--progress", action="store_true", help="show select_candidates' progress bars")
     args = ap.parse_args()
     for n in args.n:
         x, y, lam, run, run_loss, is_planted = make_candidates(n, args.dim)
-        for method in args.method:
-            scfg = SelectConfig(method=method, num_representatives=args.representatives)
+        times, first = {}, None
+        runs = [(m, None) for m in args.method if m != "knn"]
+        if "knn" in args.method:
+            runs += [("knn", v) for v in args.knn_index]
+        for method, variant in runs:
+            common = {"num_representatives": args.representatives}
+            scfg = knn_config(variant, args, **common) if method == "knn" else SelectConfig(method=method, **common)
             t0 = time.perf_counter()
-            sel, clusters = select_candidates(x, y, lam, run, run_loss, scfg, progress=False)
+            sel, clusters = select_candidates(x, y, lam, run, run_loss, scfg, progress=args.progress)
             dt = time.perf_counter() - t0
             hit = is_planted[sel["candidate_index"]].float().mean().item()
-            print(f"N={n:>7} D={args.dim} method={method:<6} clusters={len(clusters):>6} "
-                  f"time={dt:7.2f}s  planted@{len(sel['x'])}={hit:.2f} (random ~{is_planted.float().mean():.2f})",
+            name = method if variant is None else f"knn/{variant}"
+            note = ""
+            if variant is not None:
+                times[variant] = dt
+                groups = multi_clusters(clusters)
+                if first is None:
+                    first = (variant, groups)
+                else:
+                    diff = len(groups ^ first[1])
+                    note = f"  multi-member clusters {'==' if diff == 0 else '!='} knn/{first[0]}'s" + \
+                           (f" ({diff} differ)" if diff else f" ({len(groups)})")
+            print(f"N={n:>7} D={args.dim} method={name:<10} clusters={len(clusters):>6} "
+                  f"time={dt:7.2f}s  planted@{len(sel['x'])}={hit:.2f} (random ~{is_planted.float().mean():.2f}){note}",
                   flush=True)
+        if "old" in times and "new" in times:
+            print(f"N={n:>7} knn old/new time ratio: {times['old'] / times['new']:.1f}x "
+                  f"({times['old']:.1f}s -> {times['new']:.1f}s)", flush=True)
 
 
 if __name__ == "__main__":

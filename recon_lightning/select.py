@@ -25,10 +25,17 @@ Clustering methods (``select.method``):
 * ``kmeans``: spherical k-means (``faiss.Kmeans``), ``num_clusters`` centroids (``auto`` =
   ``round(sqrt(N))`` clipped to [1, 4096]).
 * ``knn``: connected components of the mutual k-nearest-neighbour graph restricted to edges
-  with cosine >= ``knn.min_cosine`` (exact ``IndexFlatIP`` up to ``knn.exact_max`` candidates,
-  an IVF index above, GPU: always exact). Density-based: no cluster count to choose, junk stays
-  in singletons. The default: on benchmarks/bench_select.py it finds planted near-duplicate
-  groups that k-means merges with noise.
+  with cosine >= ``knn.min_cosine``. Density-based: no cluster count to choose, junk stays in
+  singletons. The default: on benchmarks/bench_select.py it finds planted near-duplicate groups
+  that k-means merges with noise. Neighbours come from an exact ``IndexFlatIP`` search up to
+  ``knn.exact_max`` candidates per class (and always on GPU). Above that, on CPU, neighbour
+  *candidates* come from a cheap index and their cosines are then recomputed exactly in the full
+  space (faiss ``IndexRefineFlat``), so ``min_cosine`` and the mutual test always see exact
+  cosines; only the recall of the candidate search is approximate. The cheap index is an
+  ``IndexIVFFlat`` (``knn.nlist`` lists, ``knn.nprobe`` probed) over a ``faiss.PCAMatrix``
+  projection to ``knn.reduce_dim`` dims, returning ``knn.k_factor * (k + 1)`` candidates per row
+  (``reduce_dim: 0``: IVF in the full space, the previous behaviour: on benchmarks/bench_select.py
+  at 10^5 x 1024 on a 2-core CPU the whole stage took 52 s that way, 11 s with PCA to 64 dims).
 
 With ``per_class: true`` each class label ``y`` is clustered separately and the ranking takes
 the classes in turn (best cluster of each class, then the second best, ...), so every class is
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +83,9 @@ class SelectConfig:
     knn_min_cosine: float = 0.9
     knn_exact_max: int = 20000
     knn_nprobe: int = 16
+    knn_nlist: int | str = "auto"
+    knn_reduce_dim: int = 64
+    knn_k_factor: float = 4.0
     use_gpu: str | bool = "auto"
     seed: int = 0
 
@@ -92,10 +103,13 @@ class SelectConfig:
             weights={**cls().weights, **(s.get("weights") or {})},
             kmeans_niter=int(km.get("niter", 25)),
             kmeans_max_points_per_centroid=int(km.get("max_points_per_centroid", 256)),
-            knn_k=int(knn.get("k", 10)),
-            knn_min_cosine=float(knn.get("min_cosine", 0.9)),
-            knn_exact_max=int(knn.get("exact_max", 20000)),
-            knn_nprobe=int(knn.get("nprobe", 16)),
+            knn_k=_number(knn.get("k", 10), int, "select.knn.k"),
+            knn_min_cosine=_number(knn.get("min_cosine", 0.9), float, "select.knn.min_cosine"),
+            knn_exact_max=_number(knn.get("exact_max", 20000), int, "select.knn.exact_max"),
+            knn_nprobe=_number(knn.get("nprobe", 16), int, "select.knn.nprobe"),
+            knn_nlist=_number(knn.get("nlist", "auto"), int, "select.knn.nlist", auto=True),
+            knn_reduce_dim=_number(knn.get("reduce_dim", 64), int, "select.knn.reduce_dim"),
+            knn_k_factor=_number(knn.get("k_factor", 4.0), float, "select.knn.k_factor"),
             use_gpu=s.get("use_gpu", "auto"),
             seed=int(seed),
         )
@@ -118,6 +132,34 @@ class SelectConfig:
             raise ConfigError(f"select.knn.k must be >= 1, got {self.knn_k}")
         if not -1.0 <= self.knn_min_cosine <= 1.0:
             raise ConfigError(f"select.knn.min_cosine must be in [-1, 1], got {self.knn_min_cosine}")
+        if not _is_int(self.knn_exact_max) or self.knn_exact_max < 0:
+            raise ConfigError(f"select.knn.exact_max must be an integer >= 0, got {self.knn_exact_max!r}")
+        if not _is_int(self.knn_nprobe) or self.knn_nprobe < 1:
+            raise ConfigError(f"select.knn.nprobe must be an integer >= 1, got {self.knn_nprobe!r}")
+        if not (self.knn_nlist == "auto" or (_is_int(self.knn_nlist) and self.knn_nlist >= 1)):
+            raise ConfigError(f"select.knn.nlist must be 'auto' or an integer >= 1, got {self.knn_nlist!r}")
+        if not _is_int(self.knn_reduce_dim) or self.knn_reduce_dim < 0:
+            raise ConfigError(f"select.knn.reduce_dim must be an integer >= 0 (0 = no reduction), got {self.knn_reduce_dim!r}")
+        if isinstance(self.knn_k_factor, bool) or not isinstance(self.knn_k_factor, (int, float)) \
+                or not self.knn_k_factor >= 1:
+            raise ConfigError(f"select.knn.k_factor must be a number >= 1, got {self.knn_k_factor!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _number(v, typ: type, key: str, auto: bool = False):
+    """Config value ``v`` as ``typ`` (int or float; ``'auto'`` kept when ``auto``), else ConfigError naming ``key``."""
+    if auto and v == "auto":
+        return v
+    what = ("'auto' or " if auto else "") + ("an integer" if typ is int else "a number")
+    if isinstance(v, bool) or (typ is int and isinstance(v, float) and not v.is_integer()):
+        raise ConfigError(f"{key} must be {what}, got {v!r}")
+    try:
+        return typ(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be {what}, got {v!r}") from None
 
 
 # ----------------------------------------------------------------------------- faiss helpers
@@ -127,6 +169,18 @@ def _faiss():
     import faiss  # imported lazily: only this stage and evaluation need it
 
     return faiss
+
+
+@contextmanager
+def _omp_threads(n: int):
+    """Run faiss (and its OpenMP BLAS) on ``n`` threads inside the block."""
+    faiss = _faiss()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def gpu_available(use_gpu: str | bool = "auto") -> bool:
@@ -168,29 +222,84 @@ def kmeans_labels(xn: np.ndarray, k: int, niter: int = 25, seed: int = 0, gpu: b
     return _compact(labels[:, 0])
 
 
-def knn_search(xn: np.ndarray, k: int, exact_max: int = 20000, gpu: bool = False, nprobe: int = 16):
-    """``k`` nearest neighbours by cosine (inner product on unit rows), excluding each row itself.
+def auto_nlist(n: int) -> int:
+    """IVF lists for ``n`` rows: ``round(sqrt(n))``, clipped to [1, n]."""
+    return int(max(1, min(n, round(math.sqrt(n)))))
 
-    Exact (``IndexFlatIP``) up to ``exact_max`` rows or on GPU; above that on CPU an inverted-file
-    index (``IndexIVFFlat``, sqrt(N) lists, ``nprobe`` probed): exact search of 10^5 x 10^5 in
-    1024-d is ~10^13 flops, IVF cuts it ~20-50x while missing few true near-duplicates.
+
+def knn_index(xn: np.ndarray, exact_max: int = 20000, gpu: bool = False, nprobe: int = 16,
+              nlist: int | str = "auto", reduce_dim: int = 64, k_factor: float = 4.0, seed: int = 0):
+    """The faiss index :func:`knn_search` queries, built and filled with ``xn``; ``(index, metric)``.
+
+    * up to ``exact_max`` rows, or on GPU: exact ``IndexFlatIP`` (metric ``"ip"``);
+    * above, ``0 < reduce_dim < d``: ``IndexRefineFlat(IndexPreTransform(PCAMatrix(d, reduce_dim),
+      IndexIVFFlat(L2)))`` (metric ``"l2"``): the PCA+IVF index proposes ``k_factor * k`` candidates
+      per query, whose exact full-space squared L2 distances (``2 - 2 cos`` on unit rows) rank them;
+    * above, ``reduce_dim`` 0 or >= d (or >= the rows): ``IndexIVFFlat``, inner product, full space ("ip").
     """
     faiss = _faiss()
     n, d = xn.shape
-    k = int(min(k, n - 1))
-    if k < 1:
-        return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
     if n <= exact_max or gpu:
         index = faiss.IndexFlatIP(d)
         if gpu:
             index = faiss.index_cpu_to_all_gpus(index)
+        index.add(xn)
+        return index, "ip"
+    nl = auto_nlist(n) if nlist == "auto" else int(max(1, min(int(nlist), n)))
+    # PCA and k-means need a sample, not all rows (the PCA covariance is O(n d^2)). A PCA to as
+    # many dims as there are training rows would lose nothing (and faiss refuses it): no PCA then.
+    n_train = min(n, max(16384, 64 * nl))
+    if 0 < reduce_dim < min(d, n_train):
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(reduce_dim), reduce_dim, nl, faiss.METRIC_L2)
+        index = faiss.IndexRefineFlat(faiss.IndexPreTransform(faiss.PCAMatrix(d, reduce_dim), ivf))
+        index.k_factor = float(k_factor)
+        metric = "l2"
+        train = xn if n_train == n else xn[np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))]
     else:
-        nlist = int(max(1, round(math.sqrt(n))))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(xn)
-        index.nprobe = min(nprobe, nlist)
+        ivf = index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nl, faiss.METRIC_INNER_PRODUCT)
+        metric, train = "ip", xn
+    ivf.cp.seed = int(seed)
+    if metric == "l2":
+        # PCA training is an eigendecomposition made of many small (Open)BLAS calls: on a CPU shared
+        # with other jobs, OpenMP threads spinning at each barrier made it 30x slower (1 s -> 40 s).
+        with _omp_threads(1):
+            index.train(train)
+    else:
+        index.train(train)
+    ivf.nprobe = int(min(nprobe, nl))
     index.add(xn)
-    sims, idx = index.search(xn, k + 1)
+    return index, metric
+
+
+def knn_search(xn: np.ndarray, k: int, exact_max: int = 20000, gpu: bool = False, nprobe: int = 16,
+               nlist: int | str = "auto", reduce_dim: int = 64, k_factor: float = 4.0, seed: int = 0,
+               chunk_size: int = 8192, progress: bool = False, desc: str = "select: kNN search"):
+    """``k`` nearest neighbours by cosine (inner product on unit rows), excluding each row itself.
+
+    Returns ``(cosines, indices)``, both ``(n, k)``, nearest first; an index of -1 (cosine -inf)
+    where an approximate search found fewer than ``k`` neighbours. The index is
+    :func:`knn_index`'s: exact up to ``exact_max`` rows or on GPU; above that on CPU, candidates
+    from PCA (``reduce_dim``) + IVF (``nlist``/``nprobe``), re-ranked by exact cosine. Exact
+    search of 10^5 x 10^5 in 1024-d is ~10^13 flops; PCA+IVF proposes candidates for a small
+    fraction of that and the exact re-ranking costs ``n * k_factor * k * d``. Queries go in chunks
+    of ``chunk_size`` rows (a progress bar when ``progress``).
+    """
+    from tqdm.auto import tqdm
+
+    n, d = xn.shape
+    k = int(min(k, n - 1))
+    if k < 1:
+        return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+    index, metric = knn_index(xn, exact_max=exact_max, gpu=gpu, nprobe=nprobe, nlist=nlist, reduce_dim=reduce_dim,
+                              k_factor=k_factor, seed=seed)
+    sims = np.empty((n, k + 1), np.float32)
+    idx = np.empty((n, k + 1), np.int64)
+    starts = range(0, n, max(1, int(chunk_size)))
+    for s in tqdm(starts, desc=desc, unit="chunk", leave=False, disable=not progress or len(starts) < 2):
+        sims[s:s + chunk_size], idx[s:s + chunk_size] = index.search(xn[s:s + chunk_size], k + 1)
+    if metric == "l2":
+        sims = 1.0 - 0.5 * sims  # |a - b|^2 = 2 - 2 cos(a, b) on unit rows
+    sims[idx < 0] = -np.inf
     # Drop self-matches (usually column 0, but exact duplicates may come in another order):
     # stable-sort each row so non-self entries come first, then keep the first k.
     is_self = idx == np.arange(n)[:, None]
@@ -199,15 +308,17 @@ def knn_search(xn: np.ndarray, k: int, exact_max: int = 20000, gpu: bool = False
 
 
 def knn_labels(xn: np.ndarray, k: int = 10, min_cosine: float = 0.9, exact_max: int = 20000, gpu: bool = False,
-               nprobe: int = 16) -> np.ndarray:
-    """Connected components of the mutual-kNN graph with cosine >= ``min_cosine``."""
+               nprobe: int = 16, nlist: int | str = "auto", reduce_dim: int = 64, k_factor: float = 4.0,
+               seed: int = 0, progress: bool = False) -> np.ndarray:
+    """Connected components of the mutual-kNN graph with cosine >= ``min_cosine`` (see :func:`knn_search`)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     n = xn.shape[0]
     if n == 1:
         return np.zeros(1, dtype=np.int64)
-    sims, idx = knn_search(xn, k, exact_max=exact_max, gpu=gpu, nprobe=nprobe)
+    sims, idx = knn_search(xn, k, exact_max=exact_max, gpu=gpu, nprobe=nprobe, nlist=nlist, reduce_dim=reduce_dim,
+                           k_factor=k_factor, seed=seed, progress=progress)
     src = np.repeat(np.arange(n), idx.shape[1])
     dst, s = idx.ravel(), sims.ravel()
     ok = (dst >= 0) & (s >= min_cosine)
@@ -242,16 +353,33 @@ def cluster_stats(xn: np.ndarray, labels: np.ndarray, y: np.ndarray, lam: np.nda
     loss_pct = 1.0 - _percentile_rank(run_loss)
     order = np.argsort(labels, kind="stable")
     bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    starts = np.concatenate([[0], bounds]).astype(np.int64)
+    sizes = np.diff(np.concatenate([starts, [len(order)]]))
+    # Singletons (most candidates under knn: junk) in one vectorised pass instead of one by one.
+    single = order[starts[sizes == 1]]
+    norm1 = np.sqrt(np.einsum("ij,ij->i", xn[single], xn[single], dtype=np.float64))
+    cos1 = (norm1 ** 2 / np.maximum(norm1, 1e-12)).tolist()  # v . (v / |v|)
+    single_stats = iter(zip(single.tolist(), cos1, y[single].tolist(), lam[single].tolist(),
+                            run_loss[single].tolist(), lam_pct[single].tolist(), loss_pct[single].tolist()))
     stats = []
-    for members in np.split(order, bounds):
-        if len(members) == 0:
+    for start, n in zip(starts.tolist(), sizes.tolist()):
+        if n == 0:
+            continue
+        members = order[start:start + n]
+        if n == 1:
+            m, cos_c, ym, lam_m, loss_m, lam_t, loss_t = next(single_stats)
+            stats.append({
+                "members": members, "size": 1, "medoid": m, "y": int(ym), "y_purity": 1.0,
+                "mean_pairwise_cosine": 0.0, "mean_cosine_to_centroid": float(cos_c), "num_runs": 1,
+                "mean_lam": float(lam_m), "mean_run_loss": float(loss_m), "lam_term": float(lam_t),
+                "loss_term": float(loss_t),
+            })
             continue
         v = xn[members]
         s = v.sum(0)
-        n = len(members)
         s2 = float(s @ s)
         # Mean pairwise cosine from the sum vector: (|sum|^2 - n) / (n (n - 1)).
-        pairwise = (s2 - float((v * v).sum())) / (n * (n - 1)) if n > 1 else 0.0
+        pairwise = (s2 - float((v * v).sum())) / (n * (n - 1))
         centroid = s / max(math.sqrt(s2), 1e-12)
         cos_c = v @ centroid
         medoid = int(members[int(np.argmax(cos_c))])
@@ -341,7 +469,8 @@ def select_candidates(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, run: 
                                    max_points_per_centroid=scfg.kmeans_max_points_per_centroid)
         else:
             labels = knn_labels(xg, k=scfg.knn_k, min_cosine=scfg.knn_min_cosine, exact_max=scfg.knn_exact_max,
-                                gpu=gpu, nprobe=scfg.knn_nprobe)
+                                gpu=gpu, nprobe=scfg.knn_nprobe, nlist=scfg.knn_nlist, reduce_dim=scfg.knn_reduce_dim,
+                                k_factor=scfg.knn_k_factor, seed=scfg.seed, progress=progress)
         stats = cluster_stats(xg, labels, y_np[g], lam_np[g], run_np[g], loss_np[g])
         # cluster_stats indexes within the group (xg); map back to the original candidate array.
         for c in stats:

@@ -1,7 +1,11 @@
 """Selection without training data: a planted tight multi-run cluster must outrank noise."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from recon_lightning.errors import ConfigError, DataError
 from recon_lightning.select import (
@@ -10,7 +14,9 @@ from recon_lightning.select import (
     cluster_stats,
     gpu_available,
     kmeans_labels,
+    knn_index,
     knn_labels,
+    knn_search,
     l2_normalize,
     load_selection,
     run_stage,
@@ -80,7 +86,7 @@ def test_faiss_cpu_paths():
     xn = l2_normalize(x)
     labels = kmeans_labels(xn, 5, gpu=False)
     assert labels.shape == (70,) and labels.max() < 5
-    labels = knn_labels(xn, k=5, min_cosine=0.9, exact_max=10)  # forces the IVF index
+    labels = knn_labels(xn, k=5, min_cosine=0.9, exact_max=10)  # forces the IVF index (48-d < reduce_dim: no PCA)
     assert len(set(labels[60:].tolist())) == 1 and len(set(labels[:60].tolist())) > 50
     assert auto_num_clusters(10_000) == 100 and auto_num_clusters(1) == 1
 
@@ -114,3 +120,97 @@ def test_bad_input_errors():
         select_candidates(x, y, lam, run, loss[:3], SelectConfig())
     with pytest.raises(DataError, match="selection"):
         load_selection("/nonexistent/run")
+
+
+def clustered(n_groups=40, per_group=12, n_noise=500, d=128, seed=3):
+    """Unit rows: ``n_groups`` tight groups (cosine ~0.99 within, ~0 across) plus scattered noise."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_groups, d, generator=g)
+    owner = torch.arange(n_groups).repeat_interleave(per_group)
+    x = torch.cat([torch.randn(n_noise, d, generator=g), centres[owner] + 0.1 * torch.randn(len(owner), d, generator=g)])
+    perm = torch.randperm(len(x), generator=g)  # groups not stored contiguously
+    group = torch.cat([torch.full((n_noise,), -1), owner])[perm]
+    return l2_normalize(x[perm]), group.numpy()
+
+
+def partition(labels):
+    """The clusters of a labelling as a set of frozensets (label values themselves do not matter)."""
+    return {frozenset(np.flatnonzero(labels == c).tolist()) for c in np.unique(labels)}
+
+
+@pytest.mark.parametrize("reduce_dim", [16, 0])
+def test_approximate_knn_graph_equals_exact(reduce_dim):
+    xn, group = clustered()
+    exact = knn_labels(xn, k=10, min_cosine=0.9, exact_max=10**9)
+    planted_groups = {frozenset(np.flatnonzero(group == c).tolist()) for c in range(40)}
+    assert {c for c in partition(exact) if len(c) > 1} == planted_groups  # the data does have clear clusters
+    kw = dict(exact_max=100, reduce_dim=reduce_dim, nprobe=4, k_factor=4)
+    index, metric = knn_index(xn, **kw)
+    assert index.ntotal == len(xn) and metric == ("l2" if reduce_dim else "ip")
+    assert type(index).__name__ == ("IndexRefineFlat" if reduce_dim else "IndexIVFFlat")
+    approx = knn_labels(xn, k=10, min_cosine=0.9, **kw)
+    assert partition(approx) == partition(exact)
+    # The cosines that min_cosine and the mutual test see are the exact full-space ones, even
+    # though the candidates came from a 16-d PCA projection.
+    sims, idx = knn_search(xn, 10, **kw)
+    found = idx >= 0
+    assert found[:, :5].all() and not (idx == np.arange(len(xn))[:, None]).any()
+    true = np.einsum("id,ikd->ik", xn, xn[np.where(found, idx, 0)])
+    np.testing.assert_allclose(sims[found], true[found], atol=1e-5)
+    # Nearest first, and for the planted rows the same neighbours as the exact search.
+    assert (np.diff(np.where(found, sims, -np.inf), axis=1) <= 1e-6).all()
+    ex_sims, ex_idx = knn_search(xn, 10, exact_max=10**9)
+    rows = group >= 0
+    np.testing.assert_allclose(np.sort(sims[rows], 1), np.sort(ex_sims[rows], 1), atol=1e-5)
+
+
+def test_knn_search_chunks_match_one_pass():
+    xn, _ = clustered(n_groups=10, n_noise=200)
+    kw = dict(exact_max=50, reduce_dim=16)
+    one_sims, one_idx = knn_search(xn, 5, chunk_size=10**6, **kw)
+    sims, idx = knn_search(xn, 5, chunk_size=64, progress=True, **kw)
+    assert np.array_equal(idx, one_idx) and np.allclose(sims, one_sims)
+
+
+def test_select_candidates_approximate_knn_path(monkeypatch):
+    """select_candidates passes the knn.* settings on: with exact_max lowered it takes the PCA path."""
+    import recon_lightning.select as select_mod
+
+    xn, group = clustered()
+    n = len(xn)
+    g = torch.Generator().manual_seed(0)
+    args = (torch.from_numpy(xn), torch.zeros(n, dtype=torch.int64), torch.rand(n, generator=g),
+            torch.randint(0, 20, (n,), generator=g), torch.rand(n, generator=g))
+    seen = []
+    real = select_mod.knn_index
+    monkeypatch.setattr(select_mod, "knn_index", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    scfg = SelectConfig.from_cfg(OmegaConf.create({"knn": {"exact_max": 100, "reduce_dim": 16, "k_factor": 3,
+                                                            "nlist": 12, "nprobe": 3}}))
+    _, clusters = select_candidates(*args, scfg, progress=False)
+    assert [(kw["exact_max"], kw["reduce_dim"], kw["k_factor"], kw["nlist"], kw["nprobe"]) for kw in seen] == \
+        [(100, 16, 3.0, 12, 3)]
+    _, exact_clusters = select_candidates(*args, SelectConfig(knn_exact_max=10**9), progress=False)
+    assert partition_of(clusters) == partition_of(exact_clusters)
+    assert sum(c["size"] > 1 for c in clusters) == 40
+
+
+def partition_of(clusters):
+    return {frozenset(c["members"].tolist()) for c in clusters}
+
+
+def test_knn_config_keys_read_and_defaults():
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "select" / "default.yaml")
+    scfg = SelectConfig.from_cfg(cfg)
+    assert (scfg.knn_reduce_dim, scfg.knn_k_factor, scfg.knn_nlist, scfg.knn_nprobe) == (64, 4.0, "auto", 16)
+    # Command-line overrides may arrive as strings.
+    scfg = SelectConfig.from_cfg(OmegaConf.create({"knn": {"reduce_dim": "0", "k_factor": "2.5", "nlist": "32"}}))
+    assert (scfg.knn_reduce_dim, scfg.knn_k_factor, scfg.knn_nlist) == (0, 2.5, 32)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("reduce_dim", -1), ("reduce_dim", "pca"), ("reduce_dim", 12.5), ("k_factor", 0.5), ("k_factor", "lots"),
+    ("nlist", 0), ("nlist", "many"), ("nprobe", 0), ("exact_max", -5), ("k", 0), ("min_cosine", 1.5),
+])
+def test_bad_knn_config_values(key, value):
+    with pytest.raises(ConfigError, match=rf"select\.knn\.{key} must be"):
+        SelectConfig.from_cfg(OmegaConf.create({"knn": {key: value}}))
