@@ -116,6 +116,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def finished_trials(results: Path) -> dict[int, dict]:
+    """Trials of an earlier attempt of this sweep that succeeded (the last record of each), by index."""
+    if not results.is_file():
+        return {}
+    rows = {}
+    for line in results.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by a kill
+            continue
+        if row.get("returncode") == 0:
+            rows[int(row["trial"])] = row
+    return rows
+
+
 def _run(args) -> int:
     path = Path(args.sweep)
     if not path.is_file():
@@ -134,19 +149,27 @@ def _run(args) -> int:
     metric = (sweep.get("metric") or {}).get("name", "recon_score")
     goal = (sweep.get("metric") or {}).get("goal", "maximize")
     results = []
+    finished = finished_trials(out_dir / "results.jsonl")
     for i, params in enumerate(configurations(sweep, args.count, args.seed)):
         trial = out_dir / f"trial_{i:03d}"
         cmd = expand_command(sweep, params) + [
             f"run_dir={trial}", f"reconstruct.victim_dir={base / 'classifier'}", f"reconstruct.embeddings_dir={base}",
             *args.overrides,
         ]
+        earlier = finished.get(i)
+        if earlier is not None and earlier["params"] == params and earlier.get("command") == cmd:
+            # Resuming a sweep: a trial that finished before is kept, not rerun or recorded twice.
+            print(f"[{i + 1}/{args.count}] finished earlier: {metric} = {earlier['metric']}", flush=True)
+            results.append(earlier)
+            continue
         print(f"[{i + 1}/{args.count}] {' '.join(cmd)}", flush=True)
         if args.dry_run:
             continue
         proc = subprocess.run(cmd)
         done = trial / "reconstruct" / "DONE.json"
         summary = load_json(done).get("summary", {}) if proc.returncode == 0 and done.is_file() else {}
-        row = {"trial": i, "params": params, "returncode": proc.returncode, "metric": summary.get(metric), "summary": summary}
+        row = {"trial": i, "params": params, "returncode": proc.returncode, "metric": summary.get(metric), "summary": summary,
+               "command": cmd}
         results.append(row)
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / "results.jsonl", "a") as f:

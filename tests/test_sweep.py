@@ -61,6 +61,14 @@ def test_offline_sweep_runs_configurations(tmp_path):
     logged = [f.read_text() for f in (base / "sweeps" / "small" / "trial_001").rglob("metrics.csv")]
     assert logged and "recon_score" in logged[0].splitlines()[0]  # the logger saw the sweep metric
 
+    # Resuming the sweep (e.g. after a kill) keeps finished trials and runs only the new one.
+    rc = S.main([str(sweep_file), "--count", "3", "--run-dir", str(base), "--", "trainer.enable_progress_bar=false",
+                 "trainer.accelerator=cpu"])
+    assert rc == 0
+    rows = [json.loads(line) for line in (base / "sweeps" / "small" / "results.jsonl").read_text().splitlines()]
+    assert [r["trial"] for r in rows] == [0, 1, 2]
+    assert (base / "sweeps" / "small" / "trial_002" / "reconstruct" / "DONE.json").is_file()
+
 
 def test_missing_victim_is_a_clear_error(tmp_path, capsys):
     assert S.main([str(REPO / "sweeps" / "reconstruct.yaml"), "--run-dir", str(tmp_path)]) == 2
