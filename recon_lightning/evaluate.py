@@ -214,6 +214,7 @@ class EvalConfig:
     text_top: int = 10
     text_k: int = 3
     chunk: int = 4096
+    kkt_steps: int = 300
 
     @classmethod
     def from_cfg(cls, cfg) -> "EvalConfig":
@@ -230,6 +231,7 @@ class EvalConfig:
             text_top=int(e.get("text_top", d.text_top)),
             text_k=int(e.get("text_k", d.text_k)),
             chunk=int(e.get("chunk", d.chunk)),
+            kkt_steps=int(e.get("kkt_steps", d.kkt_steps)),
         )
         if not -1 <= out.good_threshold <= 1:
             raise ConfigError(f"evaluate.good_threshold is a cosine and must be in [-1, 1], got {out.good_threshold}")
@@ -237,6 +239,8 @@ class EvalConfig:
             raise ConfigError(f"evaluate.curve_points must be >= 2, got {out.curve_points}")
         if out.image_scaling not in ("minmax", "clip"):
             raise ConfigError(f"evaluate.image_scaling must be minmax or clip, got {out.image_scaling!r}")
+        if out.kkt_steps < 0:
+            raise ConfigError(f"evaluate.kkt_steps must be >= 0 (0 = off), got {out.kkt_steps}")
         if out.lpips not in ("auto", "off"):
             raise ConfigError(f"evaluate.lpips must be auto or off, got {out.lpips!r}")
         return out
@@ -250,7 +254,7 @@ def _rel(run_dir: Path, path: Path) -> str:
 
 
 def _eligible_candidates(run_dir: Path):
-    """Candidates as the selection saw them: finite and not from failed runs."""
+    """Candidates as the selection saw them (finite, not from failed runs): tensors, keep mask, metadata."""
     from .select import failed_runs, read_candidates
 
     tensors, meta = read_candidates(run_dir)
@@ -259,7 +263,18 @@ def _eligible_candidates(run_dir: Path):
     failed = failed_runs(meta)
     if failed:
         keep &= ~torch.isin(tensors["run"].long(), torch.tensor(sorted(failed), dtype=torch.int64))
-    return tensors, keep
+    return tensors, keep, meta
+
+
+def _victim_kkt(model, spec: dict, train_x: torch.Tensor, train_y: torch.Tensor, cands_meta: dict, steps: int) -> dict:
+    """The victim's KKT residual at its true training points, beside the best reconstruction run's."""
+    from .reconstruct import kkt_residual_at
+
+    res = kkt_residual_at(model, spec, train_x, train_y, form=cands_meta.get("form") or "auto", steps=steps)
+    ok = [r["final_loss"] for r in cands_meta.get("runs", []) if r.get("status") == "ok" and r.get("final_loss") is not None]
+    best = min(ok) if ok else None
+    return {"form": res["form"], "residual_at_train": res["residual"], "steps": res["steps"], "candidates_best_loss": best,
+            "explains_candidates_better": best is not None and best < res["residual"]}
 
 
 def _inversion(run_dir: Path) -> list[dict] | None:
@@ -330,7 +345,7 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
     train_x, train_y = emb.train_x.float(), emb.train_y.long()
     if train_x.shape[1] != sel["x"].shape[1]:
         raise DataError(f"selection is {sel['x'].shape[1]}-d but the training embeddings are {train_x.shape[1]}-d")
-    cands, keep = _eligible_candidates(run_dir)
+    cands, keep, cands_meta = _eligible_candidates(run_dir)
     cand_idx = torch.nonzero(keep).squeeze(1)
     if len(cand_idx) == 0:
         raise DataError("no usable candidates to evaluate (all non-finite or from failed runs)")
@@ -405,9 +420,18 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
     if (run_dir / "classifier" / "victim.json").is_file():
         from .victim import load_victim, margins
 
-        model, _ = load_victim(run_dir / "classifier", expected_input_dim=train_x.shape[1])
+        model, spec = load_victim(run_dir / "classifier", expected_input_dim=train_x.shape[1])
         with torch.no_grad():
             m = margins(model(train_x), train_y)
+        if ecfg.kkt_steps > 0:
+            report["victim_kkt"] = _victim_kkt(model, spec, train_x, train_y, cands_meta, ecfg.kkt_steps)
+            s["kkt_residual_at_train"] = report["victim_kkt"]["residual_at_train"]
+            if report["victim_kkt"]["explains_candidates_better"]:
+                report["notes"].append(
+                    f"the victim is far from a KKT point of its training set: its KKT residual at the true training points "
+                    f"is {report['victim_kkt']['residual_at_train']:.3g}, higher than the best reconstruction run's "
+                    f"{report['victim_kkt']['candidates_best_loss']:.3g}, so the objective is better explained by other points; "
+                    f"a low reconstruction rate here is weak evidence of no leakage (train the victim longer, or audit a converged one)")
         rho, p = spearman(m, best_cos)
         for i in range(n_train):
             per_sample[i]["margin"] = float(m[i])

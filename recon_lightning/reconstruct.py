@@ -433,6 +433,46 @@ def match_candidates(candidates: torch.Tensor, train_x: torch.Tensor, chunk: int
     }
 
 
+def kkt_residual_at(victim: VictimMLP, spec: dict, x: torch.Tensor, y: torch.Tensor, form: str = "auto",
+                    steps: int = 300, lr: float = 0.05) -> dict:
+    """How well the victim's parameters are explained by the KKT / stationarity condition *at the true
+    training points* ``x`` (labels ``y``): the relative residual ||target - sum coef grad phi||^2 / ||target||^2
+    minimised over multipliers lambda >= 0 (exact ReLU derivative).
+
+    A diagnostic for evaluations: reconstruction can only find the training set if the victim is near a
+    KKT point of it. If candidates reach a lower residual than the truth, the objective is better
+    explained by other points, and failing to reconstruct says little about what the victim leaks.
+    Multipliers are ``c * exp(u)`` (c: the best common scale, fitted in closed form; u: Adam), so the
+    value is an upper bound on the minimum; the weight-decay form's bound lambda <= 1 is not imposed.
+    """
+    form = resolve_form(form, spec)
+    objective = KKTObjective(victim, spec, form, "relu_sigmoid_grad", torch.float64)
+    xs = x.to(torch.float64).unsqueeze(0)
+    ys = y.long().unsqueeze(0)
+    alpha = torch.tensor([1e6], dtype=torch.float64)  # sigmoid(1e6 h): ReLU's own derivative
+    lam_shape = (1, len(x), objective.num_classes) if objective.multiclass else (1, len(x))
+    with torch.no_grad():  # best common scale c for lambda = c * 1: <target, g> / <g, g>
+        params = [p.expand(1, *p.shape).requires_grad_() for p in objective.victim_params()]
+        with torch.enable_grad():
+            out = objective.forward_runs(xs, alpha, params)
+            g = torch.autograd.grad((objective.coefficients(torch.ones(lam_shape, dtype=torch.float64), ys) * out).sum(), params)
+        dot = sum((objective.target_scale * p * gi[0]).sum() for p, gi in zip(objective.victim_params(), g))
+        scale = float(dot / sum((gi ** 2).sum() for gi in g).clamp_min(1e-30))
+    scale = max(scale, 1e-12)
+    u = torch.zeros(lam_shape, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([u], lr=lr)
+    best = float("inf")
+    for _ in range(max(1, int(steps))):
+        _, rel = objective.kkt(xs, scale * u.exp(), ys, alpha)
+        best = min(best, float(rel.detach()))
+        opt.zero_grad()
+        rel.sum().backward()
+        opt.step()
+    with torch.no_grad():
+        _, rel = objective.kkt(xs, scale * u.exp(), ys, alpha, create_graph=False)
+    return {"form": form, "residual": min(best, float(rel)), "steps": int(steps)}
+
+
 # ----------------------------------------------------------------------------- run files and merging
 
 

@@ -135,6 +135,11 @@ def test_evaluate_on_synthetic_run(tmp_path):
     m = margins(model(d["train_x"]), d["train_y"]).detach()
     assert [s["margin"] for s in rec["per_sample"]] == pytest.approx(m.tolist(), abs=1e-5)
     assert report["margin"]["spearman_rho"] == pytest.approx(ev.spearman(m, best)[0])
+    # KKT diagnostic: a random victim is not explained by its "training set"; the runs' losses (0..0.2) are lower.
+    kkt = report["victim_kkt"]
+    assert kkt["residual_at_train"] > 0.3 and kkt["candidates_best_loss"] == 0.0 and kkt["explains_candidates_better"]
+    assert report["summary"]["kkt_residual_at_train"] == kkt["residual_at_train"]
+    assert any("far from a KKT point" in n for n in report["notes"])
     # Images: exact copies reconstruct to SSIM 1.
     imgs = report["images"]
     assert imgs["source"] == "reshape"

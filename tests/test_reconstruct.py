@@ -79,6 +79,18 @@ def test_multiclass_kkt_point_has_zero_loss():
     assert obj.kkt(x[None], lam_bad[None], y[None], BIG_ALPHA)[1].item() > 1e-3
 
 
+def test_kkt_residual_at_training_points_tells_converged_from_unconverged_victims():
+    """The evaluation diagnostic: ~0 for a victim at a KKT point of its points (multipliers found by
+    the diagnostic, not given), large for the same points under a victim that never saw them."""
+    v, x, y, _ = kkt_binary_victim()
+    spec = {"num_classes": 2, "weight_decay": 0.0}
+    at_kkt = R.kkt_residual_at(v, spec, x, y, steps=400)
+    assert at_kkt["form"] == "binary" and at_kkt["residual"] < 1e-3
+    torch.manual_seed(0)
+    other = VictimMLP(x.shape[1], [4], 2, bias=False).double()
+    assert R.kkt_residual_at(other, spec, x, y, steps=400)["residual"] > 0.3
+
+
 def test_weight_decay_stationary_point_has_zero_loss():
     v, x, y, lam = kkt_binary_victim(seed=2)
     n_train = 4
