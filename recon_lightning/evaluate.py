@@ -428,10 +428,11 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
             s["kkt_residual_at_train"] = report["victim_kkt"]["residual_at_train"]
             if report["victim_kkt"]["explains_candidates_better"]:
                 report["notes"].append(
-                    f"the victim is far from a KKT point of its training set: its KKT residual at the true training points "
+                    f"other points fit the victim better than its training set: its KKT residual at the true training points "
                     f"is {report['victim_kkt']['residual_at_train']:.3g}, higher than the best reconstruction run's "
-                    f"{report['victim_kkt']['candidates_best_loss']:.3g}, so the objective is better explained by other points; "
-                    f"a low reconstruction rate here is weak evidence of no leakage (train the victim longer, or audit a converged one)")
+                    f"{report['victim_kkt']['candidates_best_loss']:.3g}; either the victim is far from a KKT point of its "
+                    f"training set (train it longer) or the KKT conditions do not single the training set out (few, "
+                    f"low-dimensional samples); a low reconstruction rate here is weak evidence of no leakage")
         rho, p = spearman(m, best_cos)
         for i in range(n_train):
             per_sample[i]["margin"] = float(m[i])

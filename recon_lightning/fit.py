@@ -7,6 +7,7 @@ selected by ``stage=`` in pipeline order, reusing finished stages from ``run_dir
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import logging
@@ -88,6 +89,53 @@ def check_configs(cfg: DictConfig, stages: list[Stage], wanted: list[str]) -> No
             module.check_config(cfg)
 
 
+# Sections passed through to a library that validates its own arguments (lightning.Trainer).
+OPEN_SECTIONS = {"trainer"}
+
+
+def known_keys() -> dict:
+    """Every key the shipped configs define: config.yaml, plus for each config group the union of
+    its options' keys (e.g. ``backbone.model`` exists for timm backbones, not for identity)."""
+    root = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "config.yaml"), resolve=False)
+    root.pop("defaults", None)
+    root.pop("hydra", None)
+
+    def union(into: dict, other: dict) -> None:
+        for key, value in other.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                union(into[key], value)
+            elif key not in into or isinstance(value, dict):
+                into[key] = value
+
+    for group in sorted(p for p in Path(CONFIG_DIR).iterdir() if p.is_dir()):
+        merged: dict = {}
+        for option in sorted(group.glob("*.yaml")):
+            union(merged, OmegaConf.to_container(OmegaConf.load(option), resolve=False) or {})
+        union(root.setdefault(group.name, {}), merged)
+    return root
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Refuse keys no stage reads (a typo in a user's YAML file or a ``+key=value`` override would
+    otherwise be ignored silently and the run would use the default)."""
+    known = known_keys()
+    given = OmegaConf.to_container(cfg, resolve=False)
+
+    def walk(node: dict, schema: dict, prefix: str) -> None:
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if path in OPEN_SECTIONS:
+                continue
+            if key not in schema:
+                close = difflib.get_close_matches(str(key), [str(k) for k in schema], n=1)
+                hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys here: {sorted(schema)}"
+                raise ConfigError(f"unknown config key '{path}'{hint}")
+            if isinstance(value, dict) and isinstance(schema[key], dict):
+                walk(value, schema[key], f"{path}.")
+
+    walk(given, known, "")
+
+
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose the same config ``python -m recon_lightning.fit`` would (for the Python API and tests)."""
     from hydra import compose, initialize_config_dir
@@ -100,6 +148,7 @@ def main_with_config(cfg: DictConfig) -> dict:
     """Run the pipeline for an already-composed config (used by ``main`` and by tests)."""
     stages = available_stages()
     run_dir = Path(cfg.run_dir).expanduser().resolve()
+    check_known_keys(cfg)
     wanted = wanted_stages(cfg, stages)
     check_configs(cfg, stages, wanted)
     summaries = run_stages(cfg, stages, wanted, run_dir)

@@ -11,7 +11,7 @@ import torch
 from recon_lightning.data import load_dataset
 from recon_lightning.embed import load_embeddings
 from recon_lightning.errors import ConfigError, DataError, ModelMismatchError
-from recon_lightning.fit import main_with_config
+from recon_lightning.fit import check_known_keys, main_with_config
 from recon_lightning.victim import VictimMLP, load_victim, save_victim
 
 SMALL_VICTIM = ["classifier.hidden=[64]", "classifier.bias=[true,false]", "classifier.init_scale=[1e-3,null]",
@@ -131,3 +131,27 @@ def test_bad_late_stage_config_fails_before_any_work(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"reconstruct.lr: range \[1.0, 0.1\] has low > high"):
         main_with_config(make_cfg("reconstruct.lr=[1,0.1]"))
     assert not (tmp_path / "run/embed").exists()  # nothing ran
+
+
+def test_unknown_config_keys_are_refused_with_a_suggestion(make_cfg, tmp_path):
+    # A "+key=value" override that no stage reads would otherwise be ignored silently.
+    with pytest.raises(ConfigError, match=r"unknown config key 'reconstruct.lamda_min'; did you mean 'reconstruct.lambda_min'"):
+        main_with_config(make_cfg("+reconstruct.lamda_min=0.1"))
+    with pytest.raises(ConfigError, match=r"unknown config key 'select.knn.kk'"):
+        main_with_config(make_cfg("+select.knn.kk=3"))
+    assert not (tmp_path / "run/embed").exists()  # refused before any work
+    # Keys of another option of the same group are known (backbone.model exists for timm backbones) ...
+    check_known_keys(make_cfg("backbone=dino_vits16", "backbone.model=vit_tiny_patch16_224"))
+    # ... and trainer.* goes to lightning.Trainer, which checks its own arguments.
+    check_known_keys(make_cfg("+trainer.gradient_clip_val=1.0"))
+
+
+def test_typo_in_a_users_config_file_is_refused_on_the_cli(tmp_path):
+    # The realistic case: a user's own option file next to the shipped ones (--config-dir).
+    (tmp_path / "conf/reconstruct").mkdir(parents=True)
+    (tmp_path / "conf/reconstruct/mine.yaml").write_text("defaults:\n  - default\n  - _self_\nnum_runs: 8\nlambda_mn: 0.2\n")
+    proc = subprocess.run([sys.executable, "-m", "recon_lightning.fit", "--config-dir", str(tmp_path / "conf"),
+                           "reconstruct=mine", f"run_dir={tmp_path}/run"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown config key 'reconstruct.lambda_mn'; did you mean 'reconstruct.lambda_min'" in proc.stderr
+    assert not (tmp_path / "run/embed").exists()
