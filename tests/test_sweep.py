@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import yaml
 
 from recon_lightning import sweep as S
-from recon_lightning.storage import save_tensors
+from recon_lightning.reconstruct import run_path
+from recon_lightning.storage import load_tensors, save_tensors
 from recon_lightning.victim import VictimMLP, save_victim
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,8 +31,7 @@ def test_sweep_file_samples_reference_ranges():
     assert f"reconstruct.lr={confs[0]['reconstruct.lr']}" in cmd
 
 
-def test_offline_sweep_runs_configurations(tmp_path):
-    base = tmp_path / "base"
+def _tiny_victim(base: Path) -> None:
     torch.manual_seed(0)
     save_victim(base / "classifier", VictimMLP(8, [16], 2, bias=[True, False]),
                 {"loss": "bce", "weight_decay": 0.0, "n_train": 4, "embedding": {"normalize": "l2", "mean_norm": 1.0}})
@@ -39,6 +39,11 @@ def test_offline_sweep_runs_configurations(tmp_path):
     save_tensors(base / "embed" / "embeddings.safetensors",
                  {"train_x": x, "train_y": torch.tensor([0, 1, 0, 1]), "test_x": x.clone(), "test_y": torch.tensor([0, 1, 0, 1])},
                  {"normalize": "l2", "class_names": ["a", "b"], "mean_norm": 1.0})
+
+
+def test_offline_sweep_runs_configurations(tmp_path):
+    base = tmp_path / "base"
+    _tiny_victim(base)
     spec = yaml.safe_load((REPO / "sweeps" / "reconstruct.yaml").read_text())
     spec["parameters"]["logger.name"] = {"value": "csv"}
     spec["parameters"]["reconstruct.steps"] = {"value": 5}
@@ -73,3 +78,25 @@ def test_offline_sweep_runs_configurations(tmp_path):
 def test_missing_victim_is_a_clear_error(tmp_path, capsys):
     assert S.main([str(REPO / "sweeps" / "reconstruct.yaml"), "--run-dir", str(tmp_path)]) == 2
     assert "stage=classifier" in capsys.readouterr().err
+
+
+def test_a_diverged_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path, capsys):
+    base = tmp_path / "base"
+    _tiny_victim(base)
+    spec = yaml.safe_load((REPO / "sweeps" / "reconstruct.yaml").read_text())
+    spec["method"] = "grid"
+    spec["parameters"] = {**{k: v for k, v in spec["parameters"].items() if "value" in v},
+                          "reconstruct.lr": {"values": [1.0e30, 0.01]},  # the first trial's only run diverges
+                          "reconstruct.steps": {"value": 5}, "logger.name": {"value": "none"}}
+    sweep_file = tmp_path / "grid.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    rc = S.main([str(sweep_file), "--count", "2", "--run-dir", str(base), "--", "trainer.enable_progress_bar=false",
+                 "trainer.accelerator=cpu"])
+    assert rc == 1  # not every trial succeeded
+    rows = [json.loads(line) for line in (base / "sweeps" / "grid" / "results.jsonl").read_text().splitlines()]
+    assert [(r["trial"], r["params"]["reconstruct.lr"]) for r in rows] == [(0, 1.0e30), (1, 0.01)]
+    assert rows[0]["returncode"] == 2 and rows[0]["metric"] is None  # recorded failed, with its hyperparameters
+    assert rows[1]["returncode"] == 0 and rows[1]["metric"] > 0  # the next trial still ran
+    _, meta = load_tensors(run_path(base / "sweeps" / "grid" / "trial_000", 0))
+    assert meta["status"] == "failed" and "non-finite" in meta["error"] and meta["hparams"]["lr"] == 1.0e30
+    assert f"best recon_score = {rows[1]['metric']:.4f} (trial 1)" in capsys.readouterr().out
