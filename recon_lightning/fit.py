@@ -49,6 +49,20 @@ PIPELINE = [
     ("invert", "invert", ["invert"], True),
     ("evaluate", "evaluate", ["evaluate"], False),
 ]
+# Keys that only set how often to log / checkpoint / poll: changing them reruns nothing.
+CADENCE_KEYS = {
+    "classifier": ["classifier.log_every_n_epochs", "classifier.checkpoint_every_n_epochs"],
+    "reconstruct": ["reconstruct.log_every_n_steps", "reconstruct.checkpoint_every_n_steps", "reconstruct.wait_timeout_s"],
+    "invert": ["invert.checkpoint_every_n_steps"],
+}
+# Keys whose change keeps the finished part of the stage: reconstruction run r (and inversion
+# target t) is the same whatever the total, so raising the count only adds the missing ones; a
+# longer victim schedule continues from the victim's last checkpoint.
+RESUMABLE_KEYS = {
+    "classifier": ["trainer.max_epochs"],
+    "reconstruct": ["reconstruct.num_runs", "reconstruct.runs_per_batch"],
+    "invert": ["invert.num_images"],
+}
 
 
 def _own_victim(cfg: DictConfig) -> bool:
@@ -63,7 +77,8 @@ def available_stages() -> list[Stage]:
         if importlib.util.find_spec(f"recon_lightning.{module}") is None:
             continue
         enabled = (lambda cfg: not _own_victim(cfg)) if name in ("embed", "classifier") else (lambda cfg: True)
-        stages.append(Stage(name=name, run=_stage_fn(module), config_keys=keys, all_ranks=all_ranks, enabled=enabled))
+        stages.append(Stage(name=name, run=_stage_fn(module), config_keys=keys, all_ranks=all_ranks, enabled=enabled,
+                            cadence_keys=CADENCE_KEYS.get(name, []), resumable_keys=RESUMABLE_KEYS.get(name, [])))
     return stages
 
 

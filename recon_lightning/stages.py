@@ -4,9 +4,12 @@ Each stage owns ``run_dir/<stage>/``. A stage's *fingerprint* hashes the config 
 reads plus the fingerprint of the stage before it, so changing e.g. ``classifier.*`` reruns
 the classifier and everything after it, but not ``embed``. A stage is complete when
 ``run_dir/<stage>/DONE.json`` holds its current fingerprint (written last, atomically).
+Keys that only set a cadence (logging, checkpoint intervals) are left out of the fingerprint.
 An interrupted stage keeps its partial outputs (for stages that resume, such as
-reconstruction); a stage whose fingerprint changed has its old outputs moved aside to
-``run_dir/<stage>.stale-<old fingerprint>`` rather than deleted.
+reconstruction), and so does a change of a *resumable* key (``reconstruct.num_runs``: run r is
+the same run whatever the total, so raising it adds runs and keeps the finished ones).
+Any other change moves the old outputs aside to ``run_dir/<stage>.stale-<old fingerprint>``
+rather than deleting them.
 """
 
 from __future__ import annotations
@@ -32,13 +35,30 @@ class Stage:
     config_keys: list[str]  # config sections whose values change this stage's outputs
     all_ranks: bool = False  # True for Lightning stages that run under DDP on every rank
     enabled: Callable[[DictConfig], bool] = field(default=lambda cfg: True)
+    cadence_keys: list[str] = field(default_factory=list)  # inside config_keys, but change no output
+    resumable_keys: list[str] = field(default_factory=list)  # change the outputs, yet finished parts stay valid
 
 
-def stage_fingerprint(cfg: DictConfig, stage: Stage, upstream: str) -> str:
-    parts = {}
+def _drop(tree: dict, dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if rest and isinstance(tree.get(head), dict):
+        _drop(tree[head], rest)
+    elif not rest:
+        tree.pop(head, None)
+
+
+def stage_fingerprint(cfg: DictConfig, stage: Stage, upstream: str, leave_out: list[str] = ()) -> str:
+    """Hash of the stage's config (minus its cadence keys and ``leave_out``) and the upstream fingerprint."""
+    parts: dict = {}
     for key in stage.config_keys:
         value = OmegaConf.select(cfg, key, default=None)
         parts[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    for dotted in [*stage.cadence_keys, *leave_out]:
+        for key in stage.config_keys:
+            if dotted == key:
+                parts.pop(key)
+            elif dotted.startswith(key + ".") and isinstance(parts[key], dict):
+                _drop(parts[key], dotted[len(key) + 1:])
     return fingerprint(stage.name, upstream, parts)
 
 
@@ -86,6 +106,8 @@ def run_stages(cfg: DictConfig, stages: list[Stage], wanted: list[str], run_dir:
     upstream = ""
     for stage in stages_to_run(cfg, stages, wanted):
         fp = stage_fingerprint(cfg, stage, upstream)
+        # Partial or finished outputs made under the same "resume fingerprint" are kept and reused.
+        resume_fp = stage_fingerprint(cfg, stage, upstream, leave_out=stage.resumable_keys)
         upstream = fp
         stage_dir = run_dir / stage.name
         if is_done(stage_dir, fp):
@@ -96,7 +118,7 @@ def run_stages(cfg: DictConfig, stages: list[Stage], wanted: list[str], run_dir:
         if stage.all_ranks:
             # Lightning stages: every rank runs (DDP shards the work); rank 0 owns the directory.
             if rank0:
-                _prepare_dir(stage_dir, fp)
+                _prepare_dir(stage_dir, resume_fp)
             distributed.barrier()
             log.info("stage %s: running (fingerprint %s)", stage.name, fp)
             summary = stage.run(cfg, run_dir) or {}
@@ -107,7 +129,7 @@ def run_stages(cfg: DictConfig, stages: list[Stage], wanted: list[str], run_dir:
             # Single-process stages: rank 0 works, the other ranks wait for its DONE file
             # (polling too, for launchers such as SLURM that start ranks before any process group).
             if rank0:
-                _prepare_dir(stage_dir, fp)
+                _prepare_dir(stage_dir, resume_fp)
                 log.info("stage %s: running (fingerprint %s)", stage.name, fp)
                 summary = stage.run(cfg, run_dir) or {}
                 save_json(stage_dir / "DONE.json", {"stage": stage.name, "fingerprint": fp, "summary": summary})

@@ -15,6 +15,7 @@ logits otherwise (CE).
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,6 +29,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .errors import ConfigError, DivergedError, ModelMismatchError
 from .storage import load_json, load_tensors, save_json, save_tensors
+
+log = logging.getLogger(__name__)
 
 VICTIM_FORMAT = "recon_lightning.victim/1"
 
@@ -266,6 +269,16 @@ def run_stage(cfg, run_dir: Path) -> dict:
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     # Long schedules checkpoint periodically; a killed run resumes from the last checkpoint.
     ckpt_callback, resume_from = checkpointing(run_dir, "classifier", every_n_steps=int(c.checkpoint_every_n_epochs))
+    # trainer.max_epochs is resumable: a longer schedule continues the victim trained so far (full-batch
+    # training is deterministic, so this equals training that long from the start); a checkpoint past
+    # a shorter schedule cannot be wound back, so training then starts over.
+    if resume_from is not None:
+        # Full batch: one optimiser step per epoch, so the step count is the number of finished epochs.
+        done_epochs = int(torch.load(resume_from, map_location="cpu", weights_only=True).get("global_step", 0))
+        if done_epochs > int(cfg.trainer.max_epochs):
+            log.info("classifier checkpoint is at epoch %d > trainer.max_epochs=%d: training from the start",
+                     done_epochs, int(cfg.trainer.max_epochs))
+            resume_from = None
     trainer = make_trainer(
         cfg, run_dir, "classifier",
         check_val_every_n_epoch=int(c.log_every_n_epochs),

@@ -48,3 +48,40 @@ def test_damaged_checkpoint_is_skipped_for_the_newest_valid_one(tmp_path):
     assert checkpointing(tmp_path, "reconstruct", 10, name="runs_00000-00001_abc")[1] is None
     (folder / "last.ckpt").write_bytes(good)
     assert checkpointing(tmp_path, "reconstruct", 10, name="runs_00000-00001_abc")[1] == str(folder / "last.ckpt")
+
+
+def test_longer_schedule_continues_the_victim_and_equals_training_that_long(tmp_path):
+    import torch
+
+    from recon_lightning.embed import load_embeddings
+    from recon_lightning.victim import load_victim
+
+    args = ["stage=classifier", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger.name=none",
+            "classifier.hidden=[32]", "classifier.bias=[true,false]", "classifier.init_scale=[1e-3,1e-3]",
+            "classifier.checkpoint_every_n_epochs=20", "data.n_per_class=10", "data.n_test_per_class=5"]
+
+    def fit(run_dir, epochs):
+        proc = subprocess.run([sys.executable, "-m", "recon_lightning.fit", f"run_dir={run_dir}", *args,
+                               f"trainer.max_epochs={epochs}"], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout + proc.stderr
+
+    run_dir = tmp_path / "run"
+    fit(run_dir, 60)
+    embed_done = (run_dir / "embed/DONE.json").stat().st_mtime_ns
+    out = fit(run_dir, 100)  # "train the victim longer": continues from epoch 60
+    assert "Restored all states from the checkpoint" in out
+    assert (run_dir / "embed/DONE.json").stat().st_mtime_ns == embed_done
+    assert not list(tmp_path.glob("run/classifier.stale-*"))
+    fit(tmp_path / "fresh", 100)
+    x = load_embeddings(run_dir).train_x
+    continued, spec = load_victim(run_dir / "classifier")
+    fresh, _ = load_victim(tmp_path / "fresh/classifier")
+    assert spec["epochs"] == 100
+    torch.testing.assert_close(continued(x), fresh(x), rtol=1e-4, atol=1e-6)
+    # A shorter schedule cannot wind a checkpoint back: it trains from the start and equals a fresh 40-epoch run.
+    out = fit(run_dir, 40)
+    assert "Restored all states" not in out
+    fit(tmp_path / "fresh40", 40)
+    torch.testing.assert_close(load_victim(run_dir / "classifier")[0](x), load_victim(tmp_path / "fresh40/classifier")[0](x),
+                               rtol=1e-4, atol=1e-6)

@@ -90,6 +90,28 @@ def test_killed_inversion_resumes_its_batch_and_keeps_finished_ones(selected, tm
     assert [r["cosine"] for r in rows] == pytest.approx([r["cosine"] for r in rows_clean], abs=1e-3)
 
 
+def test_more_images_keep_the_finished_ones(selected, tmp_path):
+    # invert.num_images is "resumable": raising it optimises only the new targets.
+    run_dir = copy_of(selected, tmp_path / "run")
+    fit(run_dir, "stage=invert", "invert.steps=10", "invert.num_images=3")
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (run_dir / "invert/images").glob("*.png")}
+    assert len(mtimes) == 3
+    fit(run_dir, "stage=invert", "invert.steps=10", "invert.num_images=5")
+    assert {n: (run_dir / "invert/images" / n).stat().st_mtime_ns for n in mtimes} == mtimes
+    assert not list(tmp_path.glob("run/invert.stale-*"))
+    rows, imgs = images(run_dir)
+    assert [r["rank"] for r in rows] == [0, 1, 2, 3, 4]
+    # The same as inverting all five at once (batches differ; every image has its own parameters and seed).
+    clean = copy_of(selected, tmp_path / "clean")
+    fit(clean, "stage=invert", "invert.steps=10", "invert.num_images=5")
+    rows_clean, imgs_clean = images(clean)
+    for a, b in zip(imgs, imgs_clean):
+        assert np.abs(a - b).max() <= 1
+    # A key that changes the images (the steps) does not reuse them: the old outputs are moved aside.
+    fit(run_dir, "stage=invert", "invert.steps=12", "invert.num_images=5")
+    assert len(list(tmp_path.glob("run/invert.stale-*"))) == 1
+
+
 def test_ddp_inversion_shards_targets_and_equals_one_process(selected, tmp_path):
     ddp = copy_of(selected, tmp_path / "ddp")
     # Checkpoints every 2 steps: each rank writes (and then removes) its own batches' checkpoints.

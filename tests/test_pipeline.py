@@ -38,3 +38,31 @@ def test_all_stages_then_reuse_then_partial_rerun(make_cfg, tmp_path):
     assert all(after[s] == first[s] for s in ["embed", "classifier", "reconstruct"])
     assert all(after[s] != first[s] for s in ["select", "invert", "evaluate"])
     assert json.loads((run_dir / "select/DONE.json").read_text())["summary"]
+
+
+def test_cadence_keys_rerun_nothing_and_more_runs_keep_finished_ones(make_cfg, tmp_path):
+    from recon_lightning.reconstruct import load_candidates, run_path
+
+    run_dir = tmp_path / "run"
+    main_with_config(make_cfg(*TINY))
+    first = done_mtimes(run_dir)
+
+    # How often to log or checkpoint changes no output: nothing reruns.
+    main_with_config(make_cfg(*TINY, "reconstruct.log_every_n_steps=7", "reconstruct.checkpoint_every_n_steps=3",
+                              "classifier.log_every_n_epochs=9", "invert.checkpoint_every_n_steps=5"))
+    assert done_mtimes(run_dir) == first
+
+    # More reconstruction runs: runs 0 and 1 are kept (not recomputed), run 2 is added; later stages rerun.
+    run_files = {r: run_path(run_dir, r).stat().st_mtime_ns for r in (0, 1)}
+    main_with_config(make_cfg(*TINY, "reconstruct.num_runs=3"))
+    assert {r: run_path(run_dir, r).stat().st_mtime_ns for r in (0, 1)} == run_files
+    assert sorted(set(load_candidates(run_dir).run.tolist())) == [0, 1, 2]
+    after = done_mtimes(run_dir)
+    assert all(after[s] == first[s] for s in ["embed", "classifier"])
+    assert all(after[s] != first[s] for s in ["reconstruct", "select", "invert", "evaluate"])
+    assert not list(tmp_path.glob("run/reconstruct.stale-*"))  # its finished runs were not moved aside
+
+    # A key that does change the runs (the candidates' learning rate) moves the old outputs aside.
+    main_with_config(make_cfg(*TINY, "reconstruct.num_runs=3", "reconstruct.lr=0.02"))
+    assert len(list(tmp_path.glob("run/reconstruct.stale-*"))) == 1
+    assert run_path(run_dir, 0).stat().st_mtime_ns != run_files[0]
