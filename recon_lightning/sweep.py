@@ -4,7 +4,10 @@ Samples configurations from a W&B sweep file locally (no W&B server) and runs th
 ``command`` for each, as a W&B agent would. Every configuration gets its own run directory
 ``<run_dir>/sweeps/<sweep name>/trial_XXX`` and reuses the victim (``<run_dir>/classifier``) and
 the training embeddings (for scoring) of the base ``run_dir``, which must exist already.
-Results (parameters, summary, metric) are appended to ``<run_dir>/sweeps/<sweep name>/results.jsonl``.
+Each trial's result (parameters, summary, metric) is written to ``trial_XXX/result.json`` when it
+ends, and ``<run_dir>/sweeps/<sweep name>/results.jsonl`` lists every trial's latest result.
+``--shard I/N`` runs only trials ``i % N == I``, so N processes (a SLURM job array with no W&B
+server) share one sweep; each process rewrites ``results.jsonl`` from the result files when it ends.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 import yaml
 
 from .errors import ConfigError, ReconError
-from .storage import load_json
+from .storage import atomic_path, load_json, save_json
 
 
 def sample_value(name: str, spec: dict, rng: np.random.Generator):
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the configuration sampler")
     parser.add_argument("--run-dir", default=None, help="base run dir holding classifier/ and embed/ (default: the config's run_dir)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    parser.add_argument("--shard", default="0/1", help="I/N: run only trials i with i %% N == I (e.g. a SLURM array task)")
     argv = list(sys.argv[1:] if argv is None else argv)
     # key=value overrides for every configuration go after "--" (or anywhere, as bare key=value words)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -116,18 +120,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def finished_trials(results: Path) -> dict[int, dict]:
-    """Trials of an earlier attempt of this sweep that succeeded (the last record of each), by index."""
-    if not results.is_file():
-        return {}
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, total = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like I/N (e.g. 3/32), got {text!r}") from None
+    if total < 1 or not 0 <= index < total:
+        raise ConfigError(f"--shard {text}: need 0 <= I < N")
+    return index, total
+
+
+def trial_results(out_dir: Path) -> dict[int, dict]:
+    """Every trial's latest result (``trial_XXX/result.json``, written atomically when it ended), by index."""
     rows = {}
-    for line in results.read_text().splitlines():
+    for path in sorted(out_dir.glob("trial_*/result.json")):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut off by a kill
+            row = load_json(path, what="trial result")
+        except ReconError:  # unreadable: treated as not run
             continue
-        if row.get("returncode") == 0:
-            rows[int(row["trial"])] = row
+        rows[int(row["trial"])] = row
+    return rows
+
+
+def write_results(out_dir: Path) -> list[dict]:
+    """``results.jsonl``: one line per trial, in trial order (rewritten atomically, so shards may race)."""
+    rows = [row for _, row in sorted(trial_results(out_dir).items())]
+    with atomic_path(out_dir / "results.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return rows
 
 
@@ -148,19 +167,21 @@ def _run(args) -> int:
     out_dir = base / "sweeps" / path.stem
     metric = (sweep.get("metric") or {}).get("name", "recon_score")
     goal = (sweep.get("metric") or {}).get("goal", "maximize")
-    results = []
-    finished = finished_trials(out_dir / "results.jsonl")
+    shard, shards = parse_shard(args.shard)
+    finished = trial_results(out_dir)
+    ok = True
     for i, params in enumerate(configurations(sweep, args.count, args.seed)):
+        if i % shards != shard:
+            continue  # another shard's trial
         trial = out_dir / f"trial_{i:03d}"
         cmd = expand_command(sweep, params) + [
             f"run_dir={trial}", f"reconstruct.victim_dir={base / 'classifier'}", f"reconstruct.embeddings_dir={base}",
             *args.overrides,
         ]
         earlier = finished.get(i)
-        if earlier is not None and earlier["params"] == params and earlier.get("command") == cmd:
+        if earlier is not None and earlier["returncode"] == 0 and earlier["params"] == params and earlier.get("command") == cmd:
             # Resuming a sweep: a trial that finished before is kept, not rerun or recorded twice.
             print(f"[{i + 1}/{args.count}] finished earlier: {metric} = {earlier['metric']}", flush=True)
-            results.append(earlier)
             continue
         print(f"[{i + 1}/{args.count}] {' '.join(cmd)}", flush=True)
         if args.dry_run:
@@ -168,20 +189,21 @@ def _run(args) -> int:
         proc = subprocess.run(cmd)
         done = trial / "reconstruct" / "DONE.json"
         summary = load_json(done).get("summary", {}) if proc.returncode == 0 and done.is_file() else {}
-        row = {"trial": i, "params": params, "returncode": proc.returncode, "metric": summary.get(metric), "summary": summary,
-               "command": cmd}
-        results.append(row)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "results.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        ok &= proc.returncode == 0
+        save_json(trial / "result.json", {"trial": i, "params": params, "returncode": proc.returncode,
+                                          "metric": summary.get(metric), "summary": summary, "command": cmd})
+    if args.dry_run:
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = write_results(out_dir)
     scored = [r for r in results if r["metric"] is not None]
     if scored:
         best = (max if goal == "maximize" else min)(scored, key=lambda r: r["metric"])
         print(f"best {metric} = {best['metric']:.4f} (trial {best['trial']}): {best['params']}")
     elif results:
         print(f"no trial reported {metric} (is there a training set in {base / 'embed'}?)")
-    return 0 if all(r["returncode"] == 0 for r in results) else 1
-
+    mine = [r for r in results if r["trial"] % shards == shard and r["trial"] < args.count]
+    return 0 if ok and all(r["returncode"] == 0 for r in mine) else 1
 
 if __name__ == "__main__":
     sys.exit(main())

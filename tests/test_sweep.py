@@ -100,3 +100,42 @@ def test_a_diverged_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path, cap
     _, meta = load_tensors(run_path(base / "sweeps" / "grid" / "trial_000", 0))
     assert meta["status"] == "failed" and "non-finite" in meta["error"] and meta["hparams"]["lr"] == 1.0e30
     assert f"best recon_score = {rows[1]['metric']:.4f} (trial 1)" in capsys.readouterr().out
+
+
+def test_shards_split_one_sweep_between_processes(tmp_path):
+    # What a SLURM job array without a W&B server does: N processes, one sweep, every trial once.
+    import subprocess
+    import sys
+
+    base = tmp_path / "base"
+    _tiny_victim(base)
+    spec = yaml.safe_load((REPO / "sweeps" / "reconstruct.yaml").read_text())
+    spec["parameters"]["logger.name"] = {"value": "none"}
+    spec["parameters"]["reconstruct.steps"] = {"value": 5}
+    sweep_file = tmp_path / "array.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+
+    def shard(i):
+        return subprocess.Popen([sys.executable, "-m", "recon_lightning.sweep", str(sweep_file), "--count", "4",
+                                 "--shard", f"{i}/2", "--run-dir", str(base), "--", "trainer.enable_progress_bar=false",
+                                 "trainer.accelerator=cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    procs = [shard(0), shard(1)]  # at the same time, as array tasks would be
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    out_dir = base / "sweeps" / "array"
+    for i in range(4):  # each trial ran once, in the process of its shard
+        assert (out_dir / f"trial_{i:03d}" / "reconstruct" / "DONE.json").is_file()
+        assert f"[{i + 1}/4] " in outs[i % 2] and f"[{i + 1}/4] " not in outs[1 - i % 2]
+    # results.jsonl lists all four trials once, whichever shard finished last.
+    S.write_results(out_dir)
+    rows = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
+    assert [r["trial"] for r in rows] == [0, 1, 2, 3] and all(r["returncode"] == 0 for r in rows)
+    assert [r["params"] for r in rows] == S.configurations(yaml.safe_load(sweep_file.read_text()), 4, 0)
+
+
+def test_bad_shard_is_a_clear_error(tmp_path, capsys):
+    base = tmp_path / "base"
+    _tiny_victim(base)
+    assert S.main([str(REPO / "sweeps" / "reconstruct.yaml"), "--run-dir", str(base), "--shard", "2/2"]) == 2
+    assert "--shard 2/2: need 0 <= I < N" in capsys.readouterr().err
