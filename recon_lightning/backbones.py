@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib.util
+import logging
 import os
 import sys
 import tempfile
@@ -43,9 +44,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
-from .errors import ConfigError, DataError, ModelMismatchError
+from .errors import ConfigError, DataError, ModelMismatchError, ReconError
+
+log = logging.getLogger(__name__)
 
 
 class Backbone(nn.Module):
@@ -630,6 +634,30 @@ BUILDERS = {
     "efficientnet_lite": _build_efficientnet_lite,
 }
 KINDS = set(BUILDERS)
+
+
+def embedding_dim(cfg, input_size: tuple[int, int, int] | None = None) -> int | None:
+    """The backbone's embedding size without loading its weights, for checks before long work:
+    timm / EfficientNet-Lite models are built on the meta device (no memory, no download), open_clip
+    reads its model config. None where that is not possible cheaply (text encoders, hub configs)."""
+    kind = _get(cfg, "kind")
+    try:
+        if kind == "identity":
+            return int(np.prod(input_size)) if input_size else None
+        if kind in ("timm", "efficientnet_lite"):
+            plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+            with torch.device("meta"):
+                return int(BUILDERS[kind]({**plain, "pretrained": False, "checkpoint": None}).embed_dim)
+        if kind == "open_clip":
+            import open_clip
+
+            conf = open_clip.get_model_config(str(_get(cfg, "model", "")))
+            return int(conf["embed_dim"]) if conf else None
+    except ReconError:
+        raise  # an unknown model name: say so now
+    except Exception as exc:  # noqa: BLE001 - a check that cannot be made early is made later, at inversion
+        log.debug("embedding size of backbone not known early: %s", exc)
+    return None
 
 
 def build_backbone(cfg, input_size: tuple[int, int, int] | None = None) -> Backbone:

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed
-from .backbones import Backbone, build_backbone
+from .backbones import Backbone, build_backbone, embedding_dim
 from .errors import ConfigError, DataError, DivergedError, ModelMismatchError
 from .image_params import Augment, build_param, to_unit_range, total_variation
 from .storage import fingerprint, load_json, load_tensors, save_json
@@ -356,6 +356,18 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("invert.steps and invert.batch_size must be >= 1")
     if int(icfg.checkpoint_every_n_steps) < 0:
         raise ConfigError(f"invert.checkpoint_every_n_steps must be >= 0 (0 = off), got {icfg.checkpoint_every_n_steps}")
+    victim_dir = cfg.reconstruct.get("victim_dir")
+    if victim_dir and (Path(victim_dir) / "victim.json").is_file():
+        # Auditing a victim from elsewhere: the backbone named in the config must make embeddings of the
+        # victim's input size, or inversion would fail only after the whole reconstruction.
+        spec = load_json(Path(victim_dir) / "victim.json", what="victim description (victim.json)")
+        input_size = (spec.get("embedding") or {}).get("input_size")
+        dim = embedding_dim(cfg.backbone, tuple(input_size) if input_size else None)
+        if dim is not None and int(spec.get("input_dim", dim)) != dim:
+            raise ModelMismatchError(
+                f"embedding size mismatch: the victim in {victim_dir} takes {spec['input_dim']}-d inputs but backbone "
+                f"{cfg.backbone.name!r} ({cfg.backbone.get('model', cfg.backbone.kind)}) makes {dim}-d embeddings; "
+                f"set backbone= to the backbone the victim was trained on")
 
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:

@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import distributed
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, ModelMismatchError
 from .storage import fingerprint, load_tensors, save_tensors
 from .victim import VictimMLP, load_victim
 
@@ -584,8 +584,13 @@ def merge_runs(run_dir: Path, num_runs: int, train_x: torch.Tensor | None, meta:
 
 def check_config(cfg: DictConfig) -> None:
     """Cheap checks of reconstruct.* (values, ranges, choices), run by ``fit`` before any stage starts;
-    what depends on the victim is checked again once it is loaded."""
+    what depends on the victim is checked again once it is loaded. A victim from elsewhere
+    (``reconstruct.victim_dir``) is loaded now, and checked against the embeddings it is scored with."""
     _plan(cfg, {"num_classes": 2, "n_train": 1})
+    if cfg.reconstruct.get("victim_dir"):
+        victim, spec = load_victim(Path(cfg.reconstruct.victim_dir))
+        _plan(cfg, spec)
+        _train_embeddings(cfg, Path(cfg.run_dir), victim.input_dim, load=False)
 
 
 def _plan(cfg: DictConfig, spec: dict) -> dict:
@@ -615,21 +620,36 @@ def _plan(cfg: DictConfig, spec: dict) -> dict:
             "form": resolve_form(rcfg["form"], spec), "prior": resolve_prior(rcfg["prior"], spec)}
 
 
-def _train_embeddings(cfg: DictConfig, run_dir: Path, input_dim: int) -> torch.Tensor | None:
-    """Training embeddings for evaluation-mode scoring, or None (the attack itself never uses them)."""
+def _train_embeddings(cfg: DictConfig, run_dir: Path, input_dim: int, load: bool = True) -> torch.Tensor | None:
+    """Training embeddings for evaluation-mode scoring, or None (the attack itself never uses them).
+    Embeddings of another size than the victim's input are an error (evaluation would fail on them
+    too); ``load=False`` only checks that."""
     rcfg = cfg.reconstruct
     if not rcfg.score_with_train:
         return None
-    base = Path(rcfg.embeddings_dir) if rcfg.get("embeddings_dir") else run_dir
-    if not (base / "embed" / "embeddings.safetensors").is_file():
+    base = Path(rcfg.embeddings_dir).expanduser() if rcfg.get("embeddings_dir") else Path(run_dir)
+    path = base / "embed" / "embeddings.safetensors"
+    if not path.is_file():
+        if rcfg.get("embeddings_dir"):
+            raise DataError(f"reconstruct.embeddings_dir: no training embeddings at {path}")
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            dim = int(f.get_slice("train_x").get_shape()[1])
+    except Exception as err:  # noqa: BLE001 - any read failure means a corrupt file
+        raise DataError(f"training embeddings are corrupt: {path}: {err}") from None
+    if dim != input_dim:
+        raise ModelMismatchError(
+            f"embedding size mismatch: the training embeddings in {path} are {dim}-d but the victim takes "
+            f"{input_dim}-d inputs; point reconstruct.embeddings_dir at the run whose embeddings trained the "
+            f"victim, or set reconstruct.score_with_train=false")
+    if not load:
         return None
     from .embed import load_embeddings
 
-    train_x = load_embeddings(base).train_x
-    if train_x.shape[1] != input_dim:
-        log.warning("not scoring: training embeddings are %d-d but the victim takes %d-d inputs", train_x.shape[1], input_dim)
-        return None
-    return train_x
+    return load_embeddings(base).train_x
 
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:

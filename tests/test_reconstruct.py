@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from recon_lightning import reconstruct as R
-from recon_lightning.errors import ConfigError
-from recon_lightning.storage import load_tensors
+from recon_lightning.errors import ConfigError, DataError, ModelMismatchError
+from recon_lightning.storage import load_tensors, save_tensors
 from recon_lightning.victim import VictimMLP, save_victim
 
 REPO = Path(__file__).resolve().parent.parent
@@ -234,7 +234,6 @@ def test_nan_run_is_recorded_failed_others_finish(tmp_path, make_cfg, monkeypatc
 
 
 def test_scoring_against_training_set(tmp_path, make_cfg):
-    from recon_lightning.storage import save_tensors
 
     run_dir = _victim_dir(tmp_path)
     train_x = F.normalize(torch.randn(4, 8), dim=1)
@@ -435,3 +434,30 @@ def test_reconstruction_recovers_training_points(tmp_path, make_cfg):
     # The control: these candidates do not match points the victim was not trained on.
     other, _ = identifiable_points(D, seed=1)
     assert R.match_candidates(cands, other)["train_best_cos"].max().item() < 0.9
+
+
+def test_auditing_a_victim_from_elsewhere_checks_sizes_before_any_work(tmp_path, make_cfg):
+    from recon_lightning.fit import main_with_config
+
+    victim = _victim_dir(tmp_path) / "classifier"  # takes 8-d inputs
+    run_dir = tmp_path / "audit"
+    audit = ["logger.name=none", f"reconstruct.victim_dir={victim}"]
+    with pytest.raises(DataError, match="victim description .* not found"):
+        main_with_config(make_cfg(*audit[:1], f"reconstruct.victim_dir={tmp_path}/nowhere", run_dir=run_dir))
+    # Training embeddings of another size (here 12-d) for scoring.
+    other = tmp_path / "other"
+    save_tensors(other / "embed" / "embeddings.safetensors", {"train_x": torch.randn(4, 12), "train_y": torch.tensor([0, 1, 0, 1]),
+                                                             "test_x": torch.randn(2, 12), "test_y": torch.tensor([0, 1])}, {})
+    with pytest.raises(ModelMismatchError, match=r"training embeddings in .* are 12-d but the victim takes 8-d"):
+        main_with_config(make_cfg(*audit, f"reconstruct.embeddings_dir={other}", run_dir=run_dir))
+    with pytest.raises(DataError, match="reconstruct.embeddings_dir: no training embeddings"):
+        main_with_config(make_cfg(*audit, f"reconstruct.embeddings_dir={tmp_path}/nowhere", run_dir=run_dir))
+    # A backbone whose embeddings are not the victim's input size (EfficientNet-Lite0: 1280-d, sized
+    # without loading weights), caught before reconstruction rather than at inversion.
+    with pytest.raises(ModelMismatchError, match=r"takes 8-d inputs but backbone 'efficientnet_lite0' .* makes 1280-d"):
+        main_with_config(make_cfg(*audit, "backbone=efficientnet_lite0", run_dir=run_dir))
+    assert not (run_dir / "reconstruct").exists()  # nothing ran
+    # Sizes that fit: the audit runs (reconstruct only, to keep it short).
+    main_with_config(make_cfg(*audit, "stage=reconstruct", "reconstruct.steps=3", "reconstruct.num_runs=1",
+                              run_dir=run_dir))
+    assert (run_dir / "reconstruct" / "DONE.json").is_file()

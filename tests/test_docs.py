@@ -1,0 +1,70 @@
+"""The README, sweep files and SLURM scripts stay in step with the configs: every command line they
+show composes, and every config key or option they name exists."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from recon_lightning.fit import CONFIG_DIR, OPEN_SECTIONS, check_known_keys, known_keys, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
+SCRIPTS = sorted((REPO / "sweeps" / "slurm").glob("*.sbatch"))
+GROUPS = {p.name: {f.stem for f in p.glob("*.yaml")} for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
+
+
+def readme_commands() -> list[list[str]]:
+    """``python -m recon_lightning.fit ...`` lines of the README's code blocks, as override lists."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#")[0]
+            if "python -m recon_lightning.fit" not in line:
+                continue
+            args = shlex.split(line.split("python -m recon_lightning.fit", 1)[1])
+            commands.append([a for a in args if a not in ("--cfg", "job")])
+    return commands
+
+
+@pytest.mark.parametrize("overrides", readme_commands(), ids=lambda o: " ".join(o) or "default")
+def test_readme_commands_compose(overrides):
+    check_known_keys(load_config(overrides))
+
+
+def mentioned_overrides() -> set[str]:
+    """``key=value`` words in the README (code), sweep files and SLURM scripts."""
+    prose = re.sub(r"```.*?```", "", README, flags=re.S)
+    texts = ["\n".join(re.findall(r"`([^`\n]+)`", prose)), *re.findall(r"```bash\n(.*?)```", README, flags=re.S)]
+    texts += [p.read_text() for p in SCRIPTS] + [p.read_text() for p in (REPO / "sweeps").glob("*.yaml")]
+    words = set()
+    for text in texts:
+        words |= set(re.findall(r"(?<![\w.$/-])([a-z_]+(?:\.[a-z_]+)*)=(?!=)", text))
+    return words
+
+
+def test_every_key_and_option_named_in_the_docs_exists():
+    known = known_keys()
+    top = set(known) | {"stage", "run_dir"}
+    checked = 0
+    for key in sorted(mentioned_overrides()):
+        head = key.split(".")[0]
+        if head not in top or head in OPEN_SECTIONS:
+            continue  # not a config key (e.g. a shell variable or an sbatch option)
+        node = known
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"the docs name config key {key!r}, which does not exist"
+            node = node[part]
+        checked += 1
+    for group, option in re.findall(r"\b(" + "|".join(GROUPS) + r")=([a-z0-9_]+)\b", README):
+        assert option in GROUPS[group], f"the README names {group}={option}, but configs/{group}/{option}.yaml does not exist"
+    assert checked > 20  # the scan found the README's keys
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_slurm_scripts_are_valid_bash(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
