@@ -489,4 +489,6 @@ def _invert_on_rank(rank: int, world: int, device_kw: dict, cfg: DictConfig, run
     distributed.wait_for(lambda: len(finished_rows(run_dir, targets)) == len(targets), "the other ranks' inversions",
                          poll_s=0.5)
     rows = finished_rows(run_dir, targets)
+    # Every target is on disk now: checkpoints left by batches of another batch_size or world size go too.
+    shutil.rmtree(checkpoint_dir(run_dir, "invert"), ignore_errors=True)
     return [rows[t] for t in range(len(targets))]

@@ -740,6 +740,8 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
     distributed.wait_for(lambda: all(run_path(run_dir, r).is_file() for r in range(num_runs)),
                          "the other ranks' reconstruction runs", timeout_s=float(rcfg["wait_timeout_s"]), poll_s=1.0)
     summary = merge_runs(run_dir, num_runs, train_x, common_meta)
+    # Every run is on disk now: checkpoints left by batches of another runs_per_batch or world size go too.
+    shutil.rmtree(checkpoint_dir(run_dir, "reconstruct"), ignore_errors=True)
     summary.update(form=plan["form"], prior=plan["prior"], world_size=world)
     if logger:
         logger.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})

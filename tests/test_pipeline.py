@@ -54,7 +54,12 @@ def test_cadence_keys_rerun_nothing_and_more_runs_keep_finished_ones(make_cfg, t
 
     # More reconstruction runs: runs 0 and 1 are kept (not recomputed), run 2 is added; later stages rerun.
     run_files = {r: run_path(run_dir, r).stat().st_mtime_ns for r in (0, 1)}
+    # (a checkpoint a killed batch of another runs_per_batch left behind: removed once every run is on disk)
+    orphan = run_dir / "reconstruct/checkpoints/runs_00001-00002_0123456789abcdef/last.ckpt"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"")
     main_with_config(make_cfg(*TINY, "reconstruct.num_runs=3"))
+    assert not (run_dir / "reconstruct/checkpoints").exists()
     assert {r: run_path(run_dir, r).stat().st_mtime_ns for r in (0, 1)} == run_files
     assert sorted(set(load_candidates(run_dir).run.tolist())) == [0, 1, 2]
     after = done_mtimes(run_dir)
