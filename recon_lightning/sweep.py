@@ -143,11 +143,19 @@ def trial_results(out_dir: Path) -> dict[int, dict]:
 
 
 def write_results(out_dir: Path) -> list[dict]:
-    """``results.jsonl``: one line per trial, in trial order (rewritten atomically, so shards may race)."""
+    """``results.jsonl``: one line per trial, in trial order, rebuilt from the result files.
+
+    Shards rewrite it concurrently: a shard may rename an older view over a newer one, so each checks
+    the result files again after its rename and rewrites until what it wrote is current. The last
+    process to rename therefore leaves every trial in the file."""
     rows = [row for _, row in sorted(trial_results(out_dir).items())]
-    with atomic_path(out_dir / "results.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return rows
+    while True:
+        with atomic_path(out_dir / "results.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        current = [row for _, row in sorted(trial_results(out_dir).items())]
+        if current == rows:
+            return rows
+        rows = current
 
 
 def _run(args) -> int:
@@ -169,7 +177,6 @@ def _run(args) -> int:
     goal = (sweep.get("metric") or {}).get("goal", "maximize")
     shard, shards = parse_shard(args.shard)
     finished = trial_results(out_dir)
-    ok = True
     for i, params in enumerate(configurations(sweep, args.count, args.seed)):
         if i % shards != shard:
             continue  # another shard's trial
@@ -189,7 +196,6 @@ def _run(args) -> int:
         proc = subprocess.run(cmd)
         done = trial / "reconstruct" / "DONE.json"
         summary = load_json(done).get("summary", {}) if proc.returncode == 0 and done.is_file() else {}
-        ok &= proc.returncode == 0
         save_json(trial / "result.json", {"trial": i, "params": params, "returncode": proc.returncode,
                                           "metric": summary.get(metric), "summary": summary, "command": cmd})
     if args.dry_run:
@@ -202,8 +208,10 @@ def _run(args) -> int:
         print(f"best {metric} = {best['metric']:.4f} (trial {best['trial']}): {best['params']}")
     elif results:
         print(f"no trial reported {metric} (is there a training set in {base / 'embed'}?)")
+    # Every trial this process ran wrote its result.json, so its shard's rows tell whether all succeeded.
     mine = [r for r in results if r["trial"] % shards == shard and r["trial"] < args.count]
-    return 0 if ok and all(r["returncode"] == 0 for r in mine) else 1
+    return 0 if all(r["returncode"] == 0 for r in mine) else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

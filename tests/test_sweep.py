@@ -41,18 +41,30 @@ def _tiny_victim(base: Path) -> None:
                  {"normalize": "l2", "class_names": ["a", "b"], "mean_norm": 1.0})
 
 
-def test_offline_sweep_runs_configurations(tmp_path):
+def _small_sweep(tmp_path: Path, name: str, logger: str, method: str = "random", **parameters) -> tuple[Path, Path]:
+    """A tiny victim in ``tmp_path/base`` and the reference sweep file (5 steps, ``parameters`` replaced;
+    a parameter given as None is removed, i.e. left at its config default)."""
     base = tmp_path / "base"
     _tiny_victim(base)
     spec = yaml.safe_load((REPO / "sweeps" / "reconstruct.yaml").read_text())
-    spec["parameters"]["logger.name"] = {"value": "csv"}
-    spec["parameters"]["reconstruct.steps"] = {"value": 5}
-    sweep_file = tmp_path / "small.yaml"
+    spec["method"] = method
+    spec["parameters"].update({"logger.name": {"value": logger}, "reconstruct.steps": {"value": 5}, **parameters})
+    spec["parameters"] = {k: v for k, v in spec["parameters"].items() if v is not None}
+    sweep_file = tmp_path / f"{name}.yaml"
     sweep_file.write_text(yaml.safe_dump(spec))
+    return base, sweep_file
+
+
+def _results(base: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (base / "sweeps" / name / "results.jsonl").read_text().splitlines()]
+
+
+def test_offline_sweep_runs_configurations(tmp_path):
+    base, sweep_file = _small_sweep(tmp_path, "small", "csv")
     rc = S.main([str(sweep_file), "--count", "2", "--run-dir", str(base), "--", "trainer.enable_progress_bar=false",
                  "trainer.accelerator=cpu"])
     assert rc == 0
-    rows = [json.loads(line) for line in (base / "sweeps" / "small" / "results.jsonl").read_text().splitlines()]
+    rows = _results(base, "small")
     assert [r["trial"] for r in rows] == [0, 1]
     for r in rows:
         assert 0 < r["metric"] <= 1 and r["summary"]["runs_ok"] == 1
@@ -70,7 +82,7 @@ def test_offline_sweep_runs_configurations(tmp_path):
     rc = S.main([str(sweep_file), "--count", "3", "--run-dir", str(base), "--", "trainer.enable_progress_bar=false",
                  "trainer.accelerator=cpu"])
     assert rc == 0
-    rows = [json.loads(line) for line in (base / "sweeps" / "small" / "results.jsonl").read_text().splitlines()]
+    rows = _results(base, "small")
     assert [r["trial"] for r in rows] == [0, 1, 2]
     assert (base / "sweeps" / "small" / "trial_002" / "reconstruct" / "DONE.json").is_file()
 
@@ -81,19 +93,15 @@ def test_missing_victim_is_a_clear_error(tmp_path, capsys):
 
 
 def test_a_diverged_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path, capsys):
-    base = tmp_path / "base"
-    _tiny_victim(base)
-    spec = yaml.safe_load((REPO / "sweeps" / "reconstruct.yaml").read_text())
-    spec["method"] = "grid"
-    spec["parameters"] = {**{k: v for k, v in spec["parameters"].items() if "value" in v},
-                          "reconstruct.lr": {"values": [1.0e30, 0.01]},  # the first trial's only run diverges
-                          "reconstruct.steps": {"value": 5}, "logger.name": {"value": "none"}}
-    sweep_file = tmp_path / "grid.yaml"
-    sweep_file.write_text(yaml.safe_dump(spec))
+    # A grid over the learning rate only (the other sampled parameters at their config defaults):
+    # the first trial's only run diverges.
+    sampled = {k: None for k in ("reconstruct.init_scale", "reconstruct.lambda_min", "reconstruct.alpha")}
+    base, sweep_file = _small_sweep(tmp_path, "grid", "none", method="grid", **sampled,
+                                    **{"reconstruct.lr": {"values": [1.0e30, 0.01]}})
     rc = S.main([str(sweep_file), "--count", "2", "--run-dir", str(base), "--", "trainer.enable_progress_bar=false",
                  "trainer.accelerator=cpu"])
     assert rc == 1  # not every trial succeeded
-    rows = [json.loads(line) for line in (base / "sweeps" / "grid" / "results.jsonl").read_text().splitlines()]
+    rows = _results(base, "grid")
     assert [(r["trial"], r["params"]["reconstruct.lr"]) for r in rows] == [(0, 1.0e30), (1, 0.01)]
     assert rows[0]["returncode"] == 2 and rows[0]["metric"] is None  # recorded failed, with its hyperparameters
     assert rows[1]["returncode"] == 0 and rows[1]["metric"] > 0  # the next trial still ran
@@ -107,13 +115,7 @@ def test_shards_split_one_sweep_between_processes(tmp_path):
     import subprocess
     import sys
 
-    base = tmp_path / "base"
-    _tiny_victim(base)
-    spec = yaml.safe_load((REPO / "sweeps" / "reconstruct.yaml").read_text())
-    spec["parameters"]["logger.name"] = {"value": "none"}
-    spec["parameters"]["reconstruct.steps"] = {"value": 5}
-    sweep_file = tmp_path / "array.yaml"
-    sweep_file.write_text(yaml.safe_dump(spec))
+    base, sweep_file = _small_sweep(tmp_path, "array", "none")
 
     def shard(i):
         return subprocess.Popen([sys.executable, "-m", "recon_lightning.sweep", str(sweep_file), "--count", "4",
@@ -127,9 +129,8 @@ def test_shards_split_one_sweep_between_processes(tmp_path):
     for i in range(4):  # each trial ran once, in the process of its shard
         assert (out_dir / f"trial_{i:03d}" / "reconstruct" / "DONE.json").is_file()
         assert f"[{i + 1}/4] " in outs[i % 2] and f"[{i + 1}/4] " not in outs[1 - i % 2]
-    # results.jsonl lists all four trials once, whichever shard finished last.
-    S.write_results(out_dir)
-    rows = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
+    # results.jsonl, as the shards left it, lists all four trials once, whichever shard finished last.
+    rows = _results(base, "array")
     assert [r["trial"] for r in rows] == [0, 1, 2, 3] and all(r["returncode"] == 0 for r in rows)
     assert [r["params"] for r in rows] == S.configurations(yaml.safe_load(sweep_file.read_text()), 4, 0)
 
