@@ -59,7 +59,7 @@ CADENCE_KEYS = {
 # target t) is the same whatever the total, so raising the count only adds the missing ones; a
 # longer victim schedule continues from the victim's last checkpoint.
 RESUMABLE_KEYS = {
-    "classifier": ["trainer.max_epochs"],
+    "classifier": ["trainer.max_epochs", "classifier.epochs"],
     "reconstruct": ["reconstruct.num_runs", "reconstruct.runs_per_batch"],
     "invert": ["invert.num_images"],
 }

@@ -1,23 +1,18 @@
 """Stage 3: reconstruct training-set candidates from the victim's parameters alone.
 
-A ReLU network trained to convergence on a classification loss ends near a KKT point of the
-margin-maximisation problem (Haim et al. 2022; Buzaglo et al. 2023)::
+We optimise candidate inputs x^ and multipliers lambda until the KKT (or, for weight-decay
+victims, stationarity) condition of :mod:`recon_lightning.kkt` reproduces the victim's fixed
+parameters. This module holds the Lightning side: the candidates as parameters, the per-run
+optimisers, run files, merging and scoring.
 
-    theta = sum_j lambda_j y_j grad_theta phi(x_j),   lambda_j >= 0            (binary)
-    theta = sum_j sum_{c != y_j} lambda_{j,c} grad_theta (phi_{y_j} - phi_c)(x_j)  (multiclass)
-
-so we optimise candidate inputs x^ and multipliers lambda until the right-hand side matches the
-victim's fixed parameters. ``sum_j lambda_j y_j grad phi(x_j)`` is the gradient of the scalar
-``sum_j lambda_j y_j phi(x_j)``: one backward pass with ``create_graph=True``, no per-sample grads.
-
-Many independent runs (different seeds and hyperparameters) are optimised at once: the
-candidates of K runs form a (K, m, D) tensor, and the victim's weights are *expanded* to
-(K, out, in) leaves, so one backward gives every run its own gradient (a batched matmul each
-layer). Each run has its own optimiser parameter group (own learning rate) and is masked out
-if its loss turns NaN/inf. Finished runs are written to ``reconstruct/runs/run_XXXXX.safetensors``
-before the next batch starts, and the running batch keeps a Lightning checkpoint
-(``reconstruct/checkpoints/runs_*/last.ckpt``), so a killed job resumes where it stopped; under
-DDP run ``r`` goes to rank ``r % world_size``. Rank 0 merges all runs into ``reconstruct/candidates.safetensors``.
+Many independent runs (different seeds and hyperparameters) are optimised at once as one
+(K, m, D) tensor program. Each run has its own optimiser parameter group (own learning rate) and
+is masked out if its loss turns NaN/inf. Finished runs are written to
+``reconstruct/runs/run_XXXXX.safetensors`` before the next batch starts, and the running batch
+keeps a Lightning checkpoint (``reconstruct/checkpoints/runs_*/last.ckpt``), so a killed job
+resumes where it stopped; under DDP run ``r`` goes to rank ``r % world_size``. Rank 0 merges all
+runs into ``reconstruct/candidates.safetensors``. Candidates are always written in embedding
+coordinates (a centred victim's mean added back).
 """
 
 from __future__ import annotations
@@ -40,47 +35,15 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from . import distributed
 from .errors import ConfigError, DataError, ModelMismatchError
+from .kkt import (ACTIVATIONS, DTYPES, FORMS, MULTIPLIERS, PRIORS, KKTObjective, ReluSigmoidGrad, fit_multipliers,  # noqa: F401
+                  make_activation, prior_penalty, resolve_form, resolve_prior)
 from .storage import fingerprint, load_tensors, save_tensors
 from .victim import VictimMLP, load_victim
 
 log = logging.getLogger(__name__)
 
-FORMS = ("binary", "multiclass", "binary_wd", "multiclass_wd")
-ACTIVATIONS = ("relu_sigmoid_grad", "softplus")
-PRIORS = ("sphere", "norm", "box", "none")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # name -> how a [low, high] range is sampled
 HPARAMS = {"init_scale": "log", "lr": "log", "lambda_lr": "log", "lambda_min": "uniform", "alpha": "uniform"}
-
-
-# ----------------------------------------------------------------------------- activations
-
-
-class ReluSigmoidGrad(torch.autograd.Function):
-    """ReLU forward, ``sigmoid(alpha * x)`` as its derivative (Haim et al.'s smooth surrogate).
-
-    The backward is written with differentiable torch ops, so a second backward through it
-    (needed because the loss contains a gradient) gets the surrogate's own derivative.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, alpha)
-        return x.clamp_min(0)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x, alpha = ctx.saved_tensors
-        return grad_out * torch.sigmoid(alpha * x), None
-
-
-def make_activation(kind: str, alpha: torch.Tensor):
-    """The activation used in place of ReLU; ``alpha`` broadcasts against the pre-activations."""
-    if kind == "relu_sigmoid_grad":
-        return lambda h: ReluSigmoidGrad.apply(h, alpha)
-    if kind == "softplus":
-        return lambda h: F.softplus(alpha * h) / alpha
-    raise ConfigError(f"reconstruct.activation must be one of {ACTIVATIONS}, got {kind!r}")
 
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -109,6 +72,10 @@ def sample_hparams(rcfg: DictConfig | dict, seed: int, run_id: int) -> dict:
         if value is None and name == "lambda_lr":
             value = rcfg.get("lr")
         lo, hi = _range(value, name)
+        if name == "alpha" and lo <= 0:
+            raise ConfigError(f"reconstruct.alpha (sharpness of the smooth ReLU derivative) must be > 0, got {value!r}")
+        if name == "lambda_min" and lo < 0:
+            raise ConfigError(f"reconstruct.lambda_min must be >= 0 (multipliers are non-negative), got {value!r}")
         if kind == "log":
             if lo <= 0:
                 raise ConfigError(f"reconstruct.{name} must be > 0 (sampled log-uniformly), got {value!r}")
@@ -119,149 +86,6 @@ def sample_hparams(rcfg: DictConfig | dict, seed: int, run_id: int) -> dict:
             out[name] = out["lr"]  # same learning rate unless set
     out["init_seed"] = int(rng.integers(2**62))
     return out
-
-
-# ----------------------------------------------------------------------------- the objective
-
-
-def resolve_form(form: str, spec: dict) -> str:
-    """``auto``: multiclass if more than 2 classes; ``_wd`` (stationarity) if trained with weight decay."""
-    if form != "auto":
-        if form not in FORMS:
-            raise ConfigError(f"reconstruct.form must be auto or one of {FORMS}, got {form!r}")
-        return form
-    base = "binary" if int(spec["num_classes"]) == 2 else "multiclass"
-    return base + ("_wd" if float(spec.get("weight_decay") or 0.0) > 0 else "")
-
-
-def resolve_prior(prior: str, spec: dict) -> str:
-    if prior != "auto":
-        if prior not in PRIORS:
-            raise ConfigError(f"reconstruct.prior must be auto or one of {PRIORS}, got {prior!r}")
-        return prior
-    emb = spec.get("embedding") or {}
-    if emb.get("normalize") == "l2":
-        return "sphere"
-    if (emb.get("backbone_name") or emb.get("backbone")) == "identity":
-        return "box"
-    return "norm" if emb.get("mean_norm") else "none"
-
-
-class KKTObjective(nn.Module):
-    """The victim's fixed parameters and the KKT residual for K runs of candidates at once.
-
-    Weight-decay form: a victim trained with mean loss (1/n) sum_i l(x_i) plus an L2 penalty
-    (wd/2)||theta||^2 (SGD/Adam ``weight_decay``) stops at a *stationary* point, not at a KKT
-    point of margin maximisation: 0 = (1/n) sum_i l'_i grad phi(x_i) + wd * theta, i.e.
-    ``wd * theta = (1/n) sum_i |l'_i| y_i grad phi(x_i)`` with |l'_i| in (0, 1) for logistic/CE
-    losses (multiclass: the softmax probabilities of the wrong classes). So we match
-    ``wd * theta`` with coefficients lambda / n, and keep lambda in [lambda_min, 1].
-    """
-
-    def __init__(self, victim: VictimMLP, spec: dict, form: str, activation: str, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.form, self.activation = form, activation
-        self.num_classes = int(victim.num_classes)
-        self.multiclass = form.startswith("multiclass")
-        if self.multiclass != (victim.num_classes > 2):
-            raise ConfigError(f"reconstruct.form={form} does not fit a victim with {victim.num_classes} classes")
-        self.wd = form.endswith("_wd")
-        wd = float(spec.get("weight_decay") or 0.0)
-        if self.wd and wd <= 0:
-            raise ConfigError(f"reconstruct.form={form} needs a victim trained with weight_decay > 0 (victim.json says {wd})")
-        n = spec.get("n_train")
-        if self.wd and not n:
-            raise ConfigError("the weight-decay form needs the training-set size: victim.json has no n_train")
-        self.target_scale = wd if self.wd else 1.0
-        self.coef_scale = 1.0 / float(n) if self.wd else 1.0
-        self.has_bias = [layer.bias is not None for layer in victim.layers]
-        self.n_layers = len(victim.layers)
-        for i, layer in enumerate(victim.layers):
-            self.register_buffer(f"w{i}", layer.weight.detach().to(dtype).clone(), persistent=False)
-            if layer.bias is not None:
-                self.register_buffer(f"b{i}", layer.bias.detach().to(dtype).clone(), persistent=False)
-        self.register_buffer("target_sq", torch.zeros((), dtype=dtype), persistent=False)
-        self.target_sq = sum(((self.target_scale * p) ** 2).sum() for p in self.victim_params())
-
-    def victim_params(self) -> list[torch.Tensor]:
-        out = []
-        for i in range(self.n_layers):
-            out.append(getattr(self, f"w{i}"))
-            if self.has_bias[i]:
-                out.append(getattr(self, f"b{i}"))
-        return out
-
-    def forward_runs(self, x: torch.Tensor, alpha: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The victim on candidates x (K, m, D) with per-run parameter copies; logits (K, m, out)."""
-        act = make_activation(self.activation, alpha.view(-1, 1, 1))
-        h, k = x, 0
-        for i in range(self.n_layers):
-            h = torch.bmm(h, params[k].transpose(1, 2))
-            k += 1
-            if self.has_bias[i]:
-                h = h + params[k].unsqueeze(1)
-                k += 1
-            if i < self.n_layers - 1:
-                h = act(h)
-        return h
-
-    def coefficients(self, lam: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Weights of the logits in the scalar whose gradient must equal the target, (K, m, out).
-
-        binary: lambda_j * y_j (y in {-1, +1}); multiclass: for sample j of class y_j,
-        sum_{c != y} lambda_{j,c} on logit y_j and -lambda_{j,c} on logit c.
-        """
-        if not self.multiclass:
-            return (self.coef_scale * lam * (2.0 * y.to(lam.dtype) - 1.0)).unsqueeze(-1)
-        onehot = F.one_hot(y, self.num_classes).to(lam.dtype)
-        off = lam * (1.0 - onehot)
-        return self.coef_scale * (onehot * off.sum(-1, keepdim=True) - off)
-
-    def kkt(self, x: torch.Tensor, lam: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor,
-            create_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-run residual ||target - sum coef grad phi||^2 (absolute, relative), each (K,)."""
-        K = x.shape[0]
-        # Per-run leaves: expanded views (no copy) whose gradients are per run.
-        params = [p.expand(K, *p.shape).requires_grad_() for p in self.victim_params()]
-        with torch.enable_grad():
-            out = self.forward_runs(x, alpha, params)
-            s = (self.coefficients(lam, y) * out).sum()
-            grads = torch.autograd.grad(s, params, create_graph=create_graph)
-        res = torch.zeros(K, dtype=x.dtype, device=x.device)
-        for p, g in zip(self.victim_params(), grads):
-            res = res + (self.target_scale * p - g).pow(2).flatten(1).sum(1)
-        return res, res / self.target_sq
-
-    def lambda_penalty(self, lam: torch.Tensor, y: torch.Tensor, lambda_min: torch.Tensor) -> torch.Tensor:
-        """relu(lambda_min - lambda)^2 (and, for the weight-decay form, lambda <= 1) per run (K,)."""
-        lmin = lambda_min.view(-1, *([1] * (lam.dim() - 1)))
-        low = F.relu(lmin - lam).pow(2)
-        if self.multiclass:
-            mask = 1.0 - F.one_hot(y, self.num_classes).to(lam.dtype)
-            low = low * mask
-            pen = low.flatten(1).sum(1)
-            if self.wd:  # wrong-class softmax probabilities sum to at most 1
-                pen = pen + F.relu((lam * mask).sum(-1) - 1.0).pow(2).sum(1)
-            return pen
-        pen = low.sum(1)
-        if self.wd:  # |l'| <= 1 for the logistic loss
-            pen = pen + F.relu(lam - 1.0).pow(2).sum(1)
-        return pen
-
-
-def prior_penalty(x: torch.Tensor, prior: str, mean_norm: float | None, box: Sequence[float]) -> torch.Tensor:
-    """Keeps candidates in the embedding space's range, per run (K,)."""
-    if prior == "none":
-        return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    if prior == "sphere":  # l2-normalised embeddings live on the unit sphere
-        return (x.norm(dim=-1) - 1.0).pow(2).sum(1)
-    if prior == "norm":  # unnormalised embeddings: keep ||x|| near the training set's mean norm
-        ref = float(mean_norm or 1.0)
-        return (x.norm(dim=-1) / ref - 1.0).pow(2).sum(1)
-    if prior == "box":  # raw pixels
-        lo, hi = float(box[0]), float(box[1])
-        return (F.relu(lo - x).pow(2) + F.relu(x - hi).pow(2)).flatten(1).sum(1)
-    raise ConfigError(f"unknown prior {prior!r}; choose from {PRIORS}")
 
 
 # ----------------------------------------------------------------------------- the Lightning module
@@ -284,7 +108,8 @@ class ReconstructionModule(L.LightningModule):
     """K runs' candidates and multipliers as parameters; the victim is fixed (in ``objective``)."""
 
     def __init__(self, objective: KKTObjective, run_ids: Sequence[int], hparams: Sequence[dict], y: torch.Tensor,
-                 input_dim: int, rcfg: dict, prior: str, mean_norm: float | None, dtype: torch.dtype):
+                 input_dim: int, rcfg: dict, prior: str, mean_norm: float | None, dtype: torch.dtype,
+                 input_mean: torch.Tensor | None = None):
         super().__init__()
         self.automatic_optimization = False  # per-run masking of failed runs needs manual steps
         self.objective = objective
@@ -294,7 +119,11 @@ class ReconstructionModule(L.LightningModule):
         self.register_buffer("y", y.clone(), persistent=False)
         self.register_buffer("alpha", torch.tensor([h["alpha"] for h in self.hp], dtype=dtype), persistent=False)
         self.register_buffer("lambda_min", torch.tensor([h["lambda_min"] for h in self.hp], dtype=dtype), persistent=False)
-        lam_shape = (m, objective.num_classes) if objective.multiclass else (m,)
+        # Candidates live in the victim's input coordinates (centred if it was trained centred); the
+        # prior and everything written out use embedding coordinates, x + input_mean.
+        mean = torch.zeros(input_dim, dtype=dtype) if input_mean is None else input_mean.detach().to(dtype)
+        self.register_buffer("input_mean", mean.clone(), persistent=False)
+        lam_shape = objective.lambda_shape(m)
         xs, lams = [], []
         for h in self.hp:
             # Own generator per run: a run's init does not depend on which batch it is in.
@@ -328,7 +157,10 @@ class ReconstructionModule(L.LightningModule):
         x, lam = self.x(), self.lam()
         kkt_abs, kkt_rel = self.objective.kkt(x, lam, self.y.expand(len(x), -1), self.alpha, create_graph=create_graph)
         lam_pen = self.objective.lambda_penalty(lam, self.y.expand(len(x), -1), self.lambda_min)
-        prior = prior_penalty(x, self.prior, self.mean_norm, self.rcfg["box"])
+        low, high = self.rcfg["box"]
+        # The box bounds embedding coordinates, or (box_on=victim_input, the reference) the centred inputs.
+        on_input = self.prior == "box" and self.rcfg.get("box_on", "embedding") == "victim_input"
+        prior = prior_penalty(x if on_input else x + self.input_mean, self.prior, self.mean_norm, float(low), float(high))
         kkt = kkt_rel if self.rcfg["kkt_loss"] == "relative" else kkt_abs
         total = kkt + float(self.rcfg["lambda_weight"]) * lam_pen + float(self.rcfg["prior_weight"]) * prior
         return {"total": total, "kkt_abs": kkt_abs, "kkt_rel": kkt_rel, "lambda_penalty": lam_pen, "prior": prior}
@@ -339,22 +171,33 @@ class ReconstructionModule(L.LightningModule):
             log.warning("run %d: %s", self.run_ids[k], self.errors[k])
         self.active &= ~bad
 
-    def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
+    def optimization_step(self, opt: torch.optim.Optimizer, backward=None) -> dict[str, torch.Tensor] | None:
+        """One step of every still-healthy run; the terms before the step, or None when every run failed.
+        Used by training_step and, in a plain loop, by the benchmarks (``backward`` defaults to autograd's)."""
         terms = self.losses()
         self._mark_failed(~torch.isfinite(terms["total"].detach()), self.global_step)
         if not bool(self.active.any()):
-            self.trainer.should_stop = True
             return None
         # Only finished-so-far-healthy runs contribute; runs are independent, so the gradient of
         # the sum is each run's own gradient.
         total = torch.where(self.active, terms["total"], torch.zeros_like(terms["total"])).sum()
         opt.zero_grad(set_to_none=True)
-        self.manual_backward(total)
+        (backward or torch.autograd.backward)(total)
         for k in torch.nonzero(~self.active).flatten().tolist():
             self.xs[k].grad = None  # Adam/SGD skip parameters without a gradient
             self.lams[k].grad = None
         opt.step()
+        if self.rcfg.get("lambda_constraint", "project") == "project":
+            with torch.no_grad():  # dual feasibility: lambda >= 0 exactly, not only penalised below lambda_min
+                for lam in self.lams:
+                    self.objective.project_lambda(lam)
+        return terms
+
+    def training_step(self, batch, batch_idx):
+        terms = self.optimization_step(self.optimizers(), self.manual_backward)
+        if terms is None:
+            self.trainer.should_stop = True
+            return None
         rel = terms["kkt_rel"].detach()
         self.last_rel = rel.cpu()
         act = rel[self.active]
@@ -381,17 +224,13 @@ class ReconstructionModule(L.LightningModule):
         """Final state of every run: candidates, multipliers, losses recomputed at that state."""
         terms = self.losses(create_graph=False)
         self._mark_failed(~torch.isfinite(terms["total"]) | ~torch.isfinite(terms["kkt_rel"]), self.global_step, "final loss")
-        x, lam = self.x().detach(), self.lam().detach()
+        x, lam = self.x().detach() + self.input_mean, self.lam().detach()
+        lam_sum = self.objective.multiplier_sum(lam, self.y.expand(len(x), -1))
         out = []
         for k, run in enumerate(self.run_ids):
-            lam_k = lam[k]
-            if self.objective.multiclass:
-                off = lam_k * (1 - F.one_hot(self.y, self.objective.num_classes).to(lam_k.dtype))
-                lam_sum, lam_full = off.sum(-1), off
-            else:
-                lam_sum, lam_full = lam_k, None
+            lam_full = lam[k] if self.objective.per_class_multipliers else None
             out.append({
-                "run": run, "x": x[k], "y": self.y, "lam": lam_sum, "lam_full": lam_full,
+                "run": run, "x": x[k], "y": self.y, "lam": lam_sum[k], "lam_full": lam_full,
                 "status": "ok" if bool(self.active[k]) else "failed", "error": self.errors.get(k),
                 "final_loss": float(terms["kkt_rel"][k]), "final_loss_abs": float(terms["kkt_abs"][k]),
                 "lambda_penalty": float(terms["lambda_penalty"][k]), "prior": float(terms["prior"][k]),
@@ -434,43 +273,20 @@ def match_candidates(candidates: torch.Tensor, train_x: torch.Tensor, chunk: int
 
 
 def kkt_residual_at(victim: VictimMLP, spec: dict, x: torch.Tensor, y: torch.Tensor, form: str = "auto",
-                    steps: int = 300, lr: float = 0.05) -> dict:
-    """How well the victim's parameters are explained by the KKT / stationarity condition *at the true
-    training points* ``x`` (labels ``y``): the relative residual ||target - sum coef grad phi||^2 / ||target||^2
-    minimised over multipliers lambda >= 0 (exact ReLU derivative).
+                    steps: int = 300, lr: float = 0.05, multipliers: str = "runner_up") -> dict:
+    """How well the victim's parameters are explained by the KKT / stationarity condition at the points
+    ``x`` (embedding coordinates, labels ``y``): the relative residual ||target - sum coef grad phi||^2 /
+    ||target||^2 minimised over multipliers lambda >= 0 with the exact ReLU derivative
+    (:func:`recon_lightning.kkt.fit_multipliers`).
 
-    A diagnostic for evaluations: reconstruction can only find the training set if the victim is near a
-    KKT point of it. If candidates reach a lower residual than the truth, the objective is better
-    explained by other points, and failing to reconstruct says little about what the victim leaks.
-    Multipliers are ``c * exp(u)`` (c: the best common scale, fitted in closed form; u: Adam), so the
-    value is an upper bound on the minimum; the weight-decay form's bound lambda <= 1 is not imposed.
+    The same score for the true training set and for a run's candidates, so evaluations compare like with
+    like: reconstruction can only find the training set if the victim is near a KKT point of it, and if
+    candidates score lower than the truth, the objective is better explained by other points.
     """
     form = resolve_form(form, spec)
-    objective = KKTObjective(victim, spec, form, "relu_sigmoid_grad", torch.float64)
-    xs = x.to(torch.float64).unsqueeze(0)
-    ys = y.long().unsqueeze(0)
-    alpha = torch.tensor([1e6], dtype=torch.float64)  # sigmoid(1e6 h): ReLU's own derivative
-    lam_shape = (1, len(x), objective.num_classes) if objective.multiclass else (1, len(x))
-    with torch.no_grad():  # best common scale c for lambda = c * 1: <target, g> / <g, g>
-        params = [p.expand(1, *p.shape).requires_grad_() for p in objective.victim_params()]
-        with torch.enable_grad():
-            out = objective.forward_runs(xs, alpha, params)
-            g = torch.autograd.grad((objective.coefficients(torch.ones(lam_shape, dtype=torch.float64), ys) * out).sum(), params)
-        dot = sum((objective.target_scale * p * gi[0]).sum() for p, gi in zip(objective.victim_params(), g))
-        scale = float(dot / sum((gi ** 2).sum() for gi in g).clamp_min(1e-30))
-    scale = max(scale, 1e-12)
-    u = torch.zeros(lam_shape, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([u], lr=lr)
-    best = float("inf")
-    for _ in range(max(1, int(steps))):
-        _, rel = objective.kkt(xs, scale * u.exp(), ys, alpha)
-        best = min(best, float(rel.detach()))
-        opt.zero_grad()
-        rel.sum().backward()
-        opt.step()
-    with torch.no_grad():
-        _, rel = objective.kkt(xs, scale * u.exp(), ys, alpha, create_graph=False)
-    return {"form": form, "residual": min(best, float(rel)), "steps": int(steps)}
+    objective = KKTObjective(victim, spec, form, "relu_sigmoid_grad", torch.float64, multipliers=multipliers)
+    xc = x.to(torch.float64) - victim.input_offset().to(torch.float64)
+    return {"form": form, "residual": fit_multipliers(objective, xc, y, steps=steps, lr=lr), "steps": int(steps)}
 
 
 # ----------------------------------------------------------------------------- run files and merging
@@ -606,6 +422,14 @@ def _plan(cfg: DictConfig, spec: dict) -> dict:
         raise ConfigError(f"reconstruct.activation must be one of {ACTIVATIONS}, got {rcfg['activation']!r}")
     if rcfg["kkt_loss"] not in ("relative", "absolute"):
         raise ConfigError(f"reconstruct.kkt_loss must be relative or absolute, got {rcfg['kkt_loss']!r}")
+    if rcfg["multipliers"] not in MULTIPLIERS:
+        raise ConfigError(f"reconstruct.multipliers must be one of {MULTIPLIERS}, got {rcfg['multipliers']!r}")
+    if rcfg["lambda_constraint"] not in ("project", "penalty"):
+        raise ConfigError(f"reconstruct.lambda_constraint must be project or penalty, got {rcfg['lambda_constraint']!r}")
+    if rcfg["box_on"] not in ("embedding", "victim_input"):
+        raise ConfigError(f"reconstruct.box_on must be embedding or victim_input, got {rcfg['box_on']!r}")
+    if not isinstance(rcfg["lambda_per_candidate"], bool):
+        raise ConfigError(f"reconstruct.lambda_per_candidate must be true or false, got {rcfg['lambda_per_candidate']!r}")
     C = int(spec["num_classes"])
     if rcfg.get("candidates_per_class"):
         per_class = int(rcfg["candidates_per_class"])
@@ -688,8 +512,11 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
     train_x = _train_embeddings(cfg, run_dir, victim.input_dim)
     y = candidate_labels(int(spec["num_classes"]), plan["per_class"])
     mean_norm = (spec.get("embedding") or {}).get("mean_norm")
-    objective = KKTObjective(victim, spec, plan["form"], rcfg["activation"], dtype)
+    objective = KKTObjective(victim, spec, plan["form"], rcfg["activation"], dtype, multipliers=rcfg["multipliers"],
+                             per_candidate=bool(rcfg["lambda_per_candidate"]))
+    input_mean = victim.input_offset().detach().cpu() if victim.center else None
     common_meta = {"form": plan["form"], "prior": plan["prior"], "activation": rcfg["activation"], "dtype": rcfg["dtype"],
+                   "multipliers": rcfg["multipliers"], "lambda_per_candidate": bool(rcfg["lambda_per_candidate"]),
                    "seed": plan["seed"], "victim_dir": str(cfg.reconstruct.victim_dir or run_dir / "classifier")}
 
     mine = [r for r in range(num_runs) if r % world == rank]
@@ -709,7 +536,7 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
     for b in range(0, len(pending), K):
         batch = pending[b : b + K]
         module = ReconstructionModule(objective, batch, [hps[r] for r in batch], y, victim.input_dim, rcfg,
-                                      plan["prior"], mean_norm, dtype)
+                                      plan["prior"], mean_norm, dtype, input_mean=input_mean)
         # Long runs checkpoint every reconstruct.checkpoint_every_n_steps; a killed batch resumes there.
         every = int(rcfg["checkpoint_every_n_steps"])
         name = batch_name(batch, [hps[r] for r in batch])

@@ -45,8 +45,12 @@ class VictimMLP(nn.Module):
         num_classes: int,
         bias: Sequence[bool] | bool = True,
         init_scale: Sequence[float | None] | float | None = None,
+        center: bool = False,
     ):
         super().__init__()
+        self.center = bool(center)
+        if self.center:  # phi(x - mu): mu, the training embeddings' mean, is saved with the weights
+            self.register_buffer("input_mean", torch.zeros(int(input_dim)))
         if num_classes < 2:
             raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
         self.input_dim, self.hidden, self.num_classes = int(input_dim), [int(h) for h in hidden], int(num_classes)
@@ -64,6 +68,10 @@ class VictimMLP(nn.Module):
                 if layer.bias is not None:
                     nn.init.zeros_(layer.bias)
 
+    def input_offset(self) -> torch.Tensor:
+        """The mean subtracted from the inputs (zeros for a victim trained on raw embeddings)."""
+        return self.input_mean if self.center else torch.zeros(self.input_dim, device=self.layers[0].weight.device)
+
     @property
     def out_dim(self) -> int:
         return 1 if self.num_classes == 2 else self.num_classes
@@ -72,6 +80,8 @@ class VictimMLP(nn.Module):
         """Logits; (B,) for two classes, (B, C) otherwise. ``activation`` replaces ReLU
         (the reconstruction stage passes a ReLU with a smooth backward pass)."""
         act = activation or torch.relu
+        if self.center:
+            x = x - self.input_mean
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
@@ -86,6 +96,7 @@ class VictimMLP(nn.Module):
             "num_classes": self.num_classes,
             "bias": [bool(b) for b in self.bias],
             "activation": "relu",
+            "center": self.center,
         }
 
 
@@ -116,7 +127,7 @@ def load_victim(directory: str | Path, expected_input_dim: int | None = None) ->
     if spec.get("format") != VICTIM_FORMAT:
         raise ModelMismatchError(f"{directory / 'victim.json'}: unknown format {spec.get('format')!r}, expected {VICTIM_FORMAT!r}")
     state, _ = load_tensors(directory / "model.safetensors", what="victim weights")
-    model = VictimMLP(spec["input_dim"], spec["hidden"], spec["num_classes"], bias=spec["bias"])
+    model = VictimMLP(spec["input_dim"], spec["hidden"], spec["num_classes"], bias=spec["bias"], center=bool(spec.get("center")))
     expected = model.state_dict()
     if set(state) != set(expected):
         raise ModelMismatchError(
@@ -260,7 +271,10 @@ def run_stage(cfg, run_dir: Path) -> dict:
         raise ConfigError(f"classifier.loss={c.loss!r} does not fit {num_classes} classes (bce needs exactly 2)")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     as_plain = lambda v: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v  # noqa: E731
-    model = VictimMLP(emb.dim, list(c.hidden), num_classes, bias=as_plain(c.bias), init_scale=as_plain(c.init_scale))
+    model = VictimMLP(emb.dim, list(c.hidden), num_classes, bias=as_plain(c.bias), init_scale=as_plain(c.init_scale),
+                      center=bool(c.center))
+    if model.center:  # Haim et al.'s data_reduce_mean: the victim sees x - mean(train)
+        model.input_mean.copy_(emb.train_x.float().mean(0))
     if loss == "ce" and model.out_dim == 1:
         raise ConfigError("ce loss needs more than 2 classes")
     module = VictimModule(model, loss, c.optimizer, float(c.lr), float(c.momentum), float(c.weight_decay))

@@ -71,7 +71,7 @@ def test_multiclass_kkt_point_has_zero_loss():
     with torch.no_grad():
         v.layers[0].weight.copy_(c[:, None] * x)
         v.layers[1].weight.copy_((c * r**2)[None] * G.T)
-    obj = R.KKTObjective(v, {"weight_decay": 0.0}, "multiclass", "relu_sigmoid_grad", F64)
+    obj = R.KKTObjective(v, {"weight_decay": 0.0}, "multiclass", "relu_sigmoid_grad", F64, multipliers="all")
     _, rel = obj.kkt(x[None], lam[None], y[None], BIG_ALPHA)
     assert rel.item() < 1e-20
     lam_bad = lam.clone()
@@ -109,7 +109,7 @@ def test_weight_decay_stationary_point_has_zero_loss():
 def test_batched_forward_matches_victim_and_gradients_are_finite():
     torch.manual_seed(0)
     v = VictimMLP(5, [7, 6], 3, bias=[True, True, False]).double()
-    obj = R.KKTObjective(v, {"weight_decay": 0.0}, "multiclass", "relu_sigmoid_grad", F64)
+    obj = R.KKTObjective(v, {"weight_decay": 0.0}, "multiclass", "relu_sigmoid_grad", F64, multipliers="all")
     x = torch.randn(3, 4, 5, dtype=F64, requires_grad=True)
     alpha = torch.tensor([10.0, 50.0, 300.0], dtype=F64)
     params = [p.expand(3, *p.shape) for p in obj.victim_params()]
@@ -124,11 +124,33 @@ def test_batched_forward_matches_victim_and_gradients_are_finite():
     assert torch.isfinite(lam.grad).all() and lam.grad.abs().sum() > 0
     # double backward agrees with finite differences for the smooth (softplus) network
     # (relu_sigmoid_grad is deliberately not a true gradient: its forward is ReLU)
-    obj = R.KKTObjective(v, {"weight_decay": 0.0}, "multiclass", "softplus", F64)
+    obj = R.KKTObjective(v, {"weight_decay": 0.0}, "multiclass", "softplus", F64, multipliers="all")
     x0 = torch.randn(1, 2, 5, dtype=F64, requires_grad=True)
     lam0 = torch.rand(1, 2, 3, dtype=F64)
     f = lambda xx: obj.kkt(xx, lam0, torch.tensor([[0, 2]]), torch.tensor([20.0], dtype=F64))[0]
     assert torch.autograd.gradcheck(f, (x0,), eps=1e-6, atol=1e-5)
+
+
+def test_runner_up_multipliers_weight_the_margin_to_the_best_wrong_class():
+    """One multiplier per candidate on phi_y - max_{c != y} phi_c (Buzaglo et al.) equals the per-class form with
+    that candidate's whole multiplier on its runner-up class (found here with numpy, not the objective)."""
+    torch.manual_seed(3)
+    v = VictimMLP(5, [9], 4, bias=[True, False]).double()
+    x = torch.randn(2, 6, 5, dtype=F64)
+    y = torch.tensor([0, 1, 2, 3, 0, 1]).expand(2, -1)
+    lam = torch.rand(2, 6, dtype=F64)
+    logits = v(x.reshape(-1, 5)).detach().numpy().reshape(2, 6, 4)
+    lam_full = torch.zeros(2, 6, 4, dtype=F64)
+    for k in range(2):
+        for j in range(6):
+            wrong = [c for c in range(4) if c != int(y[k, j])]
+            lam_full[k, j, wrong[int(logits[k, j, wrong].argmax())]] = lam[k, j]
+    runner = R.KKTObjective(v, {"weight_decay": 0.0}, "multiclass", "relu_sigmoid_grad", F64, multipliers="runner_up")
+    every = R.KKTObjective(v, {"weight_decay": 0.0}, "multiclass", "relu_sigmoid_grad", F64, multipliers="all")
+    torch.testing.assert_close(runner.kkt(x, lam, y, BIG_ALPHA)[0], every.kkt(x, lam_full, y, BIG_ALPHA)[0])
+    # ... and 1/m scaling (per_candidate) is the reference's lambda / m: the residual of lambda / m unscaled
+    scaled = R.KKTObjective(v, {"weight_decay": 0.0}, "multiclass", "relu_sigmoid_grad", F64, per_candidate=True)
+    torch.testing.assert_close(scaled.kkt(x, lam, y, BIG_ALPHA)[0], runner.kkt(x, lam / 6, y, BIG_ALPHA)[0])
 
 
 def test_softplus_activation_and_hparam_sampling():
@@ -175,13 +197,13 @@ def _cfg(make_cfg, run_dir, *overrides):
 
 def test_batched_runs_equal_one_at_a_time(tmp_path, make_cfg):
     run_dir = _victim_dir(tmp_path, num_classes=3)
-    a = R.run_stage(_cfg(make_cfg, run_dir, "reconstruct.dtype=float64"), run_dir)
+    a = R.run_stage(_cfg(make_cfg, run_dir, "reconstruct.dtype=float64", "reconstruct.multipliers=all"), run_dir)
     ta = {r: load_tensors(R.run_path(run_dir, r))[0] for r in range(4)}
     other = tmp_path / "other"
     (other / "classifier").mkdir(parents=True)
     for f in ("model.safetensors", "victim.json"):
         (other / "classifier" / f).write_bytes((run_dir / "classifier" / f).read_bytes())
-    b = R.run_stage(_cfg(make_cfg, other, "reconstruct.dtype=float64", "reconstruct.runs_per_batch=1"), other)
+    b = R.run_stage(_cfg(make_cfg, other, "reconstruct.dtype=float64", "reconstruct.multipliers=all", "reconstruct.runs_per_batch=1"), other)
     assert a["runs_ok"] == b["runs_ok"] == 4 and a["form"] == "multiclass"
     for r in range(4):
         tb = load_tensors(R.run_path(other, r))[0]
@@ -461,3 +483,88 @@ def test_auditing_a_victim_from_elsewhere_checks_sizes_before_any_work(tmp_path,
     main_with_config(make_cfg(*audit, "stage=reconstruct", "reconstruct.steps=3", "reconstruct.num_runs=1",
                               run_dir=run_dir))
     assert (run_dir / "reconstruct" / "DONE.json").is_file()
+
+
+# ----------------------------------------------------------------------------- recovery through the real stage
+
+
+def _save_exact_victim(run_dir: Path, v: VictimMLP, n_train: int, weight_decay: float, loss: str) -> None:
+    save_victim(run_dir / "classifier", v.float(), {"loss": loss, "weight_decay": weight_decay, "n_train": n_train,
+                                                     "embedding": {"normalize": "none"}})
+
+
+def _recovered(run_dir: Path, train: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best cosine of every training point, and of every control point, over all candidates the stage wrote."""
+    cands = R.load_candidates(run_dir).x.double()
+    best = lambda pts: (F.normalize(pts, dim=1) @ F.normalize(cands, dim=1).T).max(1).values  # noqa: E731
+    return best(train), best(other)
+
+
+def test_stage_recovers_the_training_set_of_a_binary_victim_at_a_kkt_point(tmp_path, make_cfg):
+    """No weight decay: a 2-layer net at an exact KKT point of 4 points (theta = sum lambda y grad phi), saved
+    as a victim and reconstructed by the real stage (Trainer, ReconstructionModule, run files, merge): every
+    training point has a candidate at cosine > 0.99, and points of another such set have none above 0.9.
+
+    m = n candidates (multiplier=1): with one hidden unit per point, the KKT condition fixes only the
+    lambda-weighted sum of the candidates inside each unit's active region, so with m = 2n a point can be
+    split between two candidates at zero loss (measured: loss 1e-14, cosines 0.84-0.92)."""
+    v, x, y, _ = kkt_binary_victim(n=4, D=6, seed=0)
+    other = simplex_points(4, 6, torch.ones(4, dtype=F64), seed=5)
+    run_dir = tmp_path / "run"
+    _save_exact_victim(run_dir, v, 4, 0.0, "bce")
+    cfg = make_cfg("logger.name=none", "reconstruct.num_runs=8", "reconstruct.runs_per_batch=8", "reconstruct.steps=1500",
+                   "reconstruct.multiplier=1", "reconstruct.lr=[0.01, 0.05]", "reconstruct.prior=none", "reconstruct.checkpoint_every_n_steps=0",
+                   "reconstruct.score_with_train=false", run_dir=run_dir)
+    summary = R.run_stage(cfg, run_dir)
+    assert summary["form"] == "binary" and summary["runs_ok"] == 8
+    train_best, other_best = _recovered(run_dir, x, other)
+    assert train_best.min().item() > 0.99, train_best.tolist()
+    assert other_best.max().item() < 0.9, other_best.tolist()
+
+
+def test_stage_recovers_the_training_set_of_a_multiclass_victim(tmp_path, make_cfg):
+    """Multiclass (3 classes, cross-entropy + weight decay, trained to a stationary point): the real stage's
+    multiclass_wd form recovers all 6 training points (cosine > 0.95); a control set is not matched."""
+    D, H, wd = 10, 60, 1e-2
+    g = torch.Generator().manual_seed(0)
+    # two unit vectors per class: same-class pairs at cosine -0.7 (one ReLU unit cannot serve both), the
+    # others at -0.05 (units stay off other points without sitting on a kink; see identifiable_points)
+    G = torch.full((6, 6), -0.05, dtype=F64)
+    for i in range(3):
+        G[i, i + 3] = G[i + 3, i] = -0.7
+    G.fill_diagonal_(1.0)
+    q, _ = torch.linalg.qr(torch.randn(D, 6, dtype=F64, generator=g))
+    x = torch.linalg.cholesky(G) @ q.T
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    other = F.normalize(torch.randn(6, D, dtype=F64, generator=g), dim=1)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+    v = VictimMLP(D, [H], 3, bias=False, init_scale=[0.1, 0.1]).double()
+    opt = torch.optim.LBFGS(v.parameters(), lr=1, max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(v(x), y) + wd / 2 * sum(p.pow(2).sum() for p in v.parameters())
+        loss.backward()
+        return loss
+
+    try:
+        for _ in range(3):
+            opt.step(closure)
+        # stationary: the gradient of the regularised loss vanishes (independent of the stage's objective)
+        closure()
+        assert max(p.grad.abs().max().item() for p in v.parameters()) < 1e-6
+        run_dir = tmp_path / "run"
+        _save_exact_victim(run_dir, v, 6, wd, "ce")
+        cfg = make_cfg("logger.name=none", "reconstruct.num_runs=8", "reconstruct.runs_per_batch=8",
+                       "reconstruct.steps=1500", "reconstruct.multiplier=1", "reconstruct.lr=[0.01, 0.05]",
+                       "reconstruct.prior=none", "reconstruct.multipliers=all", "reconstruct.lambda_min=0.0", "reconstruct.checkpoint_every_n_steps=0",
+                       "reconstruct.score_with_train=false", run_dir=run_dir)
+        summary = R.run_stage(cfg, run_dir)
+    finally:
+        torch.set_flush_denormal(False)
+    assert summary["form"] == "multiclass_wd" and summary["runs_ok"] == 8
+    train_best, other_best = _recovered(run_dir, x, other)
+    assert train_best.min().item() > 0.95, train_best.tolist()
+    assert other_best.max().item() < 0.9, other_best.tolist()

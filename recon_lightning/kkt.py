@@ -1,0 +1,274 @@
+"""The reconstruction objective: KKT / stationarity residuals of a victim MLP, pure tensors.
+
+No Lightning and no I/O here: the reconstruct stage, evaluate's diagnostic and the benchmarks all
+import this module. A ReLU network trained to convergence on a classification loss ends near a KKT
+point of the margin-maximisation problem (Haim et al. 2022; Buzaglo et al. 2023)::
+
+    theta = sum_j lambda_j y_j grad_theta phi(x_j),   lambda_j >= 0                    (binary)
+    theta = sum_j lambda_j grad_theta (phi_{y_j} - max_{c != y_j} phi_c)(x_j)          (multiclass, runner-up)
+
+``sum_j lambda_j y_j grad phi(x_j)`` is the gradient of the scalar ``sum_j lambda_j y_j phi(x_j)``:
+one backward pass with ``create_graph=True``, no per-sample gradients. K independent runs are
+evaluated at once: candidates are a (K, m, D) tensor and the victim's weights are *expanded* to
+(K, out, in) leaves, so one backward gives every run its own gradient (a batched matmul per layer).
+
+Coordinates: a victim trained on mean-subtracted inputs (``classifier.center``) is written
+``phi(x - mu)``; this module works in its centred input space (the layers only), and the
+reconstruct stage adds ``mu`` back to the candidates it writes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+FORMS = ("binary", "multiclass", "binary_wd", "multiclass_wd")
+ACTIVATIONS = ("relu_sigmoid_grad", "softplus")
+PRIORS = ("sphere", "norm", "box", "none")
+MULTIPLIERS = ("runner_up", "all")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+class ReluSigmoidGrad(torch.autograd.Function):
+    """ReLU forward, ``sigmoid(alpha * x)`` as its derivative (Haim et al.'s smooth surrogate).
+
+    The backward is written with differentiable torch ops, so a second backward through it
+    (needed because the loss contains a gradient) gets the surrogate's own derivative.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, alpha)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, alpha = ctx.saved_tensors
+        return grad_out * torch.sigmoid(alpha * x), None
+
+
+def make_activation(kind: str, alpha: torch.Tensor):
+    """The activation used in place of ReLU; ``alpha`` broadcasts against the pre-activations."""
+    if kind == "relu_sigmoid_grad":
+        return lambda h: ReluSigmoidGrad.apply(h, alpha)
+    if kind == "softplus":
+        return lambda h: F.softplus(alpha * h) / alpha
+    raise ConfigError(f"reconstruct.activation must be one of {ACTIVATIONS}, got {kind!r}")
+
+
+# ----------------------------------------------------------------------------- choosing the form
+
+
+def resolve_form(form: str, spec: dict) -> str:
+    """``auto``: multiclass if more than 2 classes; ``_wd`` (stationarity) if trained with weight decay."""
+    if form != "auto":
+        if form not in FORMS:
+            raise ConfigError(f"reconstruct.form must be auto or one of {FORMS}, got {form!r}")
+        return form
+    base = "binary" if int(spec["num_classes"]) == 2 else "multiclass"
+    return base + ("_wd" if float(spec.get("weight_decay") or 0.0) > 0 else "")
+
+
+def resolve_prior(prior: str, spec: dict) -> str:
+    if prior != "auto":
+        if prior not in PRIORS:
+            raise ConfigError(f"reconstruct.prior must be auto or one of {PRIORS}, got {prior!r}")
+        return prior
+    emb = spec.get("embedding") or {}
+    if emb.get("normalize") == "l2":
+        return "sphere"
+    if (emb.get("backbone_name") or emb.get("backbone")) == "identity":
+        return "box"
+    return "norm" if emb.get("mean_norm") else "none"
+
+
+# ----------------------------------------------------------------------------- the objective
+
+
+class KKTObjective(nn.Module):
+    """The victim's fixed parameters and the KKT residual for K runs of candidates at once.
+
+    Multipliers: ``lam`` is (K, m) (binary, and multiclass with ``multipliers="runner_up"``: one
+    multiplier on the margin to the best wrong class, as Buzaglo et al.) or (K, m, C)
+    (``multipliers="all"``: one per wrong class). ``per_candidate=True`` divides the coefficients by
+    m, the number of candidates per run, as the reference implementations do; the published
+    ``lambda_min`` ranges assume it.
+
+    Weight-decay form: a victim trained with mean loss (1/n) sum_i l(x_i) plus an L2 penalty
+    (wd/2)||theta||^2 (SGD/Adam ``weight_decay``) stops at a *stationary* point, not at a KKT
+    point of margin maximisation: 0 = (1/n) sum_i l'_i grad phi(x_i) + wd * theta, i.e.
+    ``wd * theta = (1/n) sum_i |l'_i| y_i grad phi(x_i)`` with |l'_i| in (0, 1) for logistic/CE
+    losses. So we match ``wd * theta`` with coefficients lambda / n (n = n_train, whatever m is),
+    and keep lambda in [0, 1].
+    """
+
+    def __init__(self, victim, spec: dict, form: str, activation: str, dtype: torch.dtype = torch.float32,
+                 multipliers: str = "runner_up", per_candidate: bool = False):
+        super().__init__()
+        self.form, self.activation = form, activation
+        self.num_classes = int(victim.num_classes)
+        self.multiclass = form.startswith("multiclass")
+        if self.multiclass != (victim.num_classes > 2):
+            raise ConfigError(f"reconstruct.form={form} does not fit a victim with {victim.num_classes} classes")
+        if multipliers not in MULTIPLIERS:
+            raise ConfigError(f"reconstruct.multipliers must be one of {MULTIPLIERS}, got {multipliers!r}")
+        self.per_class_multipliers = self.multiclass and multipliers == "all"
+        self.wd = form.endswith("_wd")
+        wd = float(spec.get("weight_decay") or 0.0)
+        if self.wd and wd <= 0:
+            raise ConfigError(f"reconstruct.form={form} needs a victim trained with weight_decay > 0 (victim.json says {wd})")
+        n = spec.get("n_train")
+        if self.wd and not n:
+            raise ConfigError("the weight-decay form needs the training-set size: victim.json has no n_train")
+        self.per_candidate = bool(per_candidate) and not self.wd  # the wd form's scale is fixed by n_train
+        self.target_scale = wd if self.wd else 1.0
+        self.coef_scale = 1.0 / float(n) if self.wd else 1.0
+        self.has_bias = [layer.bias is not None for layer in victim.layers]
+        self.n_layers = len(victim.layers)
+        for i, layer in enumerate(victim.layers):
+            self.register_buffer(f"w{i}", layer.weight.detach().to(dtype).clone(), persistent=False)
+            if layer.bias is not None:
+                self.register_buffer(f"b{i}", layer.bias.detach().to(dtype).clone(), persistent=False)
+        self.register_buffer("target_sq", torch.zeros((), dtype=dtype), persistent=False)
+        self.target_sq = sum(((self.target_scale * p) ** 2).sum() for p in self.victim_params())
+
+    def lambda_shape(self, m: int) -> tuple[int, ...]:
+        return (m, self.num_classes) if self.per_class_multipliers else (m,)
+
+    def victim_params(self) -> list[torch.Tensor]:
+        out = []
+        for i in range(self.n_layers):
+            out.append(getattr(self, f"w{i}"))
+            if self.has_bias[i]:
+                out.append(getattr(self, f"b{i}"))
+        return out
+
+    def forward_runs(self, x: torch.Tensor, alpha: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The victim on candidates x (K, m, D) with per-run parameter copies; logits (K, m, out)."""
+        act = make_activation(self.activation, alpha.view(-1, 1, 1))
+        h, k = x, 0
+        for i in range(self.n_layers):
+            h = torch.bmm(h, params[k].transpose(1, 2))
+            k += 1
+            if self.has_bias[i]:
+                h = h + params[k].unsqueeze(1)
+                k += 1
+            if i < self.n_layers - 1:
+                h = act(h)
+        return h
+
+    def weighted_output(self, out: torch.Tensor, lam: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The scalar per run whose parameter gradient must equal the target, (K,).
+
+        binary: sum_j lambda_j y_j phi(x_j) (y in {-1, +1}); multiclass runner-up:
+        sum_j lambda_j (phi_{y_j} - max_{c != y_j} phi_c)(x_j); multiclass all: sum_j sum_{c != y_j}
+        lambda_{j,c} (phi_{y_j} - phi_c)(x_j). Times 1/n (wd form) or 1/m (``per_candidate``).
+        """
+        scale = self.coef_scale / (out.shape[1] if self.per_candidate else 1.0)
+        if not self.multiclass:
+            return scale * (lam * (2.0 * y.to(lam.dtype) - 1.0) * out[..., 0]).sum(1)
+        true = out.gather(2, y.unsqueeze(-1)).squeeze(-1)
+        if self.per_class_multipliers:
+            onehot = F.one_hot(y, self.num_classes).to(lam.dtype)
+            off = lam * (1.0 - onehot)
+            return scale * (off * (true.unsqueeze(-1) - out)).sum((1, 2))
+        others = out.masked_fill(F.one_hot(y, self.num_classes).bool(), float("-inf"))
+        return scale * (lam * (true - others.max(-1).values)).sum(1)
+
+    def kkt(self, x: torch.Tensor, lam: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor,
+            create_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-run residual ||target - sum coef grad phi||^2 (absolute, relative), each (K,)."""
+        K = x.shape[0]
+        # Per-run leaves: expanded views (no copy) whose gradients are per run.
+        params = [p.expand(K, *p.shape).requires_grad_() for p in self.victim_params()]
+        with torch.enable_grad():
+            out = self.forward_runs(x, alpha, params)
+            s = self.weighted_output(out, lam, y).sum()
+            grads = torch.autograd.grad(s, params, create_graph=create_graph)
+        res = torch.zeros(K, dtype=x.dtype, device=x.device)
+        for p, g in zip(self.victim_params(), grads):
+            res = res + (self.target_scale * p - g).pow(2).flatten(1).sum(1)
+        return res, res / self.target_sq
+
+    def lambda_penalty(self, lam: torch.Tensor, y: torch.Tensor, lambda_min: torch.Tensor) -> torch.Tensor:
+        """relu(lambda_min - lambda)^2 (and, for the weight-decay form, lambda <= 1) per run (K,)."""
+        lmin = lambda_min.view(-1, *([1] * (lam.dim() - 1)))
+        low = F.relu(lmin - lam).pow(2)
+        if self.per_class_multipliers:
+            mask = 1.0 - F.one_hot(y, self.num_classes).to(lam.dtype)
+            pen = (low * mask).flatten(1).sum(1)
+            if self.wd:  # wrong-class softmax probabilities sum to at most 1
+                pen = pen + F.relu((lam * mask).sum(-1) - 1.0).pow(2).sum(1)
+            return pen
+        pen = low.sum(1)
+        if self.wd:  # |l'| <= 1 for the logistic / softmax loss
+            pen = pen + F.relu(lam - 1.0).pow(2).sum(1)
+        return pen
+
+    def project_lambda(self, lam: torch.Tensor) -> None:
+        """Dual feasibility, in place: lambda >= 0 (and <= 1 for the weight-decay form)."""
+        lam.clamp_(min=0.0)
+        if self.wd and not self.per_class_multipliers:
+            lam.clamp_(max=1.0)
+
+    def multiplier_sum(self, lam: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One multiplier per candidate (K, m): per-class multipliers summed over the wrong classes."""
+        if not self.per_class_multipliers:
+            return lam
+        return (lam * (1.0 - F.one_hot(y, self.num_classes).to(lam.dtype))).sum(-1)
+
+
+def prior_penalty(x: torch.Tensor, prior: str, mean_norm: float | None, box_low: torch.Tensor | float,
+                  box_high: torch.Tensor | float) -> torch.Tensor:
+    """Keeps candidates (in embedding coordinates) in the embedding space's range, per run (K,)."""
+    if prior == "none":
+        return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    if prior == "sphere":  # l2-normalised embeddings live on the unit sphere
+        return (x.norm(dim=-1) - 1.0).pow(2).sum(1)
+    if prior == "norm":  # unnormalised embeddings: keep ||x|| near the training set's mean norm
+        ref = float(mean_norm or 1.0)
+        return (x.norm(dim=-1) / ref - 1.0).pow(2).sum(1)
+    if prior == "box":  # raw pixels
+        return (F.relu(box_low - x).pow(2) + F.relu(x - box_high).pow(2)).flatten(1).sum(1)
+    raise ConfigError(f"unknown prior {prior!r}; choose from {PRIORS}")
+
+
+def fit_multipliers(objective: KKTObjective, x: torch.Tensor, y: torch.Tensor, steps: int = 300,
+                    lr: float = 0.05) -> float:
+    """The relative KKT residual of points ``x`` (m, D, victim coordinates) with labels ``y``, minimised over
+    multipliers lambda >= 0 with the *exact* ReLU derivative: how well these points explain the victim.
+
+    The same score for any set of points (the true training set, or a run's candidates), so the two can be
+    compared. Multipliers are ``c * exp(u)`` (c: the best common scale, in closed form; u: Adam), so the value
+    is an upper bound on the minimum; the weight-decay form's bound lambda <= 1 is not imposed.
+    """
+    dtype = objective.target_sq.dtype
+    xs, ys = x.to(dtype).unsqueeze(0), y.long().unsqueeze(0)
+    alpha = torch.tensor([1e6], dtype=dtype)  # sigmoid(1e6 h): ReLU's own derivative
+    shape = (1, *objective.lambda_shape(len(x)))
+    params = [p.expand(1, *p.shape).requires_grad_() for p in objective.victim_params()]
+    with torch.enable_grad():  # best common scale c for lambda = c * 1: <target, g> / <g, g>
+        out = objective.forward_runs(xs, alpha, params)
+        g = torch.autograd.grad(objective.weighted_output(out, torch.ones(shape, dtype=dtype), ys).sum(), params)
+    dot = sum((objective.target_scale * p * gi[0]).sum() for p, gi in zip(objective.victim_params(), g))
+    scale = max(float(dot / sum((gi ** 2).sum() for gi in g).clamp_min(1e-30)), 1e-12)
+    u = torch.zeros(shape, dtype=dtype, requires_grad=True)
+    opt = torch.optim.Adam([u], lr=lr)
+    best = float("inf")
+    for _ in range(max(1, int(steps))):
+        _, rel = objective.kkt(xs, scale * u.exp(), ys, alpha)
+        best = min(best, float(rel.detach()))
+        opt.zero_grad()
+        rel.sum().backward()
+        opt.step()
+    with torch.no_grad():
+        _, rel = objective.kkt(xs, scale * u.exp(), ys, alpha, create_graph=False)
+    return min(best, float(rel))
