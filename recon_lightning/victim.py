@@ -16,6 +16,7 @@ logits otherwise (CE).
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -177,35 +178,54 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class VictimModule(L.LightningModule):
-    """Full-batch training of the victim MLP (the data loader yields the whole training set)."""
+    """Full-batch training of the victim MLP (the data loader yields the whole training set).
 
-    def __init__(self, model: VictimMLP, loss: str, optimizer: str, lr: float, momentum: float, weight_decay: float):
+    ``epochs_per_step`` full-batch epochs run inside one Lightning training step (manual optimisation:
+    each is one optimiser step, so ``global_step`` still counts epochs), and the host is touched only
+    once per call (metrics, the divergence check): Lightning's per-step overhead would otherwise
+    dominate a small victim's epoch. The result is the same as one epoch per step.
+    """
+
+    def __init__(self, model: VictimMLP, loss: str, optimizer: str, lr: float, momentum: float, weight_decay: float,
+                 epochs_per_step: int = 1):
         super().__init__()
+        self.automatic_optimization = False
         self.model, self.loss_kind = model, loss
         self.optimizer_name, self.lr, self.momentum, self.weight_decay = optimizer, lr, momentum, weight_decay
+        self.epochs_per_step = max(1, int(epochs_per_step))
 
     def forward(self, x):
         return self.model(x)
 
-    def _step(self, batch, prefix: str):
-        x, y = batch
-        logits = self.model(x)
-        loss = loss_fn(logits, y, self.loss_kind)
+    def _log(self, logits, y, loss, prefix: str) -> None:
         m = margins(logits.detach(), y)
         self.log_dict(
-            {f"{prefix}/loss": loss, f"{prefix}/acc": accuracy(logits, y), f"{prefix}/margin_min": m.min(),
+            {f"{prefix}/loss": loss.detach(), f"{prefix}/acc": accuracy(logits.detach(), y), f"{prefix}/margin_min": m.min(),
              f"{prefix}/margin_mean": m.mean()},
-            on_step=False, on_epoch=True, prog_bar=prefix == "train", batch_size=len(x), sync_dist=True,
+            on_step=False, on_epoch=True, prog_bar=prefix == "train", batch_size=len(y), sync_dist=True,
         )
         if not torch.isfinite(loss):
             raise DivergedError(f"victim training diverged ({prefix} loss {loss.item()}); lower classifier.lr")
-        return loss
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        x, y = batch
+        opt = self.optimizers()
+        todo = self.epochs_per_step
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            todo = min(todo, self.trainer.max_steps - self.global_step)
+        for _ in range(max(1, todo)):
+            logits = self.model(x)
+            loss = loss_fn(logits, y, self.loss_kind)
+            opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            opt.step()
+        self._log(logits, y, loss, "train")  # the last epoch's metrics (before its update), one sync per call
+        return None
 
     def validation_step(self, batch, batch_idx):
-        self._step(batch, "test")
+        x, y = batch
+        logits = self.model(x)
+        self._log(logits, y, loss_fn(logits, y, self.loss_kind), "test")
 
     def configure_optimizers(self):
         params = self.model.parameters()
@@ -277,7 +297,10 @@ def run_stage(cfg, run_dir: Path) -> dict:
         model.input_mean.copy_(emb.train_x.float().mean(0))
     if loss == "ce" and model.out_dim == 1:
         raise ConfigError("ce loss needs more than 2 classes")
-    module = VictimModule(model, loss, c.optimizer, float(c.lr), float(c.momentum), float(c.weight_decay))
+    epochs = int(cfg.trainer.max_epochs)
+    # Epochs per Lightning step: the largest that keeps logging, checkpoints and the end on whole steps.
+    per_step = math.gcd(math.gcd(int(c.log_every_n_epochs), int(c.checkpoint_every_n_epochs) or epochs), epochs)
+    module = VictimModule(model, loss, c.optimizer, float(c.lr), float(c.momentum), float(c.weight_decay), per_step)
     has_test = len(emb.test_x) > 0
     # Full batch: one step per epoch, so logging every N steps is logging every N epochs.
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
@@ -295,8 +318,10 @@ def run_stage(cfg, run_dir: Path) -> dict:
             resume_from = None
     trainer = make_trainer(
         cfg, run_dir, "classifier",
-        check_val_every_n_epoch=int(c.log_every_n_epochs),
-        log_every_n_steps=int(c.log_every_n_epochs),
+        max_epochs=-1,  # max_steps (= epochs: one optimiser step per epoch) ends training
+        max_steps=epochs,
+        check_val_every_n_epoch=max(1, int(c.log_every_n_epochs) // per_step),
+        log_every_n_steps=1,
         callbacks=[ckpt_callback],
         default_root_dir=str(checkpoint_dir(run_dir, "classifier")),
         limit_val_batches=1.0 if has_test else 0,

@@ -1,0 +1,179 @@
+"""Reconstruction study: does the victim leak its training set, and how does that change with compute and recipe?
+
+On the default data (scikit-learn digits, odd vs even, raw pixels, the pipeline's own split), for each row: a
+victim trained with a classifier preset, then K reconstruction runs with a reconstruct preset (plus overrides),
+scored against steps with the report's own metrics:
+
+* ``leak_rate``: fraction of training images whose best candidate is closer (cosine) than the nearest held-out
+  image (the test split) — memorisation, not "looks like a digit";
+* ``frac_train_ssim_gt_0.4``: the reference's image metric (NCC-nearest candidate, SSIM window 3).
+
+Sections: ``compute`` (the default and the reference presets against candidate-steps), ``ablation`` (each change
+of the reference-method issue, cumulatively, on one victim), ``n`` (training-set size), ``epochs`` (victim training
+length). Uses the stage's own pieces (config presets composed by Hydra, VictimMLP, ReconstructionModule and its
+optimisers, the KKT objective) in plain loops; the Lightning stages add nothing to these numbers.
+
+    python benchmarks/study_reconstruct.py --scale cpu --out study.json     # minutes on 2 cores (small)
+    python benchmarks/study_reconstruct.py --scale gpu --out study.json     # the docs/results.md tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from recon_lightning import reconstruct as R
+from recon_lightning.data import load_dataset
+from recon_lightning.evaluate import leak_figures, reference_ssim_figures
+from recon_lightning.fit import load_config
+from recon_lightning.kkt import KKTObjective, resolve_form
+from recon_lightning.victim import VictimMLP, loss_fn, margins
+
+PREVIOUS_DEFAULTS = ["classifier.center=false", "classifier.hidden=[1000,1000]", "classifier.bias=[true,false,false]",
+                     "classifier.init_scale=[0.001,0.001,0.001]", "classifier.weight_decay=0.0", "classifier.epochs=3000",
+                     "classifier.lr=0.5"]
+OLD_RECON = ["reconstruct.lambda_per_candidate=false", "reconstruct.lambda_weight=1.0",
+             "reconstruct.lambda_constraint=penalty"]
+OLD_RECON_BASE = ["reconstruct.lr=0.01", "reconstruct.lambda_min=[0.01,0.1]"]  # the previous defaults' other values
+
+
+def digits(n_per_class: int, seed: int = 0):
+    cfg = load_config([f"data.n_per_class={n_per_class}", f"seed={seed}"])
+    ds = load_dataset(cfg.data, seed)
+    flat = lambda split: torch.tensor(np.stack([np.asarray(s, dtype=np.float32).reshape(-1) / 255.0 for s in split.samples]))  # noqa: E731
+    return flat(ds.train), torch.tensor(ds.train.labels), flat(ds.test), ds.native_size or (1, 8, 8)
+
+
+def train_victim(c, x, y, device, epochs=None) -> tuple[VictimMLP, dict]:
+    """The classifier stage's recipe (full batch, BCE, the preset's optimiser), as a plain loop."""
+    as_list = lambda v: list(v) if v is not None and not isinstance(v, (int, float, bool)) else v  # noqa: E731
+    torch.manual_seed(0)
+    v = VictimMLP(x.shape[1], list(c.hidden), 2, bias=as_list(c.bias), init_scale=as_list(c.init_scale), center=bool(c.center))
+    if v.center:
+        v.input_mean.copy_(x.mean(0))
+    v = v.to(device)
+    xd, yd = x.to(device), y.to(device)
+    opt = (torch.optim.SGD(v.parameters(), lr=float(c.lr), momentum=float(c.momentum), weight_decay=float(c.weight_decay))
+           if c.optimizer == "sgd" else torch.optim.Adam(v.parameters(), lr=float(c.lr), weight_decay=float(c.weight_decay)))
+    for _ in range(int(epochs or c.epochs)):
+        loss = loss_fn(v(xd), yd, "bce")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    v = v.cpu().eval()
+    with torch.no_grad():
+        m = margins(v(x), y)
+    return v, {"train_loss": float(loss_fn(v(x), y, "bce")), "train_acc": float((m > 0).float().mean()),
+               "margin_min": float(m.min())}
+
+
+def run_recipe(victim, spec, rcfg, x_train, x_test, shape, device, steps, evals, runs, budget_end):
+    """K runs of the reconstruct preset, scored at each step in ``evals`` (union of all runs' candidates)."""
+    form = resolve_form(rcfg["form"], spec)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[rcfg["dtype"]]
+    obj = KKTObjective(victim, spec, form, rcfg["activation"], dtype, multipliers=rcfg["multipliers"],
+                       per_candidate=bool(rcfg["lambda_per_candidate"]))
+    per_class = math.ceil(float(rcfg["multiplier"]) * spec["n_train"] / 2)
+    hps = [R.sample_hparams(rcfg, 0, r) for r in range(runs)]
+    prior = "box"
+    module = R.ReconstructionModule(obj, list(range(runs)), hps, R.candidate_labels(2, per_class), x_train.shape[1], rcfg,
+                                    prior, None, dtype, input_mean=victim.input_offset() if victim.center else None).to(device)
+    opt = module.configure_optimizers()
+    train_img = x_train.reshape(-1, *shape)
+    rows, t0 = [], time.time()
+    for step in range(1, steps + 1):
+        if module.optimization_step(opt) is None:
+            break
+        if step in evals or step == steps or time.time() > budget_end:
+            with torch.no_grad():
+                cands = (module.x() + module.input_mean).detach().float().cpu()[module.active.cpu()].reshape(-1, x_train.shape[1])
+                rel = module.losses(create_graph=False)["kkt_rel"].detach().cpu()
+            leak = leak_figures(x_train, cands, x_test)
+            ssim = reference_ssim_figures(train_img, cands.reshape(-1, *shape))
+            rows.append({"step": step, "seconds": round(time.time() - t0, 1),
+                         "candidate_steps": int(step * runs * per_class * 2), "leak_rate": leak["leak_rate"],
+                         "leak_rate_one_to_one": leak["leak_rate_one_to_one"],
+                         "frac_train_ssim_gt_0.4": ssim["frac_train_ssim_gt_0.4"],
+                         "kkt_rel_median": float(rel[module.active.cpu()].median()) if module.active.any() else None,
+                         "runs_ok": int(module.active.sum())})
+            print(f"    step {step:6d} {rows[-1]['seconds']:7.1f}s leak {rows[-1]['leak_rate']:.2f} (1:1 "
+                  f"{rows[-1]['leak_rate_one_to_one']:.2f}) ssim>0.4 {rows[-1]['frac_train_ssim_gt_0.4']:.2f} "
+                  f"kkt {rows[-1]['kkt_rel_median']}", flush=True)
+            if time.time() > budget_end:
+                rows[-1]["stopped_by_budget"] = True
+                break
+    return {"form": form, "candidates_per_run": per_class * 2, "curve": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--sections", default="compute,ablation,n,epochs")
+    ap.add_argument("--budget-s", type=float, default=None, help="stop (and write what is measured) after this long")
+    ap.add_argument("--out", default="study_reconstruct.json")
+    args = ap.parse_args()
+    device = torch.device("cuda" if args.scale == "gpu" and torch.cuda.is_available() else "cpu")
+    big = args.scale == "gpu"
+    steps, runs = (3000, 16) if big else (300, 2)
+    evals = {s for s in (100, 300, 1000, 3000) if s <= steps}
+    budget_end = time.time() + (args.budget_s or (600 if big else 1800))
+    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "scale": args.scale,
+           "runs": runs, "steps": steps, "rows": []}
+    sections = args.sections.split(",")
+
+    plan = []  # (section, name, classifier overrides, reconstruct overrides, n_per_class, epochs)
+    if "compute" in sections:
+        plan += [("compute", "defaults", [], [], 50, None),
+                 ("compute", "default victim, reference extraction", [], ["reconstruct=reference"], 50, None)]
+    if "ablation" in sections:
+        steps_ab = [OLD_RECON, OLD_RECON[1:], OLD_RECON[2:], []]
+        names = ["previous defaults", "+ lambda/m", "+ lambda penalty x5", "+ projection lambda >= 0"]
+        plan += [("ablation", nm, PREVIOUS_DEFAULTS, OLD_RECON_BASE + ov, 50, None) for nm, ov in zip(names, steps_ab)]
+        plan += [("ablation", "+ centred victim", PREVIOUS_DEFAULTS + ["classifier.center=true"], OLD_RECON_BASE, 50, None),
+                 ("ablation", "+ SGD momentum, float64, absolute loss",
+                  PREVIOUS_DEFAULTS + ["classifier.center=true"],
+                  OLD_RECON_BASE + ["reconstruct.optimizer=sgd", "reconstruct.dtype=float64", "reconstruct.kkt_loss=absolute",
+                                    "reconstruct.lr=[0.001,0.1]"], 50, None),
+                 ("ablation", "new defaults (wd victim, 1 hidden layer)", [], [], 50, None)]
+    if "n" in sections:
+        plan += [("n", f"n_per_class={n}", [], [], n, None) for n in (10, 25, 50)]
+    if "epochs" in sections:
+        plan += [("epochs", f"epochs={e}", [], [], 50, e) for e in ((1000, 3000, 10000, 60000) if big else (300, 1000))]
+    if "compute" in sections:  # last: the reference victim trains 10^5 epochs
+        plan += [("compute", "reference victim + extraction", ["classifier=reference"], ["reconstruct=reference"], 50,
+                  None if big else 2000)]
+
+    victims: dict = {}
+    for section, name, c_over, r_over, n_per_class, epochs in plan:
+        if time.time() > budget_end:
+            print("budget reached: remaining rows skipped", flush=True)
+            break
+        cfg = load_config([*c_over, *r_over, f"data.n_per_class={n_per_class}"])
+        rcfg = dict(__import__("omegaconf").OmegaConf.to_container(cfg.reconstruct, resolve=True))
+        x, y, xt, shape = digits(n_per_class)
+        key = (tuple(c_over), n_per_class, epochs)
+        if key not in victims:
+            t = time.time()
+            victims[key] = train_victim(cfg.classifier, x, y, device, epochs)
+            print(f"victim {c_over or 'default'} n={n_per_class} epochs={epochs or cfg.classifier.epochs}: "
+                  f"{victims[key][1]} ({time.time() - t:.0f}s)", flush=True)
+        victim, vinfo = victims[key]
+        spec = {"num_classes": 2, "weight_decay": float(cfg.classifier.weight_decay), "n_train": len(x)}
+        print(f"  [{section}] {name}", flush=True)
+        res = run_recipe(victim, spec, rcfg, x, xt, shape, device, steps, evals, runs, budget_end)
+        out["rows"].append({"section": section, "name": name, "classifier": c_over, "reconstruct": r_over,
+                            "n_train": len(x), "victim_epochs": int(epochs or cfg.classifier.epochs), "victim": vinfo, **res})
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
