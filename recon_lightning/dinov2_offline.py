@@ -15,9 +15,10 @@ caches the result as safetensors, keyed by the ONNX file's SHA-256:
   Resize does at 224 px; timm's default antialiased resize gives different numbers).
 
 Every timm parameter must be filled and every encoder initializer used, else ModelMismatchError.
-The decoder (saliency head) is dropped. The encoder matches the ONNX graph to ~1e-4 (tested
-with onnxruntime); it is probably close to the original DINOv2-S but may differ slightly (it was
-fine-tuned or at least re-exported inside a saliency model).
+The decoder (saliency head) is dropped. The encoder matches the ONNX graph to ~1e-5 (tested
+with onnxruntime). These are not Meta's released weights but a saliency model's encoder, possibly
+fine-tuned there (its decoder looks barely trained): probably close to the original DINOv2-S, but
+it may differ slightly.
 """
 
 from __future__ import annotations
