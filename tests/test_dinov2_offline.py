@@ -97,14 +97,14 @@ def test_matches_the_onnx_graph(dinov2):
 
 def test_two_views_of_a_photo_are_closer_than_two_photos(dinov2):
     margins = _view_margins(dinov2)
-    assert (margins > 0.05).all(), margins  # measured: 0.11 (chelsea) .. 0.51 (rocket)
+    assert (margins > 0.1).all(), margins  # measured: 0.22 (astronaut) .. 0.51 (rocket); raw pixels: -0.11 .. 0.63
     # control: the same weights shuffled within each tensor fail the same check
     shuffled = copy.deepcopy(dinov2)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in shuffled.model.parameters():
             p.copy_(p.flatten()[torch.randperm(p.numel(), generator=g)].view_as(p))
-    assert not (_view_margins(shuffled) > 0.05).all()
+    assert not (_view_margins(shuffled) > 0.1).all()  # measured: all < 0.006 (embeddings collapse)
 
 
 def test_input_gradients_are_finite(dinov2):
