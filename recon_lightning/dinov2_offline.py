@@ -80,7 +80,8 @@ def new_model() -> nn.Module:
 
 
 def _read_initializers(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(named initializers, MatMul weights by their node's module path e.g. 'layer.3/mlp/fc1')."""
+    """(named encoder initializers, unnamed ones by role: MatMul weights by their node's module path,
+    e.g. 'layer.3/mlp/fc1', and the position embedding as 'pos_cls' / 'pos_grid')."""
     try:
         import onnx
         from onnx import numpy_helper
@@ -88,20 +89,22 @@ def _read_initializers(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, t
         raise DataError(f"converting the DINOv2 weights needs the 'onnx' package: {INSTALL}") from None
     graph = onnx.load(str(path)).graph
     inits = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
-    matmul, used = {}, set()
+    unnamed, sources = {}, set()
     for node in graph.node:
         m = re.fullmatch(r"/backbone/encoder/(layer\.\d+/.+)/MatMul", node.name)
         if node.op_type == "MatMul" and m and node.input[1] in inits:
-            matmul[m.group(1)] = inits[node.input[1]]
-            used.add(node.input[1])
-    # The two unnamed embedding constants: the class token's and the patches' position embedding.
-    for node in graph.node:
-        if node.name == "/backbone/embeddings/Concat_6" and node.input[0] in inits:
-            matmul["pos_cls"] = inits[node.input[0]]
-        if node.name == "/backbone/embeddings/Reshape_1" and node.input[0] in inits:
-            matmul["pos_grid"] = inits[node.input[0]]
+            unnamed[m.group(1)] = inits[node.input[1]]
+            sources.add(node.input[1])
+        # The two unnamed embedding constants: the class token's and the patches' position embedding.
+        for role, node_name in (("pos_cls", "/backbone/embeddings/Concat_6"), ("pos_grid", "/backbone/embeddings/Reshape_1")):
+            if node.name == node_name and node.input[0] in inits:
+                unnamed[role] = inits[node.input[0]]
+                sources.add(node.input[0])
+    stray = [k for k in inits if not k.startswith(("backbone.", "decoder.")) and k not in sources]
+    if stray:
+        raise ModelMismatchError(f"{path}: unnamed weights of unknown role in the ONNX graph: {stray[:6]}")
     named = {k: v for k, v in inits.items() if k.startswith("backbone.")}
-    return named, matmul
+    return named, unnamed
 
 
 def onnx_to_timm(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
