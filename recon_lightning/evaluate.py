@@ -702,9 +702,6 @@ def _add_leak_rate(report: dict, train_x, cand_x, cand_idx, heldout_x, chunk: in
                              leak_rate_baseline_pool=leak["baseline_pool"])
     if leak.get("note"):
         report["notes"].append(leak["note"])
-    else:
-        log.info("leak rate %.3f (one-to-one %.3f): %d of %d training samples have a candidate closer than any of %d held-out samples",
-                 leak["leak_rate"], leak["leak_rate_one_to_one"], leak["num_leaked"], leak["num_train"], leak["baseline_pool"])
 
 
 def _reference_ssim_inverted(train_img: torch.Tensor, inv: list[torch.Tensor], reps: list[dict], chunk: int) -> dict:
