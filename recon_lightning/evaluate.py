@@ -4,6 +4,10 @@ With the true training set (``run_dir/embed`` exists, "evaluation mode"):
 
 * every training sample's best candidate and that cosine (all candidates, not just the selection),
   and the fraction of the training set reconstructed above each cosine threshold (a curve);
+* the headline ``leak_rate``: the fraction of training samples whose best candidate is closer than
+  the nearest held-out (test) sample, and its one-to-one (Hungarian) variant;
+* images: the literature's metrics (NCC matching, SSIM with window 3, ``frac_train_ssim_gt_0.4``,
+  one-to-one variant), see "the literature's metrics and the leak rate" below;
 * selection quality: precision@k of the top-k representatives, where a representative is
   *good* if its cosine to the nearest training sample is >= ``evaluate.good_threshold``;
   compared with a random choice among all candidates (expected precision = the base rate) and
