@@ -4,6 +4,10 @@ With the true training set (``run_dir/embed`` exists, "evaluation mode"):
 
 * every training sample's best candidate and that cosine (all candidates, not just the selection),
   and the fraction of the training set reconstructed above each cosine threshold (a curve);
+* the headline ``leak_rate``: the fraction of training samples whose best candidate is closer than
+  the nearest held-out (test) sample, and its one-to-one (Hungarian) variant;
+* images: the literature's metrics (NCC matching, SSIM with window 3, ``frac_train_ssim_gt_0.4``,
+  one-to-one variant), see "the literature's metrics and the leak rate" below;
 * selection quality: precision@k of the top-k representatives, where a representative is
   *good* if its cosine to the nearest training sample is >= ``evaluate.good_threshold``;
   compared with a random choice among all candidates (expected precision = the base rate) and
@@ -197,6 +201,215 @@ def match_channels_and_size(train_img: torch.Tensor, like: torch.Tensor) -> torc
     if out.shape[-2:] != like.shape[-2:]:
         out = F.interpolate(out, size=like.shape[-2:], mode="bilinear", align_corners=False)
     return out.clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- the literature's metrics and the leak rate
+#
+# Leak rate (every modality): training sample i is *leaked* when its best candidate is closer to it (cosine in
+# embedding space) than the nearest sample the victim never saw (the held-out pool, ``emb.test_x``). Candidates
+# that only "look like the data" (class prototypes, generic images) come no closer than unseen data and do not
+# count. The one-to-one variant pairs training samples and candidates by a maximum-cosine assignment
+# (Hungarian), so one generic candidate cannot count for many samples.
+#
+# Image metrics as Haim et al. 2022 compute them (nivha/dataset_reconstruction, evaluations.py): every training
+# image is paired with the candidate at the smallest normalised cross-correlation distance (``ncc_dist``), the
+# candidate is min-max normalised to [0, 1] and SSIM (Gaussian window 3, sigma 1.5, kornia's definition) is
+# taken against the training image in [0, 1]. Differences from the reference: no bicubic 1/2 downsampling before
+# the NCC search (it was meant for 32x32 CIFAR; 8x8 digits would keep 4x4), and NCC is computed on the images
+# as stored (mean added back) rather than on mean-subtracted images.
+
+LEAK_TOLERANCE = 1e-9  # a candidate must beat the held-out baseline by more than float64 rounding to count
+SSIM_LEAK_THRESHOLD = 0.4  # the reference's "reconstructed" bar: SSIM > 0.4
+
+
+def ssim_reference(a: torch.Tensor, b: torch.Tensor, window_size: int = 3, sigma: float = 1.5, max_val: float = 1.0) -> torch.Tensor:
+    """SSIM per image pair, exactly as kornia's ``metrics.ssim(a, b, window_size=3)`` followed by a mean over
+    pixels and channels (the reference's ``get_ssim_pairs_kornia``). A small own implementation, not
+    torchmetrics: with a Gaussian kernel torchmetrics derives the window from sigma (2 int(3.5 sigma + 0.5) + 1 = 11
+    for sigma 1.5, whatever ``kernel_size`` says), older versions crop a border of (window-1)/2 pixels before
+    averaging (28 of the 64 pixels of an 8x8 digit for window 3), and it clamps inputs; kornia is not a dependency.
+
+    Definition: Gaussian window (``window_size``, ``sigma``, normalised to sum 1), local statistics with
+    reflect padding ("same" output size), C1 = (0.01 max_val)^2, C2 = (0.03 max_val)^2,
+    map = (2 mu_a mu_b + C1)(2 s_ab + C2) / ((mu_a^2 + mu_b^2 + C1)(s_a^2 + s_b^2 + C2) + 1e-12).
+    ``a``, ``b``: float (N, C, H, W), normally in [0, 1]. Computed in float64.
+    """
+    if a.shape != b.shape or a.dim() != 4:
+        raise DataError(f"SSIM needs two equally shaped (N, C, H, W) batches, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if window_size % 2 != 1 or min(a.shape[-2:]) <= window_size // 2:
+        raise DataError(f"SSIM window {window_size} does not fit images of size {tuple(a.shape[-2:])} (odd window, reflect padding)")
+    a, b = a.double(), b.double()
+    x = torch.arange(window_size, dtype=torch.float64) - window_size // 2
+    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    channels = a.shape[1]
+    kernel = (g[:, None] * g[None, :]).expand(channels, 1, window_size, window_size)
+    pad = window_size // 2
+
+    def filt(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(t, (pad, pad, pad, pad), mode="reflect"), kernel, groups=channels)
+
+    c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
+    mu_a, mu_b = filt(a), filt(b)
+    s_a = filt(a * a) - mu_a ** 2
+    s_b = filt(b * b) - mu_b ** 2
+    s_ab = filt(a * b) - mu_a * mu_b
+    num = (2 * mu_a * mu_b + c1) * (2 * s_ab + c2)
+    den = (mu_a ** 2 + mu_b ** 2 + c1) * (s_a + s_b + c2)
+    return (num / (den + 1e-12)).flatten(1).mean(1)
+
+
+def _prepare(kind: str, x: torch.Tensor) -> torch.Tensor:
+    """Rows ready for a dot product: unit vectors (``cosine``) or, for ``ncc``, images (N, C, H, W) normalised
+    per image and channel to zero mean / unit std (unbiased, like the reference's ``normalize_batch``;
+    a constant channel becomes 0 instead of NaN), flattened."""
+    x = x.double()
+    if kind == "cosine":
+        return F.normalize(x.flatten(1), dim=1)
+    if kind == "ncc":
+        if x.dim() != 4:
+            raise DataError(f"NCC needs images (N, C, H, W), got shape {tuple(x.shape)}")
+        flat = x.flatten(2)
+        z = (flat - flat.mean(2, keepdim=True)) / flat.std(2, keepdim=True).clamp_min(1e-12)
+        return z.flatten(1)
+    raise ValueError(f"unknown similarity {kind!r}")
+
+
+def _scores(kind: str, pa: torch.Tensor, pb: torch.Tensor) -> torch.Tensor:
+    """Similarity of prepared rows (higher = closer): cosine, or minus the NCC distance
+    ||za - zb||^2 / D (the reference's ``ncc_dist(..., div_dim=True)``)."""
+    dot = pa @ pb.T
+    if kind == "cosine":
+        return dot
+    d2 = (pa * pa).sum(1)[:, None] + (pb * pb).sum(1)[None, :] - 2 * dot
+    return -d2.clamp_min(0) / pa.shape[1]
+
+
+def _row_chunks(b: torch.Tensor, chunk: int, max_elements: int = 1 << 24):
+    """Row slices of ``b``: at most ``chunk`` rows and about ``max_elements`` values each (float64 memory bound)."""
+    rows = max(1, min(chunk, max_elements // max(1, b[0].numel())))
+    for start in range(0, len(b), rows):
+        yield start, b[start : start + rows]
+
+
+def pairwise_scores(kind: str, a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Full (len(a), len(b)) similarity matrix (``cosine`` or minus NCC distance); for a small ``a``."""
+    _check_pair(a, b)
+    pa = _prepare(kind, a)
+    return torch.cat([_scores(kind, pa, _prepare(kind, part)) for _, part in _row_chunks(b, chunk)], dim=1)
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    if len(a) == 0 or len(b) == 0:
+        raise DataError(f"matching needs non-empty sets, got {len(a)} and {len(b)} rows")
+    if a.shape[1:] != b.shape[1:]:
+        raise DataError(f"cannot match samples of shape {tuple(a.shape[1:])} with {tuple(b.shape[1:])}")
+
+
+def assign_one_to_one(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maximum-total-similarity one-to-one assignment of rows to columns (scipy's linear_sum_assignment).
+
+    Returns (column per row, its score); rows left without a column (more rows than columns) get -1 / NaN.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    s = scores.double()
+    rows, cols = linear_sum_assignment(s.numpy(), maximize=True)
+    col = torch.full((s.shape[0],), -1, dtype=torch.long)
+    val = torch.full((s.shape[0],), float("nan"), dtype=torch.float64)
+    rows_t, cols_t = torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+    col[rows_t], val[rows_t] = cols_t, s[rows_t, cols_t]
+    return col, val
+
+
+def best_and_one_to_one(kind: str, a: torch.Tensor, b: torch.Tensor, chunk: int = 4096, one_to_one: bool = True) -> dict:
+    """For each row of ``a``: its most similar row of ``b`` (``best_index``, ``best_score``) and, with
+    ``one_to_one``, its row of ``b`` in a maximum-total-similarity one-to-one assignment (``one_to_one_index``
+    (-1 when unassigned), ``one_to_one_score``).
+
+    ``b`` may be large: only each row's top-min(len(a), len(b)) columns are kept, which is exact (if row i were
+    assigned a column outside its top n, one of its top n would be free, since only n-1 other rows exist, and
+    moving there loses nothing). Memory ~ len(a)^2; time of the assignment ~ len(a)^2 x the kept columns.
+    """
+    _check_pair(a, b)
+    n = len(a)
+    k = min(n, len(b)) if one_to_one else 1
+    pa = _prepare(kind, a)
+    top_v = torch.empty(n, 0, dtype=torch.float64)
+    top_i = torch.empty(n, 0, dtype=torch.long)
+    for start, part in _row_chunks(b, chunk):
+        s = _scores(kind, pa, _prepare(kind, part))
+        v, i = s.topk(min(k, s.shape[1]), dim=1)
+        top_v, pos = torch.cat([top_v, v], 1).topk(min(k, top_v.shape[1] + v.shape[1]), dim=1)
+        top_i = torch.cat([top_i, i + start], 1).gather(1, pos)
+    out = {"best_index": top_i[:, 0].clone(), "best_score": top_v[:, 0].clone()}
+    if one_to_one:
+        cols = torch.unique(top_i)
+        local, val = assign_one_to_one(pairwise_scores(kind, a, b[cols], chunk))
+        out["one_to_one_index"] = torch.where(local >= 0, cols[local.clamp_min(0)], torch.full_like(local, -1))
+        out["one_to_one_score"] = val
+    return out
+
+
+def leak_figures(train_x: torch.Tensor, cand_x: torch.Tensor, heldout_x: torch.Tensor | None, chunk: int = 4096) -> dict:
+    """The leak rate and its one-to-one variant (cosine in embedding space; module comment above).
+
+    ``per_sample`` lists, per training sample: ``heldout_best_cosine`` / ``heldout_best_index`` (the baseline),
+    ``leaked``, ``one_to_one_candidate`` (row of ``cand_x``, -1 if none), ``one_to_one_cosine``,
+    ``leaked_one_to_one``. ``leak_rate`` is None (with a ``note``) when there is no held-out pool. The one-to-one
+    rate is compared with the same per-sample baseline (the best held-out cosine, which is at least as hard to
+    beat as any one-to-one pairing of held-out samples); training samples left unassigned (fewer candidates
+    than samples) count as not leaked.
+    """
+    m = best_and_one_to_one("cosine", train_x, cand_x, chunk)
+    n = len(train_x)
+    o2o_idx, o2o_cos = m["one_to_one_index"], m["one_to_one_score"]
+    out: dict = {"leak_rate": None, "leak_rate_one_to_one": None, "baseline_pool": 0, "tolerance": LEAK_TOLERANCE,
+                 "num_train": n, "num_candidates": int(len(cand_x))}
+    per = [{"one_to_one_candidate": int(o2o_idx[i]),
+            "one_to_one_cosine": None if o2o_idx[i] < 0 else float(o2o_cos[i])} for i in range(n)]
+    if heldout_x is None or len(heldout_x) == 0:
+        out["note"] = ("no held-out samples (empty test split): leak_rate is not computed, since without them no "
+                       "candidate can be told apart from generic data of the same distribution")
+        out["per_sample"] = per
+        return out
+    h = best_and_one_to_one("cosine", train_x, heldout_x, chunk, one_to_one=False)
+    leaked = m["best_score"] > h["best_score"] + LEAK_TOLERANCE
+    leaked_o2o = (o2o_idx >= 0) & (torch.nan_to_num(o2o_cos, nan=-2.0) > h["best_score"] + LEAK_TOLERANCE)
+    for i in range(n):
+        per[i].update(heldout_best_cosine=float(h["best_score"][i]), heldout_best_index=int(h["best_index"][i]),
+                      leaked=bool(leaked[i]), leaked_one_to_one=bool(leaked_o2o[i]))
+    out.update(leak_rate=float(leaked.double().mean()), leak_rate_one_to_one=float(leaked_o2o.double().mean()),
+               baseline_pool=int(len(heldout_x)), num_leaked=int(leaked.sum()), num_leaked_one_to_one=int(leaked_o2o.sum()),
+               per_sample=per)
+    return out
+
+
+def reference_ssim_figures(train_img: torch.Tensor, cand_img: torch.Tensor, chunk: int = 4096) -> dict:
+    """The reference's image metrics: each training image's candidate at the smallest NCC distance, its SSIM
+    (:func:`ssim_reference`, candidate min-max normalised to [0, 1]); ``ssim_reference_mean``,
+    ``frac_train_ssim_gt_0.4`` and the one-to-one variant (Hungarian on NCC distance; training images left
+    without a candidate count as not reconstructed).
+
+    ``train_img``: float (n, C, H, W) in [0, 1]; ``cand_img``: (N, C, H, W) in any range.
+    """
+    m = best_and_one_to_one("ncc", train_img, cand_img, chunk)
+    n = len(train_img)
+    ssim = ssim_reference(train_img, to_unit_range(cand_img[m["best_index"]].float(), "minmax"))
+    o2o = m["one_to_one_index"]
+    ssim_o2o = torch.full((n,), float("nan"), dtype=torch.float64)
+    assigned = o2o >= 0
+    if assigned.any():
+        ssim_o2o[assigned] = ssim_reference(train_img[assigned], to_unit_range(cand_img[o2o[assigned]].float(), "minmax"))
+    return {
+        "ssim_reference_mean": float(ssim.mean()),
+        "frac_train_ssim_gt_0.4": float((ssim > SSIM_LEAK_THRESHOLD).double().mean()),
+        "frac_train_ssim_gt_0.4_one_to_one": float((torch.nan_to_num(ssim_o2o, nan=-2.0) > SSIM_LEAK_THRESHOLD).double().mean()),
+        "ssim_reference_one_to_one_mean": float(ssim_o2o[assigned].mean()) if assigned.any() else None,
+        "per_sample": [{"ncc_candidate": int(m["best_index"][i]), "ncc_distance": float(-m["best_score"][i]), "ssim": float(ssim[i]),
+                        "one_to_one_candidate": int(o2o[i]), "ssim_one_to_one": None if o2o[i] < 0 else float(ssim_o2o[i])}
+                       for i in range(n)],
+    }
 
 
 # ----------------------------------------------------------------------------- config
@@ -393,6 +606,7 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
             "fraction_above": {f"{t:g}": v for t, v in zip(ecfg.thresholds, fraction_curve(heldout, ecfg.thresholds))},
             "fraction_curve": heldout_curve,
         }
+    _add_leak_rate(report, train_x, cand_x, cand_idx, emb.test_x.float() if len(emb.test_x) else None, ecfg.chunk)
     report["figures"]["fraction_curve"] = _rel(run_dir, rp.plot_fraction_curve(
         out_dir / "fraction_curve.png", thresholds, curve, ecfg.good_threshold, heldout_curve))
     s = report["summary"]
@@ -470,11 +684,42 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
     else:
         report["images"] = _image_figures(run_dir, out_dir, ecfg, emb, load_images(run_dir), cand_x, best_local, best_cos,
                                           sel, sel_near, sel_cos, reps, inversion)
+        for key in ("ssim_reference_mean", "frac_train_ssim_gt_0.4", "frac_train_ssim_gt_0.4_one_to_one"):
+            if (report["images"].get("reference_ssim") or {}).get(key) is not None:
+                s[key] = report["images"]["reference_ssim"][key]
         for key in ("ssim_best_matches_mean", "ssim_selection_mean", "lpips_best_matches_mean"):
             if report["images"].get(key) is not None:
                 s[key] = report["images"][key]
         report["grids"].update(report["images"].pop("grids"))
     return report
+
+
+def _add_leak_rate(report: dict, train_x, cand_x, cand_idx, heldout_x, chunk: int) -> None:
+    """``report["leak"]``, the per-sample baseline / leak flags and the summary's leak_rate keys (the headline)."""
+    leak = leak_figures(train_x, cand_x, heldout_x, chunk)
+    for row, extra in zip(report["reconstruction"]["per_sample"], leak.pop("per_sample")):
+        if extra["one_to_one_candidate"] >= 0:  # back to the index among all candidates
+            extra["one_to_one_candidate"] = int(cand_idx[extra["one_to_one_candidate"]])
+        row.update(extra)
+    report["leak"] = leak
+    report["summary"].update(leak_rate=leak["leak_rate"], leak_rate_one_to_one=leak["leak_rate_one_to_one"],
+                             leak_rate_baseline_pool=leak["baseline_pool"])
+    if leak.get("note"):
+        report["notes"].append(leak["note"])
+
+
+def _reference_ssim_inverted(train_img: torch.Tensor, inv: list[torch.Tensor], reps: list[dict], chunk: int) -> dict:
+    """The reference's SSIM metrics with the inverted PNGs as the only candidates (resized to the training
+    images' size and channels); each representative also gets its NCC-nearest training image and that SSIM."""
+    cand = torch.stack([match_channels_and_size(t[None], train_img[:1])[0] for t in inv])
+    out = reference_ssim_figures(train_img, cand, chunk)
+    out["note"] = (f"candidates are the {len(inv)} inverted representatives only (not every candidate): "
+                   "frac_train_ssim_gt_0.4 is bounded by their number")
+    near = pairwise_scores("ncc", cand, train_img, chunk).argmax(1)
+    ssim = ssim_reference(train_img[near], to_unit_range(cand, "minmax"))
+    for rep, j, v in zip(reps, near.tolist(), ssim.tolist()):
+        rep.update(ncc_nearest_train_index=j, ssim_reference=v)
+    return out
 
 
 def _image_figures(run_dir, out_dir, ecfg, emb, images, cand_x, best_local, best_cos, sel, sel_near, sel_cos, reps, inversion) -> dict:
@@ -495,6 +740,7 @@ def _image_figures(run_dir, out_dir, ecfg, emb, images, cand_x, best_local, best
         ssim = ssim_pairs(train_img, recon)
         info["ssim_best_matches_mean"] = float(ssim.mean())
         info["ssim_best_matches"] = ssim.tolist()
+        info["reference_ssim"] = {"source": "reshape", **reference_ssim_figures(train_img, cand_x.reshape(-1, *shape), ecfg.chunk)}
         if use_lpips:
             info["lpips_best_matches_mean"] = float(lpips_pairs(train_img, recon).mean())
         order = torch.argsort(best_cos, descending=True)[: ecfg.grid_pairs]
@@ -509,6 +755,7 @@ def _image_figures(run_dir, out_dir, ecfg, emb, images, cand_x, best_local, best
         if not ranks:
             return info
         inv = [load_png(run_dir / by_rank[r]["path"]) for r in ranks]
+        info["reference_ssim"] = {"source": "inversion", **_reference_ssim_inverted(train_img, inv, [reps[r] for r in ranks], ecfg.chunk)}
         sel_img = torch.stack([F.interpolate(t[None], size=inv[0].shape[-2:], mode="bilinear", align_corners=False)[0] for t in inv])
         sel_near, sel_cos = sel_near[ranks], sel_cos[ranks]
         reps = [reps[r] for r in ranks]

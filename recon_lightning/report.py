@@ -14,6 +14,14 @@ key                                                meaning
 ``modality``                                       ``"image"`` / ``"text"`` (eval), ``null`` in attacker mode
 ``summary``                                        flat ``{name: number}``: what is logged to the logger
 ``summary.num_representatives``                    representatives in the selection
+``summary.leak_rate``                              eval, the headline: fraction of training samples whose best candidate
+                                                   is closer (cosine) than the nearest held-out sample (``emb.test_x``);
+                                                   null when there is no held-out sample
+``summary.leak_rate_one_to_one``                   eval: the same with candidates assigned one-to-one (Hungarian)
+``summary.leak_rate_baseline_pool``                eval: number of held-out samples in the baseline
+``summary.frac_train_ssim_gt_0.4`` (``_one_to_one``)  eval, images: fraction of training images whose NCC-nearest
+                                                   reconstruction has reference SSIM > 0.4 (one-to-one: Hungarian on NCC)
+``summary.ssim_reference_mean``                    eval, images: mean reference SSIM (window 3) of those pairs
 ``summary.frac_train_cos_ge_<t>``                  eval: fraction of training samples with a candidate at cosine >= t
 ``summary.best_cosine_mean`` / ``_median``         eval: over training samples, cosine of their best candidate
 ``summary.precision_selected_at_<k>``              eval: precision@k of the ranked representatives
@@ -33,7 +41,16 @@ key                                                meaning
 ``summary.heldout_best_cosine_mean``               eval: baseline of ``best_cosine_mean`` from held-out samples
 ``reconstruction.fraction_curve``                  eval: ``{thresholds: [...], fraction: [...]}``
 ``reconstruction.fraction_above``                  eval: ``{"<t>": fraction}`` for ``evaluate.thresholds``
-``reconstruction.per_sample[]``                    eval: ``train_index, y, best_candidate, best_cosine, margin``
+``reconstruction.per_sample[]``                    eval: ``train_index, y, best_candidate, best_cosine, margin``;
+                                                   ``heldout_best_cosine, heldout_best_index, leaked, one_to_one_candidate,
+                                                   one_to_one_cosine, leaked_one_to_one``
+``leak``                                           eval: ``leak_rate, leak_rate_one_to_one, baseline_pool, num_leaked,
+                                                   num_leaked_one_to_one, num_train, num_candidates, tolerance`` (``note``
+                                                   when there is no held-out pool)
+``images.reference_ssim``                          eval, images: ``source`` (``reshape``: all candidates; ``inversion``:
+                                                   the inverted PNGs only), the summary's SSIM keys, ``per_sample[]``
+                                                   ``ncc_candidate, ncc_distance, ssim, one_to_one_candidate,
+                                                   ssim_one_to_one``
 ``selection_quality``                              eval: ``good_threshold, k, precision_selected, precision_random,
                                                    precision_by_run_loss, distinct_train_at_k, base_rate``
 ``margin``                                         eval: ``{available, spearman_rho, spearman_p, n}``
@@ -209,6 +226,31 @@ def _img(src: str, alt: str, width: str = "") -> str:
     return f'<img src="{html.escape(src, quote=True)}" alt="{html.escape(alt, quote=True)}"{style}>'
 
 
+HEADLINE_KEYS = ("leak_rate", "leak_rate_baseline_pool", "leak_rate_one_to_one", "frac_train_ssim_gt_0.4",
+                 "frac_train_ssim_gt_0.4_one_to_one")
+
+
+def headline_html(report: dict) -> str:
+    """The summary's first line: the leak rate against the held-out pool, with the SSIM > 0.4 fraction beside it."""
+    s, leak = report.get("summary", {}), report.get("leak") or {}
+    if "leak_rate" not in s:
+        return ""
+    if s["leak_rate"] is None:
+        text = "<b>Leak rate: not computed</b> (no held-out samples to compare with)"
+    else:
+        text = (f"<b>Leak rate {_fmt(s['leak_rate'])}</b>: {_fmt(leak.get('num_leaked'))} of {_fmt(leak.get('num_train'))} "
+                f"training samples have a candidate closer (cosine) than the nearest of "
+                f"<b>{_fmt(s.get('leak_rate_baseline_pool'))} held-out samples</b>; one-to-one {_fmt(s.get('leak_rate_one_to_one'))}")
+    if s.get("frac_train_ssim_gt_0.4") is not None:
+        text += (f" &nbsp;|&nbsp; <b>SSIM &gt; 0.4: {_fmt(s['frac_train_ssim_gt_0.4'])}</b> of training images"
+                 f" (one-to-one {_fmt(s.get('frac_train_ssim_gt_0.4_one_to_one'))})")
+    return f"<p class='headline' style='font-size:16px'>{text}</p>"
+
+
+def _headline_first(summary: dict) -> dict:
+    return {**{k: summary[k] for k in HEADLINE_KEYS if k in summary}, **summary}
+
+
 def render_html(report: dict) -> str:
     """A self-contained page (inline CSS, images by relative path) showing everything in ``report``."""
     e = html.escape
@@ -228,8 +270,8 @@ def render_html(report: dict) -> str:
         parts.append(f"<p class='note'>{e(note)}</p>")
     summary = report.get("summary", {})
     if summary:
-        parts.append("<h2>Summary</h2><table><tr><th>metric</th><th>value</th></tr>")
-        parts += [f"<tr><td style='text-align:left'>{e(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in summary.items()]
+        parts.append("<h2>Summary</h2>" + headline_html(report) + "<table><tr><th>metric</th><th>value</th></tr>")
+        parts += [f"<tr><td style='text-align:left'>{e(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in _headline_first(summary).items()]
         parts.append("</table>")
     imgs = report.get("images") or {}
     if imgs.get("lpips_note"):
@@ -292,6 +334,11 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
 
 def log_report(cfg, run_dir: Path, report: dict) -> None:
     """Send the report's scalars (all loggers) and images/tables (W&B) to the configured logger."""
+    summary = report.get("summary", {})
+    if "leak_rate" in summary:  # the headline, also in the console / log file
+        log.info("leak_rate=%s (held-out pool %s, one-to-one %s), frac_train_ssim_gt_0.4=%s (one-to-one %s)",
+                 *(_fmt(summary.get(k)) for k in ("leak_rate", "leak_rate_baseline_pool", "leak_rate_one_to_one",
+                                                  "frac_train_ssim_gt_0.4", "frac_train_ssim_gt_0.4_one_to_one")))
     from .training import build_logger
 
     logger = build_logger(cfg, Path(run_dir), "evaluate")

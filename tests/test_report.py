@@ -137,3 +137,39 @@ def test_wandb_offline_gets_images_and_table(evaluated_run, monkeypatch):
     logged = {p.name.split("_1_")[0] for p in media.rglob("*.png")}
     assert logged == set(report["figures"]) | set(report["grids"])
     assert list(media.rglob("selection_table*.table.json"))
+
+
+def test_leak_rate_is_the_summary_headline_and_is_logged(evaluated_run, caplog):
+    import logging
+    import re
+
+    from recon_lightning.fit import load_config
+    from recon_lightning.report import log_report
+    from recon_lightning.training import build_logger
+
+    run, summary = evaluated_run
+    report = load_json(run / "report.json")
+    s = report["summary"]
+    page = (run / "report.html").read_text()
+    section = page.split("<h2>Summary</h2>", 1)[1]
+    # The first line of the summary: the leak rate, the held-out pool's size, the SSIM > 0.4 fraction beside it.
+    headline = section.split("<table>", 1)[0]
+    assert f"Leak rate {s['leak_rate']:.4g}" in headline
+    assert f"{s['leak_rate_baseline_pool']} held-out samples" in headline
+    assert f"SSIM &gt; 0.4: {s['frac_train_ssim_gt_0.4']:.4g}" in headline
+    rows = re.findall(r"<tr><td style='text-align:left'>([^<]+)</td>", section)
+    assert rows[:2] == ["leak_rate", "leak_rate_baseline_pool"] and "frac_train_ssim_gt_0.4" in rows[:5]
+    assert summary["leak_rate"] == s["leak_rate"]  # run_stage's return value carries it too
+    # The stage's logger got the new scalars; the console log has the headline.
+    log_dir = Path(build_logger(load_config([f"run_dir={run}", "logger.name=csv"]), run, "evaluate").log_dir)
+    header = (log_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    for key in ("leak_rate", "leak_rate_one_to_one", "leak_rate_baseline_pool", "frac_train_ssim_gt_0.4", "ssim_reference_mean"):
+        assert f"evaluate/{key}" in header
+    with caplog.at_level(logging.INFO, logger="recon_lightning.report"):
+        log_report(load_config([f"run_dir={run}", "logger.name=none"]), run, report)
+    assert f"leak_rate={s['leak_rate']:.4g} (held-out pool {s['leak_rate_baseline_pool']}" in caplog.text
+
+
+def test_headline_without_heldout_pool():
+    page = render_html({"mode": "evaluation", "summary": {"leak_rate": None, "leak_rate_baseline_pool": 0}, "leak": {}})
+    assert "Leak rate: not computed" in page
