@@ -69,9 +69,10 @@ def train_victim(c, x, y, device, epochs=None) -> tuple[VictimMLP, dict]:
         opt.step()
     v = v.cpu().eval()
     with torch.no_grad():
-        m = margins(v(x), y)
-    return v, {"train_loss": float(loss_fn(v(x), y, "bce")), "train_acc": float((m > 0).float().mean()),
-               "margin_min": float(m.min())}
+        logits = v(x)
+        m = margins(logits, y)
+        return v, {"train_loss": float(loss_fn(logits, y, "bce")), "train_acc": float((m > 0).float().mean()),
+                   "margin_min": float(m.min())}
 
 
 def run_recipe(victim, spec, rcfg, x_train, x_test, shape, device, steps, evals, runs, budget_end):
