@@ -6,6 +6,16 @@ so later stages can map reconstructions back to the samples they came from.
 
 Kinds (``data.kind``): ``digits`` (scikit-learn's 8x8 digits), ``skimage`` (crops of
 scikit-image's bundled photos), ``imagefolder`` (root/<class>/<image>), ``text`` (TSV).
+
+Sizing: ``data.n_per_class=auto`` takes as many training samples per class as the smallest class
+allows after its ``n_test_per_class`` held-out samples (at most ``AUTO_MAX_PER_CLASS``), and logs
+the number; an explicit number larger than a class allows is an error. ``n_test_per_class=0``
+(no held-out split) is allowed: the report then has no held-out baseline.
+
+Images keep their own channels (``data.channels=auto``: grayscale when every image used is
+grayscale, else RGB; or force ``1`` / ``3``). 16-bit images are scaled from 0..65535 to 0..255.
+Image folders with mixed image sizes are resized (shorter side, centre crop) to ``data.image_size``,
+or, when that is null, to the most common size among the images used (logged).
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ log = logging.getLogger(__name__)
 
 KINDS = ("digits", "skimage", "imagefolder", "text")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+AUTO_MAX_PER_CLASS = 250  # n_per_class=auto never takes more (the paper's victims train on small sets)
+CHANNELS = ("auto", 1, 3)
 
 
 @dataclass
@@ -48,22 +60,52 @@ def load_dataset(cfg, seed: int = 0) -> Dataset:
     loaders = {"digits": _digits, "skimage": _skimage, "imagefolder": _imagefolder, "text": _text}
     if kind not in loaders:
         raise ConfigError(f"unknown data.kind {kind!r}; choose from {sorted(KINDS)}")
-    for key in ("n_per_class", "n_test_per_class"):
-        if int(cfg.get(key, 0)) < (1 if key == "n_per_class" else 0):
-            raise ConfigError(f"data.{key} must be >= {1 if key == 'n_per_class' else 0}, got {cfg.get(key)}")
+    check_sizes(cfg)
     return loaders[kind](cfg, np.random.default_rng(seed))
 
 
-def _split(per_class: list[list[Any]], ids: list[list[str]], cfg, rng, load=lambda s: s) -> tuple[Split, Split]:
+def check_sizes(cfg) -> None:
+    """``n_per_class`` is ``auto`` or >= 1, ``n_test_per_class`` >= 0, ``channels`` auto/1/3."""
+    n, n_test = cfg.get("n_per_class", "auto"), cfg.get("n_test_per_class", 0)
+    if n != "auto" and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ConfigError(f"data.n_per_class must be auto or an integer >= 1, got {n!r}")
+    if not isinstance(n_test, int) or isinstance(n_test, bool) or n_test < 0:
+        raise ConfigError(f"data.n_test_per_class must be an integer >= 0, got {n_test!r}")
+    if cfg.get("channels", "auto") not in CHANNELS:
+        raise ConfigError(f"data.channels must be auto, 1 (grayscale) or 3 (RGB), got {cfg.get('channels')!r}")
+
+
+def per_class_sizes(counts: list[int], names: list[str], cfg) -> tuple[int, int]:
+    """(n_train, n_test) per class for classes of ``counts`` samples: resolves ``n_per_class=auto``
+    and refuses classes too small for the split asked for."""
+    n_test = int(cfg.get("n_test_per_class", 0))
+    small = int(np.argmin(counts))
+    if cfg.get("n_per_class", "auto") == "auto":
+        if counts[small] <= n_test:
+            raise DataError(
+                f"class {names[small]!r} has {counts[small]} samples: not enough for data.n_test_per_class={n_test} "
+                f"plus at least 1 training sample; set data.n_test_per_class={max(0, counts[small] - 1)} or lower")
+        n_train = min(counts[small] - n_test, AUTO_MAX_PER_CLASS)
+        log.info("data.n_per_class=auto: using %d training + %d test samples per class (smallest class %r has %d)",
+                 n_train, n_test, names[small], counts[small])
+        return n_train, n_test
+    n_train = int(cfg.n_per_class)
+    if counts[small] < n_train + n_test:
+        raise DataError(
+            f"class {names[small]!r} has {counts[small]} samples, fewer than data.n_per_class + data.n_test_per_class "
+            f"= {n_train} + {n_test}; lower them (e.g. data.n_per_class={max(1, counts[small] - n_test)}) "
+            f"or set data.n_per_class=auto")
+    return n_train, n_test
+
+
+def _split(per_class: list[list[Any]], ids: list[list[str]], cfg, rng, names: list[str],
+           load=lambda s: s) -> tuple[Split, Split]:
     """Draw a class-balanced train/test split; ``load`` turns a chosen item into a sample
     (so image folders only decode the files that are used)."""
-    n_train, n_test = int(cfg.n_per_class), int(cfg.n_test_per_class)
+    n_train, n_test = per_class_sizes([len(items) for items in per_class], names, cfg)
     parts = {"train": ([], [], []), "test": ([], [], [])}
     for label, (items, item_ids) in enumerate(zip(per_class, ids)):
         order = rng.permutation(len(items))
-        if len(items) < n_train + n_test:
-            log.warning("class %d has %d samples, fewer than n_per_class + n_test_per_class = %d",
-                        label, len(items), n_train + n_test)
         for name, chosen in (("train", order[:n_train]), ("test", order[n_train : n_train + n_test])):
             samples, labels, sids = parts[name]
             for i in chosen:
@@ -91,8 +133,10 @@ def _digits(cfg, rng) -> Dataset:
         groups, names = [target == d for d in wanted], [str(d) for d in wanted]
     per_class = [list(images[g]) for g in groups]
     ids = [[f"digits:{i}" for i in np.flatnonzero(g)] for g in groups]
-    train, test = _split(per_class, ids, cfg, rng)
-    return Dataset(train, test, names, "image", (1, 8, 8))
+    train, test = _split(per_class, ids, cfg, rng, names)
+    if cfg.get("channels", "auto") == 3:
+        train, test = (_with_channels(s, 3) for s in (train, test))
+    return Dataset(train, test, names, "image", (_channels_of([*train.samples, *test.samples], cfg), 8, 8))
 
 
 SKIMAGE_ALIASES = {"cat": "chelsea"}
@@ -105,15 +149,16 @@ def _skimage(cfg, rng) -> Dataset:
     size = int(cfg.get("image_size", 224))
     lo, hi = cfg.crop_fraction
     per_class, ids = [], []
+    if cfg.n_per_class == "auto":
+        raise ConfigError("data=skimage draws as many random crops as asked: set data.n_per_class to a number")
     n_total = int(cfg.n_per_class) + int(cfg.n_test_per_class)
     for name in cfg.classes:
         fn = getattr(skimage.data, SKIMAGE_ALIASES.get(name, name), None)
         if fn is None:
             raise ConfigError(f"scikit-image has no bundled photo {name!r} (data.classes)")
         photo = fn()
-        if photo.ndim == 2:
-            photo = np.stack([photo] * 3, -1)
-        photo = photo[..., :3]
+        if photo.ndim == 3:
+            photo = photo[..., :3]
         h, w = photo.shape[:2]
         crops, crop_ids = [], []
         for k in range(n_total):
@@ -124,18 +169,73 @@ def _skimage(cfg, rng) -> Dataset:
             crop_ids.append(f"skimage:{name}:{top},{left},{side}")
         per_class.append(crops)
         ids.append(crop_ids)
-    train, test = _split(per_class, ids, cfg, rng)
-    return Dataset(train, test, list(cfg.classes), "image", (3, size, size))
+    train, test = _split(per_class, ids, cfg, rng, list(cfg.classes))
+    c = _channels_of([*train.samples, *test.samples], cfg)
+    train, test = _with_channels(train, c), _with_channels(test, c)
+    return Dataset(train, test, list(cfg.classes), "image", (c, size, size))
+
+
+def _channels_of(images: list[np.ndarray], cfg) -> int:
+    """``data.channels``, or with ``auto``: 1 when every image is grayscale (H, W), else 3."""
+    wanted = cfg.get("channels", "auto")
+    if wanted != "auto":
+        return int(wanted)
+    return 1 if all(img.ndim == 2 for img in images) else 3
+
+
+def _with_channels(split: Split, c: int) -> Split:
+    """The split's images as (H, W) grayscale (``c`` = 1, ITU-R 601 luma) or (H, W, 3) RGB."""
+    def convert(img: np.ndarray) -> np.ndarray:
+        if c == 1 and img.ndim == 3:
+            return (img[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(np.uint8)
+        if c == 3 and img.ndim == 2:
+            return np.repeat(img[..., None], 3, axis=2)
+        return img
+
+    return Split([convert(img) for img in split.samples], split.labels, split.ids)
+
+
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
 def _read_image(path: Path) -> np.ndarray:
+    """An image file as uint8 (H, W) when grayscale, else (H, W, 3) RGB (alpha dropped). 16-bit and
+    32-bit grayscale (PIL modes I;16 and I) are scaled from 0..65535 to 0..255, float images (F)
+    from 0..1; a palette image whose colours are all grays is grayscale."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+            if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+                wide = np.asarray(img, dtype=np.float64)
+                top = 1.0 if img.mode == "F" else 65535.0
+                return (np.clip(wide / top, 0, 1) * 255).round().astype(np.uint8)
+            if img.mode in GRAY_MODES:
+                return np.array(img.convert("L"))
+            rgb = np.array(img.convert("RGB"))  # a copy: writable, so torch does not warn
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"corrupt or unreadable image: {path} ({err})") from None
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+        return rgb[..., 0].copy()
+    return rgb
+
+
+def _image_size(cfg, images: list[np.ndarray]) -> tuple[int, int]:
+    """(H, W) the images are used at: ``data.image_size`` (an int or [H, W]), else their own size;
+    mixed sizes without ``data.image_size`` use the most common size (logged)."""
+    declared = cfg.get("image_size")
+    if declared is not None:
+        h, w = (int(declared), int(declared)) if isinstance(declared, int) else (int(declared[0]), int(declared[1]))
+        if h < 1 or w < 1:
+            raise ConfigError(f"data.image_size must be positive, got {declared}")
+        return h, w
+    sizes = [img.shape[:2] for img in images]
+    distinct = sorted(set(sizes), key=lambda hw: (-sizes.count(hw), hw))
+    if len(distinct) > 1:
+        log.warning("the images have %d different sizes (%s); all are resized (shorter side, centre crop) to "
+                    "the most common one, %dx%d; set data.image_size=[H,W] to choose", len(distinct),
+                    ", ".join(f"{h}x{w}" for h, w in distinct[:5]) + (", ..." if len(distinct) > 5 else ""), *distinct[0])
+    return distinct[0]
 
 
 def _imagefolder(cfg, rng) -> Dataset:
@@ -158,9 +258,12 @@ def _imagefolder(cfg, rng) -> Dataset:
             raise DataError(f"class {name!r} has no images in {folder} (looked for {sorted(IMAGE_SUFFIXES)})")
         per_class.append(files)
     ids = [[str(p) for p in files] for files in per_class]
-    train, test = _split(per_class, ids, cfg, rng, load=_read_image)
-    h, w = train.samples[0].shape[:2]
-    return Dataset(train, test, classes, "image", (3, h, w))
+    train, test = _split(per_class, ids, cfg, rng, classes, load=_read_image)
+    used = [*train.samples, *test.samples]
+    c = _channels_of(used, cfg)
+    h, w = _image_size(cfg, used)
+    log.info("images: %s, used at %dx%d (data.channels=%s)", "grayscale" if c == 1 else "RGB", h, w, cfg.get("channels", "auto"))
+    return Dataset(_with_channels(train, c), _with_channels(test, c), classes, "image", (c, h, w))
 
 
 def _text(cfg, rng) -> Dataset:
@@ -169,7 +272,13 @@ def _text(cfg, rng) -> Dataset:
         path = Path(path).expanduser()
         if not path.is_file():
             raise DataError(f"text data file not found: {path}")
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw[: err.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                            f"save the file as UTF-8") from None
         source = str(path)
     else:
         text = resources.files("recon_lightning").joinpath("assets/text_topics.tsv").read_text(encoding="utf-8")
@@ -188,5 +297,5 @@ def _text(cfg, rng) -> Dataset:
     for lab, items in zip(labels, per_class):
         if not items:
             raise DataError(f"text class {lab!r} has no sentences in {source}")
-    train, test = _split(per_class, ids, cfg, rng)
+    train, test = _split(per_class, ids, cfg, rng, labels)
     return Dataset(train, test, labels, "text", None)

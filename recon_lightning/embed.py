@@ -58,24 +58,28 @@ def normalize(x: torch.Tensor, how: str) -> torch.Tensor:
 def embed_split(backbone: Backbone, split: Split, batch_size: int, device: torch.device, desc: str):
     """Embed one split in batches; returns (embeddings float32 (N, D), images uint8 (N, C, H, W) or None)."""
     embeddings, images = [], []
-    for start in tqdm(range(0, len(split.samples), batch_size), desc=desc, unit="batch"):
-        batch = split.samples[start : start + batch_size]
-        if backbone.modality == "image":
-            pixels = backbone.to_pixels(batch)
-            images.append((pixels * 255).round().to(torch.uint8))
-            emb = backbone.embed_pixels(pixels.to(device))
-        else:
-            emb = backbone.embed(list(batch))
-        embeddings.append(emb.float().cpu())
-    if not embeddings:
-        return torch.zeros(0, backbone.embed_dim), None
+    unit = "img" if backbone.modality == "image" else "text"
+    with tqdm(total=len(split.samples), desc=desc, unit=unit, disable=not split.samples) as bar:
+        for start in range(0, len(split.samples), batch_size):
+            batch = split.samples[start : start + batch_size]
+            if backbone.modality == "image":
+                pixels = backbone.to_pixels(batch)
+                images.append((pixels * 255).round().to(torch.uint8))
+                emb = backbone.embed_pixels(pixels.to(device))
+            else:
+                emb = backbone.embed(list(batch))
+            embeddings.append(emb.float().cpu())
+            bar.update(len(batch))
+    if not embeddings:  # an empty split (data.n_test_per_class=0)
+        empty = torch.zeros(0, *backbone.input_size, dtype=torch.uint8) if backbone.modality == "image" else None
+        return torch.zeros(0, backbone.embed_dim), empty
     return torch.cat(embeddings), (torch.cat(images) if images else None)
 
 
 def check_config(cfg: DictConfig) -> None:
     """Cheap checks of the embed/data/backbone config, run by ``fit`` before any stage starts."""
     from .backbones import KINDS
-    from .data import KINDS as DATA_KINDS
+    from .data import KINDS as DATA_KINDS, check_sizes
 
     if cfg.embed.normalize not in NORMALIZATIONS:
         raise ConfigError(f"embed.normalize must be one of {NORMALIZATIONS}, got {cfg.embed.normalize!r}")
@@ -85,6 +89,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown backbone kind {cfg.backbone.get('kind')!r}; known: {sorted(KINDS)}")
     if cfg.data.get("kind") not in DATA_KINDS:
         raise ConfigError(f"unknown data.kind {cfg.data.get('kind')!r}; choose from {sorted(DATA_KINDS)}")
+    check_sizes(cfg.data)
 
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
@@ -113,6 +118,9 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
         "modality": backbone.modality,
         "embed_dim": backbone.embed_dim,
         "input_size": list(backbone.input_size) if backbone.input_size else None,
+        # The images' own channels (1 = grayscale, 3 = RGB) and size, before the backbone's preprocessing.
+        "data_channels": dataset.native_size[0] if dataset.native_size else None,
+        "data_size": list(dataset.native_size[1:]) if dataset.native_size else None,
         "preprocessing": backbone.preprocessing,
         "normalize": cfg.embed.normalize,
         "class_names": dataset.class_names,

@@ -1,0 +1,125 @@
+"""A new user's first hour (issue 15) and the input items of issue 14: small folders, grayscale,
+16-bit PNGs, mixed image sizes, non-UTF-8 text, victim health, report content, log noise."""
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from recon_lightning.data import load_dataset
+from recon_lightning.embed import load_embeddings, load_images
+from recon_lightning.errors import DataError
+from recon_lightning.fit import main_with_config
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_VICTIM = ["classifier.hidden=[32]", "classifier.bias=[true,false]", "classifier.init_scale=[1e-3,null]",
+               "trainer.max_epochs=200"]
+
+
+def image_folder(root: Path, per_class: int, size=(8, 8), mode="L", sizes=None) -> Path:
+    """root/<a|b>/<i>.png: class a dark, class b bright, random texture (seeded)."""
+    rng = np.random.default_rng(0)
+    for c, (name, base) in enumerate((("a", 40), ("b", 200))):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            h, w = sizes[i % len(sizes)] if sizes else size
+            px = np.clip(base + rng.normal(0, 30, (h, w)), 0, 255).astype(np.uint8)
+            img = Image.fromarray(px, "L") if mode == "L" else Image.fromarray(np.stack([px, px // 2, 255 - px], -1), "RGB")
+            img.save(root / name / f"{i}.png")
+    return root
+
+
+def folder_cfg(make_cfg, root, *overrides):
+    return make_cfg("data=imagefolder", f"data.root={root}", *overrides)
+
+
+# ----------------------------------------------------------------------------- item 1 / 9: sizing a folder
+
+
+def test_small_folder_n_per_class_auto_uses_what_the_folder_allows(make_cfg, tmp_path, caplog):
+    root = image_folder(tmp_path / "imgs", per_class=12)
+    with caplog.at_level(logging.INFO, logger="recon_lightning.data"):
+        ds = load_dataset(folder_cfg(make_cfg, root, "data.n_test_per_class=4").data)
+    assert np.bincount(ds.train.labels).tolist() == [8, 8] and np.bincount(ds.test.labels).tolist() == [4, 4]
+    assert "using 8 training + 4 test samples per class" in caplog.text
+
+
+def test_explicit_n_per_class_beyond_the_folder_is_a_clear_error(make_cfg, tmp_path):
+    root = image_folder(tmp_path / "imgs", per_class=12)
+    with pytest.raises(DataError, match=r"class 'a' has 12 samples, fewer than .* = 250 \+ 50.*n_per_class=auto"):
+        load_dataset(folder_cfg(make_cfg, root, "data.n_per_class=250").data)
+    with pytest.raises(DataError, match="not enough for data.n_test_per_class=50"):
+        load_dataset(folder_cfg(make_cfg, root).data)  # auto, but the test split alone is too large
+
+
+def test_cli_small_folder_prints_an_error_line(tmp_path):
+    root = image_folder(tmp_path / "imgs", per_class=5)
+    proc = subprocess.run([sys.executable, "-m", "recon_lightning.fit", "stage=embed", "data=imagefolder",
+                           f"data.root={root}", "data.n_per_class=5", f"run_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: class 'a' has 5 samples, fewer than data.n_per_class + data.n_test_per_class" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_zero_test_split_is_supported_through_the_victim(make_cfg, tmp_path):
+    root = image_folder(tmp_path / "imgs", per_class=6)
+    summary = main_with_config(folder_cfg(make_cfg, root, "stage=classifier", "data.n_test_per_class=0", *TINY_VICTIM))
+    assert summary["embed"]["n_train"] == 12 and summary["embed"]["n_test"] == 0
+    assert summary["classifier"]["train_acc"] == 1.0 and summary["classifier"]["test_acc"] is None
+    images = load_images(tmp_path / "run")
+    assert images["train"].shape == (12, 1, 8, 8) and images["test"].shape == (0, 1, 8, 8)
+
+
+# ----------------------------------------------------------------------------- item 3: grayscale
+
+
+def test_grayscale_folder_keeps_one_channel_and_records_it(make_cfg, tmp_path):
+    root = image_folder(tmp_path / "imgs", per_class=6)
+    main_with_config(folder_cfg(make_cfg, root, "stage=embed", "data.n_test_per_class=2"))
+    emb = load_embeddings(tmp_path / "run")
+    assert emb.dim == 64 and emb.meta["data_channels"] == 1 and emb.meta["input_size"] == [1, 8, 8]
+    # data.channels=3 gives the old RGB behaviour (3x the dimension for raw pixels)
+    main_with_config(folder_cfg(make_cfg, root, "stage=embed", "data.n_test_per_class=2", "data.channels=3"))
+    assert load_embeddings(tmp_path / "run").dim == 192
+
+
+def test_colour_folder_stays_rgb(make_cfg, tmp_path):
+    ds = load_dataset(folder_cfg(make_cfg, image_folder(tmp_path / "imgs", 4, mode="RGB"), "data.n_test_per_class=1").data)
+    assert ds.native_size == (3, 8, 8) and ds.train.samples[0].shape == (8, 8, 3)
+
+
+def test_16_bit_png_is_scaled_not_clipped(make_cfg, tmp_path):
+    root = tmp_path / "imgs"
+    for name, value in (("a", 1000), ("b", 40000)):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((4, 4), value + i, dtype=np.uint16)).save(root / name / f"{i}.png")
+    assert Image.open(root / "a" / "0.png").mode.startswith("I")
+    ds = load_dataset(folder_cfg(make_cfg, root, "data.n_test_per_class=1").data)
+    values = {int(img[0, 0]) for img in ds.train.samples}
+    assert values == {round(1000 / 65535 * 255), round(40000 / 65535 * 255)}  # 4 and 156, not 255 and 255
+    assert ds.native_size == (1, 4, 4)
+
+
+def test_mixed_sizes_use_the_most_common_or_the_declared_size(make_cfg, tmp_path, caplog):
+    root = image_folder(tmp_path / "imgs", per_class=6, sizes=[(8, 8), (8, 8), (12, 10)])
+    with caplog.at_level(logging.WARNING, logger="recon_lightning.data"):
+        ds = load_dataset(folder_cfg(make_cfg, root, "data.n_test_per_class=0").data)
+    assert ds.native_size == (1, 8, 8)
+    assert "2 different sizes" in caplog.text and "8x8" in caplog.text
+    ds = load_dataset(folder_cfg(make_cfg, root, "data.n_test_per_class=0", "data.image_size=[6,5]").data)
+    assert ds.native_size == (1, 6, 5)
+
+
+def test_non_utf8_text_is_an_error_line(make_cfg, tmp_path):
+    path = tmp_path / "mine.tsv"
+    path.write_bytes("a\tfirst sentence\nb\tcaf\u00e9 in latin-1\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"mine.tsv:2: not UTF-8 text .*save the file as UTF-8"):
+        load_dataset(make_cfg("data=text", f"data.path={path}").data)
