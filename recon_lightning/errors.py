@@ -19,3 +19,7 @@ class ModelMismatchError(ReconError):
 
 class DivergedError(ReconError):
     """An optimisation produced NaN or inf."""
+
+
+class UnhealthyVictimError(ReconError):
+    """The victim cannot be a reconstruction target (collapsed, or training samples misclassified)."""

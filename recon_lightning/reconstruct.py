@@ -38,7 +38,7 @@ from .errors import ConfigError, DataError, ModelMismatchError
 from .kkt import (ACTIVATIONS, DTYPES, FORMS, MULTIPLIERS, PRIORS, KKTObjective, ReluSigmoidGrad, fit_multipliers,  # noqa: F401
                   make_activation, prior_penalty, resolve_form, resolve_prior)
 from .storage import fingerprint, load_tensors, save_tensors
-from .victim import VictimMLP, load_victim
+from .victim import VictimMLP, check_given_victim, load_victim
 
 log = logging.getLogger(__name__)
 
@@ -407,6 +407,7 @@ def check_config(cfg: DictConfig) -> None:
         victim, spec = load_victim(Path(cfg.reconstruct.victim_dir))
         _plan(cfg, spec)
         _train_embeddings(cfg, Path(cfg.run_dir), victim.input_dim, load=False)
+        check_given_victim(cfg, victim)  # collapsed / misclassifying victims stop here (classifier.allow_unhealthy)
 
 
 def _plan(cfg: DictConfig, spec: dict) -> dict:

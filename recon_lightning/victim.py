@@ -28,7 +28,7 @@ from torch import nn
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from .errors import ConfigError, DivergedError, ModelMismatchError
+from .errors import ConfigError, DivergedError, ModelMismatchError, UnhealthyVictimError
 from .storage import load_json, load_tensors, save_json, save_tensors
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,63 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     pred = (logits > 0).long() if logits.ndim == 1 else logits.argmax(1)
     return (pred == y).float().mean()
+
+
+# --------------------------------------------------------------------------------------
+# Health: can this victim be a reconstruction target at all?
+
+HEALTH_FIXES = ("usually fixed by embed.normalize=l2 (unnormalised CNN features, e.g. EfficientNet's), a lower "
+                "classifier.lr, or a longer trainer.max_epochs")
+
+
+@torch.no_grad()
+def victim_health(model: VictimMLP, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Training accuracy, margins and collapse of a victim on its training set, with ``problems``: why
+    it cannot be a reconstruction target (the KKT conditions describe a network that separates its
+    training set; a constant output or misclassified samples mean it does not)."""
+    logits = model(x.float())
+    m = margins(logits, y)
+    flat = logits.reshape(len(x), -1)
+    spread = float((flat.max(0).values - flat.min(0).values).max())
+    collapsed = spread <= 1e-6 * max(1.0, float(flat.abs().max()))
+    wrong = int((m <= 0).sum())
+    problems = []
+    if collapsed:
+        problems.append(f"it collapsed to a constant output (the same logits for all {len(x)} training samples, "
+                        f"margins {float(m.min()):.3g}..{float(m.max()):.3g})")
+    elif wrong:
+        problems.append(f"{wrong} of {len(x)} training samples are on the wrong side of it or on its boundary (margin <= 0; train accuracy "
+                        f"{float(accuracy(logits, y)):.3f}, smallest margin {float(m.min()):.3g})")
+    return {"train_acc": float(accuracy(logits, y)), "margin_min": float(m.min()), "margin_mean": float(m.mean()),
+            "collapsed": collapsed, "misclassified": wrong, "problems": problems}
+
+
+def check_health(health: dict, allow: bool, where: str) -> None:
+    """Stop with :class:`UnhealthyVictimError` when ``health`` lists problems (a warning if ``allow``)."""
+    if not health["problems"]:
+        return
+    msg = f"the victim {where} cannot be a reconstruction target: {'; '.join(health['problems'])}; {HEALTH_FIXES}"
+    if allow:
+        log.warning("%s (going on: classifier.allow_unhealthy=true)", msg)
+        return
+    raise UnhealthyVictimError(f"{msg}. To reconstruct it anyway, set classifier.allow_unhealthy=true")
+
+
+def check_given_victim(cfg, victim: VictimMLP) -> dict | None:
+    """Health of a victim given with ``reconstruct.victim_dir``, on the training embeddings of
+    ``reconstruct.embeddings_dir`` (or ``run_dir/embed``); None when no training set is known."""
+    from .embed import load_embeddings
+
+    base = cfg.reconstruct.get("embeddings_dir") or cfg.run_dir
+    if not (Path(base).expanduser() / "embed" / "embeddings.safetensors").is_file():
+        log.info("victim health not checked: no training embeddings in %s (reconstruct.embeddings_dir)", base)
+        return None
+    emb = load_embeddings(Path(base).expanduser())
+    if emb.dim != victim.input_dim:
+        return None  # the size mismatch is reported by the reconstruct stage's own check
+    health = victim_health(victim, emb.train_x, emb.train_y)
+    check_health(health, bool(cfg.classifier.get("allow_unhealthy", False)), f"in {cfg.reconstruct.victim_dir}")
+    return health
 
 
 class VictimModule(L.LightningModule):
@@ -334,6 +391,7 @@ def run_stage(cfg, run_dir: Path) -> dict:
     with torch.no_grad():
         train_logits, test_logits = model(emb.train_x), model(emb.test_x)
     train_m, test_m = margins(train_logits, emb.train_y), margins(test_logits, emb.test_y)
+    health = victim_health(model, emb.train_x, emb.train_y)
     metrics = {
         "train_acc": float(accuracy(train_logits, emb.train_y)),
         "train_loss": float(loss_fn(train_logits, emb.train_y, loss)),
@@ -353,6 +411,9 @@ def run_stage(cfg, run_dir: Path) -> dict:
             "class_names": emb.meta["class_names"],
             "embedding": {k: emb.meta.get(k) for k in ("backbone_name", "modality", "embed_dim", "normalize", "mean_norm", "input_size")},
             "metrics": metrics,
+            "health": {k: health[k] for k in ("collapsed", "misclassified", "problems")},
         })
         _plot_margins(out / "margins.png", train_m, test_m)
+    # Written first, so the victim and its margins plot can be inspected; the stage is not marked done.
+    check_health(health, bool(c.get("allow_unhealthy", False)), "trained in classifier/")
     return metrics

@@ -18,8 +18,8 @@ from recon_lightning.errors import DataError
 from recon_lightning.fit import main_with_config
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_VICTIM = ["classifier.hidden=[32]", "classifier.bias=[true,false]", "classifier.init_scale=[1e-3,null]",
-               "trainer.max_epochs=200"]
+TINY_VICTIM = ["classifier.hidden=[64]", "classifier.bias=[true,false]", "classifier.init_scale=[1e-3,null]",
+               "trainer.max_epochs=300"]
 
 
 def image_folder(root: Path, per_class: int, size=(8, 8), mode="L", sizes=None) -> Path:
@@ -123,3 +123,48 @@ def test_non_utf8_text_is_an_error_line(make_cfg, tmp_path):
     path.write_bytes("a\tfirst sentence\nb\tcaf\u00e9 in latin-1\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"mine.tsv:2: not UTF-8 text .*save the file as UTF-8"):
         load_dataset(make_cfg("data=text", f"data.path={path}").data)
+
+
+# ----------------------------------------------------------------------------- item 2: victim health
+
+
+def collapsed_victim(folder: Path, dim: int) -> Path:
+    """A victim whose first layer is dead: the same output (0) for every input, loss ln 2, margins 0."""
+    from recon_lightning.victim import VictimMLP, save_victim
+
+    model = VictimMLP(dim, [16], 2, bias=[True, False], init_scale=[1e-3, 1e-3])
+    with torch.no_grad():
+        model.layers[0].weight.zero_()
+        model.layers[0].bias.fill_(-1.0)
+    save_victim(folder, model, {"loss": "bce", "weight_decay": 0.0, "n_train": 100})
+    return folder
+
+
+def test_undertrained_victim_stops_with_the_fixes_unless_allowed(make_cfg, tmp_path):
+    from recon_lightning.errors import UnhealthyVictimError
+    from recon_lightning.storage import load_json
+
+    args = ["stage=classifier", *TINY_VICTIM, "trainer.max_epochs=1"]
+    with pytest.raises(UnhealthyVictimError, match=r"on the wrong side.*embed.normalize=l2.*classifier.allow_unhealthy=true"):
+        main_with_config(make_cfg(*args))
+    assert not (tmp_path / "run/classifier/DONE.json").exists()  # not a finished stage: a rerun trains again
+    summary = main_with_config(make_cfg(*args, "classifier.allow_unhealthy=true"))
+    assert summary["classifier"]["train_acc"] < 1.0
+    assert load_json(tmp_path / "run/classifier/victim.json")["health"]["misclassified"] > 0
+
+
+def test_collapsed_victim_from_victim_dir_is_refused_at_the_start(make_cfg, tmp_path):
+    main_with_config(make_cfg("stage=embed"))
+    victim = collapsed_victim(tmp_path / "victim", 64)
+    proc = subprocess.run([sys.executable, "-m", "recon_lightning.fit", "stage=reconstruct", f"reconstruct.victim_dir={victim}",
+                           f"run_dir={tmp_path / 'run'}", "logger.name=none"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: the victim in" in proc.stderr and "collapsed to a constant output" in proc.stderr
+    assert "embed.normalize=l2" in proc.stderr and not (tmp_path / "run/reconstruct").exists()
+
+    from recon_lightning.victim import check_given_victim, load_victim
+
+    cfg = make_cfg(f"reconstruct.victim_dir={victim}", "classifier.allow_unhealthy=true")
+    health = check_given_victim(cfg, load_victim(victim)[0])  # the override: a warning, no error
+    assert health["collapsed"] and health["train_acc"] == 0.5
