@@ -502,6 +502,17 @@ def _victim_kkt(model, spec: dict, train_x: torch.Tensor, train_y: torch.Tensor,
             "explains_candidates_better": cand_res is not None and cand_res < truth["residual"]}
 
 
+def _victim_summary(run_dir: Path) -> dict | None:
+    """The victim's training figures from ``classifier/victim.json`` (shown on the report's first lines)."""
+    path = run_dir / "classifier" / "victim.json"
+    if not path.is_file():
+        return None
+    spec = load_json(path, what="victim description (victim.json)")
+    metrics = spec.get("metrics") or {}
+    return {"train_acc": metrics.get("train_acc"), "test_acc": metrics.get("test_acc"), "n_train": spec.get("n_train"),
+            "margin_min": metrics.get("train_margin_min"), "problems": (spec.get("health") or {}).get("problems", [])}
+
+
 def _inversion(run_dir: Path) -> list[dict] | None:
     path = run_dir / "invert" / "inversion.json"
     return load_json(path, what="inversion results") if path.is_file() else None
@@ -538,6 +549,11 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
         "notes": [],
     }
     report["selection"]["representatives"] = reps
+    victim = _victim_summary(run_dir)
+    if victim:
+        report["victim"] = victim
+        report["summary"].update({f"victim_{k}": victim[k] for k in ("train_acc", "test_acc") if victim.get(k) is not None})
+        report["notes"] += [f"the victim cannot be a reconstruction target: {p}" for p in victim.get("problems", [])]
     report["figures"]["selection_scores"] = _rel(run_dir, rp.plot_scores(out_dir / "selection_scores.png", sel["score"]))
 
     inversion = _inversion(run_dir)
@@ -551,6 +567,11 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
     text_matches = _text_matches(run_dir)
     if text_matches is not None:
         report["text_matches_attacker"] = text_matches
+        corpus_path = run_dir / "invert" / "text_corpus.json"
+        if corpus_path.is_file():
+            report["text_corpus"] = load_json(corpus_path, what="text corpus record")
+            if report["text_corpus"].get("note"):
+                report["notes"].append(report["text_corpus"]["note"])
 
     evaluation = (run_dir / "embed" / "embeddings.safetensors").is_file()
     if not evaluation:
@@ -584,8 +605,14 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
     thresholds = torch.linspace(0, 1, ecfg.curve_points).tolist()
     curve = fraction_curve(best_cos, thresholds)
     above = {f"{t:g}": v for t, v in zip(ecfg.thresholds, fraction_curve(best_cos, ecfg.thresholds))}
-    per_sample = [{"train_index": i, "y": int(train_y[i]), "best_candidate": int(best_cand[i]), "best_cosine": float(best_cos[i])}
-                  for i in range(n_train)]
+    # How many training samples each best candidate is the best match of, and whether its class agrees.
+    cand_y = cands["y"].long()[cand_idx]
+    shared = torch.bincount(best_local, minlength=len(cand_idx))[best_local]
+    agrees = cand_y[best_local] == train_y
+    per_sample = [{"train_index": i, "y": int(train_y[i]), "best_candidate": int(best_cand[i]), "best_cosine": float(best_cos[i]),
+                   "best_candidate_y": int(cand_y[best_local[i]]), "label_agrees": bool(agrees[i]),
+                   "best_candidate_shared_by": int(shared[i])} for i in range(n_train)]
+    distinct = int(len(torch.unique(best_local)))
     report["reconstruction"] = {
         "num_train": n_train,
         "num_candidates": int(len(cand_idx)),
@@ -594,7 +621,13 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
         "fraction_curve": {"thresholds": thresholds, "fraction": curve},
         "fraction_above": above,
         "per_sample": per_sample,
+        "distinct_best_candidates": distinct,
+        "label_agreement": float(agrees.float().mean()),
     }
+    if distinct < n_train / 2:
+        report["notes"].append(f"the {n_train} training samples have only {distinct} distinct best candidates: the same few "
+                               f"candidates are the nearest to many samples (see 'best for N' in the best-match grid), "
+                               f"which is closeness to typical samples rather than reconstruction of individual ones")
     # Baseline: held-out samples of the same distribution. Candidates that come no closer than
     # unseen data (common for raw pixels, where all images are alike) show no leakage.
     heldout_curve = None
@@ -611,7 +644,8 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
         out_dir / "fraction_curve.png", thresholds, curve, ecfg.good_threshold, heldout_curve))
     s = report["summary"]
     s.update(num_train=n_train, num_candidates=int(len(cand_idx)), best_cosine_mean=float(best_cos.mean()),
-             best_cosine_median=float(best_cos.median()))
+             best_cosine_median=float(best_cos.median()), distinct_best_candidates=distinct,
+             best_match_label_agreement=float(agrees.float().mean()))
     for t, v in above.items():
         s[f"frac_train_cos_ge_{t}"] = v
     if heldout_curve is not None:
@@ -624,7 +658,8 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
     sel_cos, sel_near = max_cosine(sel["x"].float(), train_x, ecfg.chunk)
     sel_good = sel_cos >= ecfg.good_threshold
     for r, rep in enumerate(reps):
-        rep.update(nearest_train_index=int(sel_near[r]), nearest_train_cosine=float(sel_cos[r]), good=bool(sel_good[r]))
+        rep.update(nearest_train_index=int(sel_near[r]), nearest_train_cosine=float(sel_cos[r]), good=bool(sel_good[r]),
+                   label_agrees=rep["y"] == int(train_y[sel_near[r]]))
     ks = capped_ks(ecfg.precision_ks, R)
     base = float(cand_good.float().mean())
     prec_sel = precision_at_k(sel_good, ks)
@@ -683,7 +718,7 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
                 for r in range(len(top))]}
     else:
         report["images"] = _image_figures(run_dir, out_dir, ecfg, emb, load_images(run_dir), cand_x, best_local, best_cos,
-                                          sel, sel_near, sel_cos, reps, inversion)
+                                          sel, sel_near, sel_cos, reps, inversion, (cand_idx, cand_y, shared))
         for key in ("ssim_reference_mean", "frac_train_ssim_gt_0.4", "frac_train_ssim_gt_0.4_one_to_one"):
             if (report["images"].get("reference_ssim") or {}).get(key) is not None:
                 s[key] = report["images"]["reference_ssim"][key]
@@ -722,7 +757,8 @@ def _reference_ssim_inverted(train_img: torch.Tensor, inv: list[torch.Tensor], r
     return out
 
 
-def _image_figures(run_dir, out_dir, ecfg, emb, images, cand_x, best_local, best_cos, sel, sel_near, sel_cos, reps, inversion) -> dict:
+def _image_figures(run_dir, out_dir, ecfg, emb, images, cand_x, best_local, best_cos, sel, sel_near, sel_cos, reps, inversion,
+                   cand_info) -> dict:
     from . import report as rp
 
     info: dict = {"source": None, "grids": {}}
@@ -744,9 +780,18 @@ def _image_figures(run_dir, out_dir, ecfg, emb, images, cand_x, best_local, best
         if use_lpips:
             info["lpips_best_matches_mean"] = float(lpips_pairs(train_img, recon).mean())
         order = torch.argsort(best_cos, descending=True)[: ecfg.grid_pairs]
-        caps = [f"train {int(i)}: cos {float(best_cos[i]):.3f} ssim {float(ssim[i]):.2f}" for i in order]
+        cand_idx, cand_y, shared = cand_info
+        train_y = emb.train_y.long()
+        caps = []
+        for i in order.tolist():
+            c = int(best_local[i])
+            label = f"y {int(train_y[i])}" + ("" if int(cand_y[c]) == int(train_y[i]) else f" vs cand y {int(cand_y[c])}!")
+            caps.append(f"train {i} <- cand {int(cand_idx[c])}, best for {int(shared[i])}\n"
+                        f"cos {float(best_cos[i]):.3f} ssim {float(ssim[i]):.2f} {label}")
         info["grids"]["best_matches"] = _rel(run_dir, rp.image_pair_grid(
-            out_dir / "best_matches.png", train_img[order], recon[order], caps, "Best reconstructions (training | reconstruction)"))
+            out_dir / "best_matches.png", train_img[order], recon[order], caps,
+            "Best reconstructions (training | reconstruction); 'best for N': the candidate is the best match of N "
+            "training samples; '!': its class differs"))
         sel_img = as_images(sel["x"], shape, ecfg.image_scaling)
     elif inversion:
         info["source"] = "inversion"
@@ -769,7 +814,8 @@ def _image_figures(run_dir, out_dir, ecfg, emb, images, cand_x, best_local, best
     info["ssim_selection_mean"] = float(ssim_sel.mean())
     for rep, v in zip(reps[:n], ssim_sel.tolist()):
         rep["ssim"] = v
-    caps = [f"#{rep['rank']} -> train {int(j)}: cos {float(c):.3f} ssim {float(v):.2f}"
+    caps = [f"#{rep['rank']} -> train {int(j)}: cos {float(c):.3f}\nssim {float(v):.2f}"
+            + ("" if rep.get("label_agrees", True) else " class differs!")
             for rep, j, c, v in zip(reps[:n], sel_near[:n], sel_cos[:n], ssim_sel)]
     info["grids"]["selection"] = _rel(run_dir, rp.image_pair_grid(
         out_dir / "selection.png", nearest, sel_img[:n], caps, "Top representatives (nearest training | reconstruction)"))

@@ -324,7 +324,9 @@ def default_corpus() -> Path:
 
 def text_matches(backbone: Backbone, targets: torch.Tensor, corpus: list[str], top_k: int, batch_size: int = 64) -> list[list[dict]]:
     """For each target, the ``top_k`` corpus sentences by cosine (faiss inner product on unit vectors)."""
-    import faiss
+    from .select import _faiss
+
+    faiss = _faiss()
 
     check_dim(targets, backbone)
     embs = []
@@ -386,6 +388,13 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
             return {}
         corpus_path = Path(icfg.text_corpus).expanduser() if icfg.get("text_corpus") else default_corpus()
         corpus = read_corpus(corpus_path)
+        record = {"path": str(corpus_path), "size": len(corpus), "bundled": not icfg.get("text_corpus")}
+        if record["bundled"] and (meta.get("data") or {}).get("path"):
+            record["note"] = (f"the text was inverted by searching the bundled example corpus ({corpus_path.name}), not "
+                              f"sentences like your data ({meta['data']['path']}); set invert.text_corpus to a file of "
+                              f"candidate sentences from your domain")
+            log.warning("%s", record["note"])
+        save_json(out / "text_corpus.json", record)
         backbone.to(resolve_device(icfg.device))
         matches = text_matches(backbone, targets, corpus, int(icfg.top_k))
         rows = [{"rank": r, "candidate_index": int(cand[r]), "matches": m} for r, m in enumerate(matches)]
@@ -451,6 +460,17 @@ def finished_rows(run_dir: Path, targets: torch.Tensor) -> dict[int, dict]:
     return rows
 
 
+class StepProgress(L.Callback):
+    """Advances one progress bar over a whole stage (every image's every step, with an ETA) from
+    the separate Lightning fits of its batches."""
+
+    def __init__(self, bar, images: int):
+        self.bar, self.images = bar, images
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.bar.update(self.images)
+
+
 def _invert_on_rank(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path, backbone: Backbone,
                     targets: torch.Tensor, cand: torch.Tensor, meta: dict) -> list[dict] | None:
     """One rank's share: targets t with ``t % world == rank`` not finished earlier, a batch at a time;
@@ -462,7 +482,11 @@ def _invert_on_rank(rank: int, world: int, device_kw: dict, cfg: DictConfig, run
     mine = [t for t in range(len(targets)) if t % world == rank and t not in done]
     log.info("invert rank %d/%d: %d targets to do, %d finished earlier", rank, world, len(mine), len(done))
     bs, every, decoder = max(1, int(icfg.batch_size)), int(icfg.checkpoint_every_n_steps), None
-    for start in tqdm(range(0, len(mine), bs), desc=f"invert (rank {rank})", disable=not mine, leave=False):
+    # One bar for the rank's whole share, in image-steps (a batch of B images advances it by B per step).
+    show = bool(cfg.trainer.get("enable_progress_bar", True)) and bool(mine)
+    bar = tqdm(total=len(mine) * int(icfg.steps), desc=f"invert {len(mine)} images (rank {rank})", unit="img-step",
+               disable=not show)
+    for start in range(0, len(mine), bs):
         ids = mine[start : start + bs]
         name = f"targets_{ids[0]:04d}-{ids[-1]:04d}_{fingerprint('invert-batch', ids)}"
         if icfg.method == "unclip":
@@ -472,17 +496,20 @@ def _invert_on_rank(rank: int, world: int, device_kw: dict, cfg: DictConfig, run
             imgs = invert_unclip(backbone, targets[ids], cfg, meta, pipe=decoder, device=device)
         else:
             # Long optimisations checkpoint every invert.checkpoint_every_n_steps; a killed batch resumes there.
-            callbacks, resume_from = [], None
+            callbacks, resume_from = [StepProgress(bar, len(ids))], None
             if every > 0:
                 callback, resume_from = checkpointing(run_dir, "invert", every, name=name)
                 callbacks.append(callback)
             trainer = make_trainer(cfg, run_dir, "invert", max_steps=int(icfg.steps), max_epochs=1, callbacks=callbacks,
-                                   enable_checkpointing=every > 0, num_sanity_val_steps=0,
+                                   enable_checkpointing=every > 0, num_sanity_val_steps=0, enable_progress_bar=False,
                                    default_root_dir=str(checkpoint_dir(run_dir, "invert", name)), **device_kw)
             imgs = invert_batch(backbone, targets[ids], icfg, ids, trainer, resume_from)
         rows = write_images(run_dir, ids, to_uint8(imgs), backbone, targets, cand, device, rank)
         save_json(batches_dir(run_dir) / f"{name}.json", rows)
         shutil.rmtree(checkpoint_dir(run_dir, "invert", name), ignore_errors=True)  # its images are on disk
+        if icfg.method == "unclip":
+            bar.update(len(ids) * int(icfg.steps))
+    bar.close()
     if rank != 0:
         return None
     # Rank 0 merges once every target has a finished batch (shared filesystem; any launcher).

@@ -42,6 +42,7 @@ key                                                meaning
 ``reconstruction.fraction_curve``                  eval: ``{thresholds: [...], fraction: [...]}``
 ``reconstruction.fraction_above``                  eval: ``{"<t>": fraction}`` for ``evaluate.thresholds``
 ``reconstruction.per_sample[]``                    eval: ``train_index, y, best_candidate, best_cosine, margin``;
+                                                   ``best_candidate_y, label_agrees, best_candidate_shared_by``;
                                                    ``heldout_best_cosine, heldout_best_index, leaked, one_to_one_candidate,
                                                    one_to_one_cosine, leaked_one_to_one``
 ``leak``                                           eval: ``leak_rate, leak_rate_one_to_one, baseline_pool, num_leaked,
@@ -60,6 +61,12 @@ key                                                meaning
 ``text.nearest_train_texts[]``                     eval, text: ``rank, candidate_index, matches[{train_index, text, cosine}]``
 ``inversion``                                      contents of ``invert/inversion.json`` when present
 ``text_matches_attacker``                          contents of ``invert/text_matches.json`` when present
+``victim``                                         ``train_acc, test_acc, n_train, margin_min, problems`` from
+                                                   ``classifier/victim.json`` (also ``summary.victim_train_acc`` /
+                                                   ``victim_test_acc``); shown on the report's first lines
+``reconstruction.distinct_best_candidates``        eval: how many different candidates are best matches
+``reconstruction.label_agreement``                 eval: fraction of training samples whose best candidate has their class
+``text_corpus``                                    ``path, size, bundled`` of the corpus searched to invert text
 ``figures`` / ``grids``                            ``{name: PNG path relative to run_dir}``
 ``notes``                                          human-readable remarks (what was omitted and why)
 =================================================  ===========================================================
@@ -266,6 +273,11 @@ def render_html(report: dict) -> str:
            else " (training set unknown: only the ranked candidates are shown)")
         + (f"; modality: {e(str(report.get('modality')))}" if report.get("modality") else "") + "</p>",
     ]
+    victim = report.get("victim")
+    if victim:
+        parts.append(f"<p>Victim: train accuracy <b>{_fmt(victim.get('train_acc'))}</b>, test accuracy "
+                     f"<b>{_fmt(victim.get('test_acc'))}</b> ({_fmt(victim.get('n_train'))} training samples, "
+                     f"smallest training margin {_fmt(victim.get('margin_min'))})</p>")
     for note in report.get("notes", []):
         parts.append(f"<p class='note'>{e(note)}</p>")
     summary = report.get("summary", {})
@@ -294,7 +306,11 @@ def render_html(report: dict) -> str:
         parts.append("</table>")
     att = report.get("text_matches_attacker")
     if att:
-        parts.append("<h2>Inverted text (nearest sentences in the attacker's corpus)</h2><table>"
+        corpus = report.get("text_corpus") or {}
+        parts.append("<h2>Inverted text (nearest sentences in the attacker's corpus)</h2>"
+                     + (f"<p>Corpus searched: <code>{e(str(corpus.get('path')))}</code> ({_fmt(corpus.get('size'))} sentences"
+                        + (", the bundled example corpus" if corpus.get("bundled") else "") + ")</p>" if corpus else "")
+                     + "<table>"
                      "<tr><th>rank</th><th>cosine</th><th style='text-align:left'>text</th></tr>")
         for row in att:
             for m in row.get("matches", []):

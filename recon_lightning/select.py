@@ -166,6 +166,9 @@ def _number(v, typ: type, key: str, auto: bool = False):
 
 
 def _faiss():
+    # faiss's loader tries its AVX512 and AVX2 builds first and logs each missing one as a
+    # ModuleNotFoundError at INFO level on every start; the build it ends up with works. Keep quiet.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss  # imported lazily: only this stage and evaluation need it
 
     return faiss

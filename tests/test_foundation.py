@@ -95,7 +95,7 @@ def test_bad_data_inputs(make_cfg, tmp_path):
         load_dataset(make_cfg("data=imagefolder", f"data.root={root}").data)
     (root / "dogs/b.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match=r"corrupt or unreadable image: .*b\.png"):
-        load_dataset(make_cfg("data=imagefolder", f"data.root={root}").data)
+        load_dataset(make_cfg("data=imagefolder", f"data.root={root}", "data.n_test_per_class=0").data)
     with pytest.raises(ConfigError, match="unknown backbone kind"):
         main_with_config(make_cfg("stage=embed", "backbone.kind=nope"))
 

@@ -203,7 +203,7 @@ def test_identity_backbone_writes_the_embedding_as_image(make_cfg, tmp_path):
     x = imgs.flatten(1).float() / 255
     run_dir = tmp_path / "run"
     write_run(run_dir, x, {"input_size": [1, 8, 8]}, images=imgs)
-    summary = invert.run_stage(make_cfg("backbone=identity"), run_dir)
+    summary = invert.run_stage(make_cfg("backbone=identity", "invert.identity_scaling=clip"), run_dir)
     rows = json.loads((run_dir / "invert" / "inversion.json").read_text())
     assert summary["method"] == "identity" and len(rows) == 3
     for r in rows:
@@ -212,6 +212,20 @@ def test_identity_backbone_writes_the_embedding_as_image(make_cfg, tmp_path):
     # L2-normalised pixels are rescaled per image (min-max), not clipped into black.
     scaled = invert.identity_images(x * 0.01 - 0.3, (1, 8, 8), "auto", "l2")
     assert torch.allclose(scaled.flatten(1).amax(1), torch.ones(3)) and torch.allclose(scaled.flatten(1).amin(1), torch.zeros(3))
+
+
+def test_identity_pngs_of_small_scale_candidates_are_scaled_not_near_black(make_cfg, tmp_path):
+    """Reconstructions are known only up to scale: by default (invert.identity_scaling=minmax, as in
+    the report's grids) each PNG spans 0..255; clipping left them near black (peaks of 12-71)."""
+    from PIL import Image
+
+    imgs = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    run_dir = tmp_path / "run"
+    write_run(run_dir, imgs.flatten(1).float() / 255 * 0.1, {"input_size": [1, 8, 8]}, images=imgs)  # 1/10 scale
+    invert.run_stage(make_cfg("backbone=identity"), run_dir)
+    for row in json.loads((run_dir / "invert" / "inversion.json").read_text()):
+        png = np.asarray(Image.open(run_dir / row["path"]))
+        assert png.max() == 255 and png.min() == 0
 
 
 def test_mismatched_embedding_size_is_model_mismatch(make_cfg, tmp_path, monkeypatch):

@@ -168,3 +168,86 @@ def test_collapsed_victim_from_victim_dir_is_refused_at_the_start(make_cfg, tmp_
     cfg = make_cfg(f"reconstruct.victim_dir={victim}", "classifier.allow_unhealthy=true")
     health = check_given_victim(cfg, load_victim(victim)[0])  # the override: a warning, no error
     assert health["collapsed"] and health["train_acc"] == 0.5
+
+
+# ----------------------------------------------------------------------------- item 8: log noise
+
+
+def test_faiss_import_logs_no_module_not_found(tmp_path):
+    code = ("import logging; logging.basicConfig(level=logging.DEBUG)\n"
+            "from recon_lightning.select import _faiss; _faiss()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert "ModuleNotFoundError" not in proc.stderr and "AVX" not in proc.stderr
+
+
+def test_folder_images_embed_without_numpy_not_writable_warning(make_cfg, tmp_path):
+    import warnings
+
+    from recon_lightning.backbones import IdentityBackbone
+
+    ds = load_dataset(folder_cfg(make_cfg, image_folder(tmp_path / "imgs", 3, mode="RGB"), "data.n_test_per_class=1").data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        IdentityBackbone(ds.native_size).to_pixels(ds.train.samples)
+    assert not [w for w in caught if "not writable" in str(w.message)]
+
+
+# ----------------------------------------------------------------------------- items 2, 5, 6: the report
+
+
+def test_report_shows_victim_accuracy_first_and_who_matches_whom(tmp_path, monkeypatch):
+    from test_evaluate import make_run_dir
+
+    from recon_lightning import evaluate as ev
+    from recon_lightning import report as rp
+    from recon_lightning.victim import VictimMLP, save_victim
+
+    run = make_run_dir(tmp_path)
+    save_victim(tmp_path / "classifier", VictimMLP(64, [16], 2),
+                {"n_train": 12, "metrics": {"train_acc": 1.0, "test_acc": 0.75, "train_margin_min": 0.5}})
+    captions = {}
+    real_grid = rp.image_pair_grid
+    monkeypatch.setattr(rp, "image_pair_grid", lambda path, a, b, caps, title, **kw: captions.setdefault(path.stem, caps)
+                        and real_grid(path, a, b, caps, title, **kw))
+    report = ev.build_report(tmp_path, ev.EvalConfig(kkt_steps=0))
+    assert report["victim"]["train_acc"] == 1.0 and report["summary"]["victim_test_acc"] == 0.75
+    page = rp.render_html(report)
+    assert page.index("Victim: train accuracy <b>1</b>, test accuracy <b>0.75</b>") < page.index("<h2>Summary</h2>")
+    per = report["reconstruction"]["per_sample"]
+    for i in run["copies"]:  # exact copies: a candidate of the same class
+        assert per[i]["label_agrees"] and per[i]["best_cosine"] > 0.999
+    for p in per:  # 'shared by' counts the training samples that have the same best candidate
+        assert p["best_candidate_shared_by"] == sum(q["best_candidate"] == p["best_candidate"] for q in per)
+    assert any(p["best_candidate_shared_by"] > 1 for p in per)  # the repetition the grid now points out
+    assert report["reconstruction"]["distinct_best_candidates"] == len({p["best_candidate"] for p in per})
+    first = per[int(torch.tensor([p["best_cosine"] for p in per]).argmax())]
+    assert captions["best_matches"][0].startswith(
+        f"train {first['train_index']} <- cand {first['best_candidate']}, best for {first['best_candidate_shared_by']}")
+    assert all("label_agrees" in r for r in report["selection"]["representatives"])
+
+
+def test_user_tsv_inverted_with_bundled_corpus_says_so_in_the_report(make_cfg, tmp_path, monkeypatch):
+    import shutil
+
+    from test_invert import TinyText, write_run
+
+    from recon_lightning import evaluate as ev
+    from recon_lightning import invert
+    from recon_lightning import report as rp
+    from recon_lightning.storage import load_json
+
+    own = tmp_path / "my_corpus.txt"
+    own.write_text("the cat sat on the mat\nmarkets fell on monday\n")
+    run_dir = tmp_path / "run"
+    write_run(run_dir, TinyText().embed(["the cat sat on the mat"]), {"modality": "text", "data": {"path": "/data/mine.tsv"}})
+    monkeypatch.setattr(invert, "build_backbone", lambda cfg, input_size=None: TinyText())
+    invert.run_stage(make_cfg(), run_dir)
+    record = load_json(run_dir / "invert" / "text_corpus.json")
+    assert record["bundled"] and "invert.text_corpus" in record["note"] and "/data/mine.tsv" in record["note"]
+    invert.run_stage(make_cfg(f"invert.text_corpus={own}"), run_dir)
+    assert load_json(run_dir / "invert" / "text_corpus.json") == {"path": str(own), "size": 2, "bundled": False}
+    shutil.rmtree(run_dir / "embed")  # the attacker's view: the report still names the corpus
+    page = rp.render_html(ev.build_report(run_dir, ev.EvalConfig()))
+    assert f"Corpus searched: <code>{own}</code> (2 sentences)" in page
