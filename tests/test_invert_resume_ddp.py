@@ -21,7 +21,8 @@ ARGS = ["backbone=dino_vits16", "backbone.model=test_vit", "backbone.pretrained=
         "reconstruct.runs_per_batch=1", "reconstruct.steps=5", "select.num_representatives=5", "invert.num_images=5",
         "invert.batch_size=2", "invert.param=fourier", "invert.augment.copies=1", "invert.augment.crop_scale=[1,1]",
         "invert.augment.jitter=0", "invert.augment.flip=false", "invert.augment.rotate=0", "invert.augment.color=0",
-        "invert.augment.noise=0", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger.name=none"]
+        "invert.augment.noise=0", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger.name=none",
+        "classifier.allow_unhealthy=true"]  # a barely trained victim on purpose: these tests check resuming
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

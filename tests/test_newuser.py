@@ -68,13 +68,15 @@ def test_cli_small_folder_prints_an_error_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_zero_test_split_is_supported_through_the_victim(make_cfg, tmp_path):
+def test_zero_test_split_is_supported_by_every_stage(make_cfg, tmp_path):
     root = image_folder(tmp_path / "imgs", per_class=6)
-    summary = main_with_config(folder_cfg(make_cfg, root, "stage=classifier", "data.n_test_per_class=0", *TINY_VICTIM))
+    summary = main_with_config(folder_cfg(make_cfg, root, "data.n_test_per_class=0", *TINY_VICTIM, "reconstruct.num_runs=1",
+                                          "reconstruct.steps=20", "select.num_representatives=4", "invert.num_images=2"))
     assert summary["embed"]["n_train"] == 12 and summary["embed"]["n_test"] == 0
     assert summary["classifier"]["train_acc"] == 1.0 and summary["classifier"]["test_acc"] is None
     images = load_images(tmp_path / "run")
     assert images["train"].shape == (12, 1, 8, 8) and images["test"].shape == (0, 1, 8, 8)
+    assert summary["evaluate"]["mode"] == "evaluation" and "heldout_best_cosine_mean" not in summary["evaluate"]
 
 
 # ----------------------------------------------------------------------------- item 3: grayscale

@@ -48,7 +48,9 @@ def _small_sweep(tmp_path: Path, name: str, logger: str, method: str = "random",
     _tiny_victim(base)
     spec = yaml.safe_load((REPO / "sweeps" / "reconstruct.yaml").read_text())
     spec["method"] = method
-    spec["parameters"].update({"logger.name": {"value": logger}, "reconstruct.steps": {"value": 5}, **parameters})
+    spec["parameters"].update({"logger.name": {"value": logger}, "reconstruct.steps": {"value": 5},
+                               "classifier.allow_unhealthy": {"value": True},  # the random tiny victim is not healthy
+                               **parameters})
     spec["parameters"] = {k: v for k, v in spec["parameters"].items() if v is not None}
     sweep_file = tmp_path / f"{name}.yaml"
     sweep_file.write_text(yaml.safe_dump(spec))
