@@ -4,7 +4,8 @@ import json
 
 from recon_lightning.fit import main_with_config
 
-TINY = ["data.n_per_class=10", "data.n_test_per_class=5", "classifier.hidden=[32,32]", "trainer.max_epochs=200",
+TINY = ["data.n_per_class=10", "data.n_test_per_class=5", "classifier.hidden=[32,32]", "classifier.bias=[true,false,false]",
+        "classifier.init_scale=[1e-3,1e-3,1e-3]", "trainer.max_epochs=200",
         "reconstruct.num_runs=2", "reconstruct.runs_per_batch=2", "reconstruct.steps=20",
         "select.num_representatives=8", "invert.num_images=4",
         "classifier.allow_unhealthy=true"]  # a barely trained victim on purpose: these tests check the plumbing
