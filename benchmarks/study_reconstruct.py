@@ -118,12 +118,15 @@ def main() -> None:
     ap.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--sections", default="compute,ablation,n,epochs")
     ap.add_argument("--budget-s", type=float, default=None, help="stop (and write what is measured) after this long")
+    ap.add_argument("--steps", type=int, default=None, help="steps per run (default: 3000 gpu, 300 cpu)")
+    ap.add_argument("--runs", type=int, default=None, help="runs per row (default: 16 gpu, 2 cpu)")
     ap.add_argument("--out", default="study_reconstruct.json")
     args = ap.parse_args()
     device = torch.device("cuda" if args.scale == "gpu" and torch.cuda.is_available() else "cpu")
     big = args.scale == "gpu"
     steps, runs = (3000, 16) if big else (300, 2)
-    evals = {s for s in (100, 300, 1000, 3000) if s <= steps}
+    steps, runs = args.steps or steps, args.runs or runs
+    evals = {s for s in (100, 300, 1000, 3000, 10000) if s <= steps}
     budget_end = time.time() + (args.budget_s or (600 if big else 1800))
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "scale": args.scale,
            "runs": runs, "steps": steps, "rows": []}
