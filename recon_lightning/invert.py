@@ -48,7 +48,7 @@ from .backbones import Backbone, build_backbone, embedding_dim
 from .errors import ConfigError, DataError, DivergedError, ModelMismatchError
 from .image_params import Augment, build_param, to_unit_range, total_variation
 from .storage import fingerprint, load_json, load_tensors, save_json
-from .training import checkpoint_dir, checkpointing, make_trainer, resolve_device, run_on_every_rank
+from .training import checkpoint_dir, checkpointing, make_trainer, resolve_device, run_on_every_rank, steps_loader
 
 log = logging.getLogger(__name__)
 
@@ -233,11 +233,6 @@ class DirectInversion(L.LightningModule):
         return self.render()
 
 
-def _steps_loader(steps: int) -> DataLoader:
-    # One (ignored) item per optimisation step.
-    return DataLoader(torch.utils.data.TensorDataset(torch.zeros(steps)), batch_size=1)
-
-
 def invert_batch(backbone: Backbone, targets: torch.Tensor, cfg: DictConfig, target_ids: list[int],
                  trainer: L.Trainer, ckpt_path: str | None = None) -> torch.Tensor:
     """One Lightning fit: images (B, C, H, W) in [0, 1] for ``targets`` (B, D); resumes ``ckpt_path`` if given."""
@@ -245,7 +240,7 @@ def invert_batch(backbone: Backbone, targets: torch.Tensor, cfg: DictConfig, tar
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen backbone, on purpose
     L.seed_everything(int(cfg.seed) + int(target_ids[0]), verbose=False)  # augmentations / DIP noise
     module = DirectInversion(backbone, targets, cfg, steps, target_ids)
-    trainer.fit(module, train_dataloaders=_steps_loader(steps), ckpt_path=ckpt_path, weights_only=True)
+    trainer.fit(module, train_dataloaders=steps_loader(steps), ckpt_path=ckpt_path, weights_only=True)
     return module.final_images().detach().cpu()
 
 

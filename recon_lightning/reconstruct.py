@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
 
 from . import distributed
 from .errors import ConfigError, DataError, ModelMismatchError
@@ -94,14 +93,6 @@ def sample_hparams(rcfg: DictConfig | dict, seed: int, run_id: int) -> dict:
 def candidate_labels(num_classes: int, per_class: int) -> torch.Tensor:
     """Class of each candidate: ``per_class`` candidates for each class, class-major."""
     return torch.arange(num_classes).repeat_interleave(per_class)
-
-
-class _Steps(IterableDataset):
-    """An endless stream of empty batches: the optimisation has no data, ``max_steps`` ends it."""
-
-    def __iter__(self):
-        while True:
-            yield 0
 
 
 class ReconstructionModule(L.LightningModule):
@@ -217,7 +208,9 @@ class ReconstructionModule(L.LightningModule):
         raise ConfigError(f"reconstruct.optimizer must be adam or sgd, got {name!r}")
 
     def train_dataloader(self):
-        return DataLoader(_Steps(), batch_size=None)
+        from .training import steps_loader
+
+        return steps_loader(int(self.rcfg["steps"]))
 
     @torch.no_grad()
     def results(self) -> list[dict]:

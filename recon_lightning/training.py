@@ -107,6 +107,14 @@ def checkpointing(run_dir: Path, stage: str, every_n_steps: int, name: str | Non
     return callback, None
 
 
+def steps_loader(steps: int):
+    """One (ignored) item per optimisation step, for stages that optimise parameters without data: its
+    length gives the progress bar a total and an ETA."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return DataLoader(TensorDataset(torch.zeros(max(1, int(steps)))), batch_size=1)
+
+
 def checkpoint_dir(run_dir: Path, stage: str, name: str | None = None) -> Path:
     directory = Path(run_dir) / stage / "checkpoints"
     return directory / name if name else directory
