@@ -48,7 +48,7 @@ from .backbones import Backbone, build_backbone, embedding_dim
 from .errors import ConfigError, DataError, DivergedError, ModelMismatchError
 from .image_params import Augment, build_param, to_unit_range, total_variation
 from .storage import fingerprint, load_json, load_tensors, save_json
-from .training import checkpoint_dir, checkpointing, make_trainer, resolve_device, run_on_every_rank, steps_loader
+from .training import build_logger, checkpoint_dir, checkpointing, make_trainer, resolve_device, run_on_every_rank, steps_loader
 
 log = logging.getLogger(__name__)
 
@@ -477,6 +477,7 @@ def _invert_on_rank(rank: int, world: int, device_kw: dict, cfg: DictConfig, run
     mine = [t for t in range(len(targets)) if t % world == rank and t not in done]
     log.info("invert rank %d/%d: %d targets to do, %d finished earlier", rank, world, len(mine), len(done))
     bs, every, decoder = max(1, int(icfg.batch_size)), int(icfg.checkpoint_every_n_steps), None
+    logger = build_logger(cfg, run_dir, "invert") if rank == 0 else False  # once per stage: one W&B run
     # One bar for the rank's whole share, in image-steps (a batch of B images advances it by B per step).
     show = bool(cfg.trainer.get("enable_progress_bar", True)) and bool(mine)
     bar = tqdm(total=len(mine) * int(icfg.steps), desc=f"invert {len(mine)} images (rank {rank})", unit="img-step",
@@ -495,7 +496,7 @@ def _invert_on_rank(rank: int, world: int, device_kw: dict, cfg: DictConfig, run
             if every > 0:
                 callback, resume_from = checkpointing(run_dir, "invert", every, name=name)
                 callbacks.append(callback)
-            trainer = make_trainer(cfg, run_dir, "invert", max_steps=int(icfg.steps), max_epochs=1, callbacks=callbacks,
+            trainer = make_trainer(cfg, run_dir, "invert", logger, max_steps=int(icfg.steps), max_epochs=1, callbacks=callbacks,
                                    enable_checkpointing=every > 0, num_sanity_val_steps=0, enable_progress_bar=False,
                                    default_root_dir=str(checkpoint_dir(run_dir, "invert", name)), **device_kw)
             imgs = invert_batch(backbone, targets[ids], icfg, ids, trainer, resume_from)

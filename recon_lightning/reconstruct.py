@@ -522,7 +522,7 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
         pending.append(r)
     log.info("reconstruct rank %d/%d: %d runs, %d already done, %d to do (K=%d, form %s, prior %s)",
              rank, world, len(mine), len(mine) - len(pending), len(pending), K, plan["form"], plan["prior"])
-    logger = build_logger(cfg, run_dir, "reconstruct")
+    logger = build_logger(cfg, run_dir, "reconstruct") if rank == 0 else False  # once per stage: one W&B run
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
     # Our checkpoints hold the state after step N with global_step N, which is what resuming needs.

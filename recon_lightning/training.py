@@ -31,10 +31,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def wandb_mode(cfg: DictConfig) -> str:
+    """``logger.wandb.mode``; ``auto`` = the agent's ``WANDB_MODE`` (else online) under a W&B sweep agent,
+    offline otherwise (no account, no network)."""
+    mode = str(cfg.logger.wandb.mode)
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_SWEEP_ID"):
+        return os.environ.get("WANDB_MODE") or "online"
+    return "offline"
+
+
 def build_logger(cfg: DictConfig, run_dir: Path, stage: str) -> Logger | bool:
     """The configured Lightning logger for one stage (CSV/TensorBoard files in ``run_dir/<stage>/logs``,
-    so they move aside with the stage's outputs when its config changes). W&B defaults to offline mode (no account,
-    no network); sync later with ``wandb sync <run_dir>/wandb/offline-run-*``."""
+    so they move aside with the stage's outputs when its config changes). Build it once per stage and pass it to
+    every Trainer of the stage: with W&B, each call starts a new W&B run (and finishes the previous stage's).
+    W&B runs offline unless ``logger.wandb.mode`` or a sweep agent says otherwise; sync later with
+    ``wandb sync <run_dir>/wandb/offline-run-*``."""
     name = cfg.logger.name
     if name == "csv":
         return CSVLogger(save_dir=str(run_dir / stage), name="logs", version="")
@@ -44,8 +57,9 @@ def build_logger(cfg: DictConfig, run_dir: Path, stage: str) -> Logger | bool:
         import wandb
 
         wb = cfg.logger.wandb
+        mode = wandb_mode(cfg)
         os.environ.setdefault("WANDB_SILENT", "true")
-        if wandb.run is not None:  # one W&B run per stage, grouped by run_dir
+        if wandb.run is not None:  # one W&B run per stage, grouped by run_dir: the previous stage's run ends here
             wandb.finish()
         return WandbLogger(
             project=wb.project,
@@ -53,8 +67,8 @@ def build_logger(cfg: DictConfig, run_dir: Path, stage: str) -> Logger | bool:
             group=wb.group or Path(cfg.run_dir).name,
             name=f"{Path(cfg.run_dir).name}-{stage}",
             save_dir=str(run_dir),
-            offline=wb.mode == "offline",
-            mode=wb.mode,
+            offline=mode == "offline",
+            mode=mode,
             config=OmegaConf.to_container(cfg, resolve=True),
         )
     if name == "tensorboard":
@@ -66,15 +80,12 @@ def build_logger(cfg: DictConfig, run_dir: Path, stage: str) -> Logger | bool:
     raise ConfigError(f"unknown logger.name {name!r}; choose from {LOGGERS}")
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, **overrides: Any) -> L.Trainer:
+def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bool, **overrides: Any) -> L.Trainer:
     """A Trainer from ``cfg.trainer`` (hardware/distribution) plus the stage's own ``overrides``
-    (e.g. ``max_steps``); ``trainer.max_epochs`` is the victim's training length."""
+    (e.g. ``max_steps``); ``trainer.max_epochs`` is the victim's training length. ``logger`` is the
+    stage's logger from :func:`build_logger` (built once per stage, shared by its Trainers) or False."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kwargs.update(
-        default_root_dir=str(run_dir / stage),
-        logger=build_logger(cfg, run_dir, stage),
-        enable_model_summary=False,
-    )
+    kwargs.update(default_root_dir=str(run_dir / stage), logger=logger, enable_model_summary=False)
     kwargs.update(overrides)
     try:
         return L.Trainer(**kwargs)
@@ -131,7 +142,7 @@ def run_on_every_rank(cfg: DictConfig, run_dir: Path, stage: str, work: Callable
     """
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-    outer = make_trainer(cfg, run_dir, stage, logger=False, enable_checkpointing=False)
+    outer = make_trainer(cfg, run_dir, stage, False, enable_checkpointing=False)
     launcher = outer.strategy.launcher
     if launcher is not None and not isinstance(launcher, _SubprocessScriptLauncher):
         raise ConfigError(f"stage {stage} supports trainer.strategy=ddp (or auto / torchrun / SLURM), "

@@ -337,7 +337,7 @@ def check_config(cfg) -> None:
 def run_stage(cfg, run_dir: Path) -> dict:
     """Train the victim on the cached embeddings and save it to ``run_dir/classifier``."""
     from .embed import load_embeddings
-    from .training import checkpoint_dir, checkpointing, make_trainer
+    from .training import build_logger, checkpoint_dir, checkpointing, make_trainer
 
     c = cfg.classifier
     check_config(cfg)
@@ -374,7 +374,7 @@ def run_stage(cfg, run_dir: Path) -> dict:
                      done_epochs, int(cfg.trainer.max_epochs))
             resume_from = None
     trainer = make_trainer(
-        cfg, run_dir, "classifier",
+        cfg, run_dir, "classifier", build_logger(cfg, run_dir, "classifier"),
         max_epochs=-1,  # max_steps (= epochs: one optimiser step per epoch) ends training
         max_steps=epochs,
         check_val_every_n_epoch=max(1, int(c.log_every_n_epochs) // per_step),
