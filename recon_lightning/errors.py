@@ -23,3 +23,7 @@ class DivergedError(ReconError):
 
 class UnhealthyVictimError(ReconError):
     """The victim cannot be a reconstruction target (collapsed, or training samples misclassified)."""
+
+
+class BusyError(ReconError):
+    """Another job holds the run_dir."""

@@ -823,8 +823,8 @@ def _image_figures(run_dir, out_dir, ecfg, emb, images, cand_x, best_local, best
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Cheap checks of evaluate.*, run by ``fit`` before any stage starts."""
-    EvalConfig.from_cfg(cfg)
+    """Cheap checks of evaluate.*, run by ``fit`` before any stage starts (``cfg`` is the whole config)."""
+    EvalConfig.from_cfg(cfg.get("evaluate", {}))
 
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:

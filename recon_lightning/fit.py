@@ -7,6 +7,7 @@ selected by ``stage=`` in pipeline order, reusing finished stages from ``run_dir
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.util
@@ -16,15 +17,14 @@ import sys
 import warnings
 from pathlib import Path
 
-# Every run works offline unless the user opts in: no hub, no W&B server needed.
-os.environ.setdefault("WANDB_MODE", "offline")
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-import hydra  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from .errors import ConfigError, ReconError  # noqa: E402
-from .stages import Stage, run_stages, stages_to_run  # noqa: E402
+from . import distributed
+from .errors import ConfigError, ReconError
+from .stages import Stage, run_stages, stages_to_run
+from .storage import run_dir_lock
 
 log = logging.getLogger("recon_lightning")
 
@@ -101,7 +101,10 @@ def check_configs(cfg: DictConfig, stages: list[Stage], wanted: list[str]) -> No
     for stage in stages_to_run(cfg, stages, wanted):
         module = importlib.import_module(f"recon_lightning.{modules[stage.name]}")
         if hasattr(module, "check_config"):
-            module.check_config(cfg)
+            try:
+                module.check_config(cfg)
+            except (ValueError, TypeError) as err:  # e.g. int('abc') on a value check_types let through
+                raise ConfigError(f"invalid value in the {stage.name} config: {err}") from None
 
 
 # Sections passed through to a library that validates its own arguments (lightning.Trainer).
@@ -151,6 +154,88 @@ def check_known_keys(cfg: DictConfig) -> None:
     walk(given, known, "")
 
 
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, list):
+        return "list"
+    return "dict" if isinstance(value, dict) else "str"
+
+
+def known_types() -> dict[str, set[str]]:
+    """For every dotted key of the shipped configs, the kinds of its defaults over all options of its group
+    (a list contributes its elements' kinds too: ``lr: 0.01`` and ``alpha: [50, 300]`` both hold numbers)."""
+    kinds: dict[str, set[str]] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            kinds.setdefault(path, set()).add(_kind(value))
+            if isinstance(value, dict):
+                walk(value, f"{path}.")
+            elif isinstance(value, list):
+                kinds[path] |= {_kind(v) for v in value}
+
+    root = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "config.yaml"), resolve=False)
+    root.pop("defaults", None)
+    root.pop("hydra", None)
+    walk(root, "")
+    for group in sorted(p for p in Path(CONFIG_DIR).iterdir() if p.is_dir()):
+        for option in sorted(group.glob("*.yaml")):
+            walk(OmegaConf.to_container(OmegaConf.load(option), resolve=False) or {}, f"{group.name}.")
+    return kinds
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Refuse a value of the wrong kind for keys whose shipped defaults are all numbers or all booleans
+    (``reconstruct.steps=abc``, ``seed=abc``, ``classifier.lr=abc``), before any stage starts. Keys that may be
+    null or a string somewhere (``auto``) are left to the stages' own checks."""
+    kinds = known_types()
+    given = OmegaConf.to_container(cfg, resolve=True)
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if path in OPEN_SECTIONS:
+                continue
+            if isinstance(value, dict):
+                walk(value, f"{path}.")
+                continue
+            allowed = kinds.get(path, set()) - {"list"}
+            if not allowed or not allowed <= {"number", "bool"}:
+                continue
+            values = value if isinstance(value, list) else [value]
+            bad = [v for v in values if _kind(v) not in allowed]
+            if bad:
+                what = " or ".join("a number" if k == "number" else "true/false" for k in sorted(allowed))
+                raise ConfigError(f"config key '{path}' must be {what}, got {bad[0]!r}")
+
+    walk(given, "")
+
+
+def sweep_trial(cfg: DictConfig) -> DictConfig:
+    """Under a W&B sweep agent (``WANDB_SWEEP_ID`` and ``WANDB_RUN_ID`` set for each trial), give each trial its
+    own ``run_dir/sweeps/<sweep id>/<run id>`` that reuses the base run_dir's victim and training embeddings,
+    so concurrent trials never share a folder. Elsewhere ``cfg`` is returned unchanged."""
+    sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if not (sweep_id and run_id):
+        return cfg
+    base = Path(cfg.run_dir).expanduser().resolve()
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.run_dir = str(base / "sweeps" / sweep_id / run_id)
+        if not cfg.reconstruct.get("victim_dir"):
+            cfg.reconstruct.victim_dir = str(base / "classifier")
+        if not cfg.reconstruct.get("embeddings_dir"):
+            cfg.reconstruct.embeddings_dir = str(base)
+    log.info("W&B sweep %s, run %s: run_dir %s", sweep_id, run_id, cfg.run_dir)
+    return cfg
+
+
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose the same config ``python -m recon_lightning.fit`` would (for the Python API and tests)."""
     from hydra import compose, initialize_config_dir
@@ -162,11 +247,16 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 def main_with_config(cfg: DictConfig) -> dict:
     """Run the pipeline for an already-composed config (used by ``main`` and by tests)."""
     stages = available_stages()
+    cfg = sweep_trial(cfg)
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     check_known_keys(cfg)
+    check_types(cfg)
     wanted = wanted_stages(cfg, stages)
     check_configs(cfg, stages, wanted)
-    summaries = run_stages(cfg, stages, wanted, run_dir)
+    # One writer per run_dir: the process that starts the job (rank 0) holds the lock until it exits;
+    # the other DDP ranks of the same job work under it.
+    with run_dir_lock(run_dir) if distributed.is_rank_zero() else contextlib.nullcontext():
+        summaries = run_stages(cfg, stages, wanted, run_dir)
     for name, summary in summaries.items():
         log.info("%s: %s", name, summary)
     return summaries
@@ -190,6 +280,10 @@ def _quiet_library_logs() -> None:
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
+    # Every run works offline unless the user opts in: no W&B server needed (a sweep agent's trials follow the
+    # agent's environment, see training.wandb_mode).
+    if not os.environ.get("WANDB_SWEEP_ID"):
+        os.environ.setdefault("WANDB_MODE", "offline")
     _quiet_library_logs()
     # Small-init and weight-decayed weights reach denormal floats, which are ~10x slower on CPUs.
     torch.set_flush_denormal(True)

@@ -528,8 +528,8 @@ def failed_runs(meta: dict) -> set[int]:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Cheap checks of select.*, run by ``fit`` before any stage starts."""
-    SelectConfig.from_cfg(cfg)
+    """Cheap checks of select.*, run by ``fit`` before any stage starts (``cfg`` is the whole config)."""
+    SelectConfig.from_cfg(cfg.select, seed=int(cfg.get("seed", 0)))
 
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:

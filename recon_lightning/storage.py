@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import DataError
+from .errors import BusyError, DataError
 
 
 @contextlib.contextmanager
@@ -94,3 +94,30 @@ def fingerprint(*parts: Any) -> str:
     """A stable short hash of JSON-serialisable parts (used to detect config changes)."""
     text = json.dumps(parts, sort_keys=True, default=_jsonable)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` (``flock`` on ``run_dir/.lock``) for the block; a second process
+    gets :class:`BusyError`. The OS drops the lock when its holder exits, even after SIGKILL, so a crashed job
+    never leaves a stale lock behind."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise BusyError(f"run_dir {run_dir} is in use by another job (pid {holder}); wait for it to end, "
+                            f"or use another run_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -155,3 +155,31 @@ def test_typo_in_a_users_config_file_is_refused_on_the_cli(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "unknown config key 'reconstruct.lambda_mn'; did you mean 'reconstruct.lambda_min'" in proc.stderr
     assert not (tmp_path / "run/embed").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reconstruct.steps=abc", "config key 'reconstruct.steps' must be a number, got 'abc'"),
+    ("classifier.lr=abc", "config key 'classifier.lr' must be a number, got 'abc'"),
+    ("seed=abc", "config key 'seed' must be a number, got 'abc'"),
+    ("reconstruct.alpha=[abc,5]", "config key 'reconstruct.alpha' must be a number, got 'abc'"),
+    ("reconstruct.score_with_train=maybe", "config key 'reconstruct.score_with_train' must be true/false, got 'maybe'"),
+    ("reconstruct.alpha=-5", r"reconstruct.alpha must be > 0, got -5"),
+    ("reconstruct.alpha=[0,10]", r"reconstruct.alpha must be > 0, got \[0, 10\]"),
+    # select and evaluate are checked on their own section (they used to receive the whole config and catch nothing)
+    ("select.num_representatives=0", "select.num_representatives"),
+    ("evaluate.good_threshold=2", r"evaluate.good_threshold is a cosine and must be in \[-1, 1\], got 2.0"),
+])
+def test_bad_values_are_refused_before_any_stage(make_cfg, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        main_with_config(make_cfg(override))
+    assert not (tmp_path / "run/embed").exists()  # nothing ran
+
+
+def test_non_numeric_value_on_the_cli_is_an_error_line_not_a_traceback(tmp_path):
+    for override in ("reconstruct.steps=abc", "seed=abc"):
+        proc = subprocess.run([sys.executable, "-m", "recon_lightning.fit", override, f"run_dir={tmp_path}/run"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        key = override.split("=")[0]
+        assert f"error: config key '{key}' must be a number, got 'abc'" in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "run/embed").exists()
