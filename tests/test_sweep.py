@@ -142,3 +142,41 @@ def test_bad_shard_is_a_clear_error(tmp_path, capsys):
     _tiny_victim(base)
     assert S.main([str(REPO / "sweeps" / "reconstruct.yaml"), "--run-dir", str(base), "--shard", "2/2"]) == 2
     assert "--shard 2/2: need 0 <= I < N" in capsys.readouterr().err
+
+
+def test_two_wandb_agent_trials_at_once_each_get_their_own_run_dir_and_run(tmp_path):
+    # What `wandb agent` does for each trial: run the sweep's command in the agent's directory, with the trial's
+    # WANDB_SWEEP_ID / WANDB_RUN_ID in the environment (here offline, as no server is reachable in tests).
+    import os
+    import subprocess
+
+    from recon_lightning.reconstruct import load_candidates
+    from wandb_records import logged_keys, offline_runs
+
+    base = tmp_path / "runs" / "digits-identity"  # the config's default run_dir, relative to the agent's directory
+    _tiny_victim(base)
+    spec = yaml.safe_load((REPO / "sweeps" / "reconstruct.yaml").read_text())
+    spec["parameters"]["reconstruct.steps"] = {"value": 5}
+    confs = S.configurations(spec, 2, seed=1)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    procs = []
+    for trial, params in zip(("trial-a", "trial-b"), confs):
+        env = {**clean, "OMP_NUM_THREADS": "1", "WANDB_SWEEP_ID": "sw1", "WANDB_RUN_ID": trial, "WANDB_MODE": "offline",
+               "WANDB_DIR": str(tmp_path / "wandb_dir")}
+        cmd = S.expand_command(spec, params) + ["trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
+    assert not (base / "reconstruct").exists()  # the base run_dir only lends its victim and training set
+    for trial, params in zip(("trial-a", "trial-b"), confs):
+        trial_dir = base / "sweeps" / "sw1" / trial
+        cands = load_candidates(trial_dir)
+        assert [r["hparams"]["lr"] for r in cands.runs] == [params["reconstruct.lr"]]  # its own run, nobody else's
+        assert not list(trial_dir.parent.glob(f"{trial}.stale-*")) and not list(trial_dir.glob("*.stale-*"))
+        runs = offline_runs(trial_dir / "wandb")
+        assert list(runs) == [f"{trial}-reconstruct"] and runs[f"{trial}-reconstruct"]["id"] == trial
+        assert {"recon_score", "run_final_loss"} <= logged_keys(runs[f"{trial}-reconstruct"])
+        summary = json.loads((trial_dir / "reconstruct" / "DONE.json").read_text())["summary"]
+        assert [row["recon_score"] for row in runs[f"{trial}-reconstruct"]["history"] if "recon_score" in row] == \
+            [summary["recon_score"]]

@@ -53,3 +53,18 @@ def test_every_stage_logs_one_wandb_run_with_several_batches_per_rank(tmp_path):
     assert {"evaluate/num_representatives", "evaluate/best_cosine_mean"} <= logged_keys(ev)
     assert any(name.startswith("selection_table") for name in ev["media"])
     assert any(name.endswith(".png") for name in ev["media"])
+
+
+def test_wandb_mode_auto_is_offline_except_under_a_sweep_agent(monkeypatch):
+    from recon_lightning.fit import load_config
+    from recon_lightning.training import wandb_mode
+
+    cfg = load_config(["logger.name=wandb"])
+    for var in ("WANDB_SWEEP_ID", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    assert wandb_mode(cfg) == "offline"
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw1")  # a trial started by `wandb agent`: it reports to the server
+    assert wandb_mode(cfg) == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")  # ... unless the agent's environment says otherwise
+    assert wandb_mode(cfg) == "offline"
+    assert wandb_mode(load_config(["logger.wandb.mode=online"])) == "online"  # an explicit mode always wins
