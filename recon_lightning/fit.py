@@ -64,6 +64,29 @@ RESUMABLE_KEYS = {
     "invert": ["invert.num_images"],
 }
 
+# The files each stage writes (globs relative to run_dir): DONE.json records their sizes and hashes, a stage whose
+# outputs went missing or changed runs again, and the next stage's fingerprint includes them.
+OUTPUTS = {
+    "embed": ["embed/*.safetensors", "embed/samples.json"],
+    "classifier": ["classifier/model.safetensors", "classifier/victim.json", "classifier/margins.png"],
+    "reconstruct": ["reconstruct/candidates.safetensors", "reconstruct/runs/*.safetensors"],
+    "select": ["select/selection.safetensors", "select/clusters.json"],
+    "invert": ["invert/inversion.json", "invert/text_matches.json", "invert/images/*.png"],
+    "evaluate": ["report.json", "report.html", "report/*.png"],
+}
+
+
+def _outside_inputs(cfg: DictConfig) -> list[Path]:
+    """Files the reconstruct stage reads from outside run_dir: a victim trained elsewhere (and the training set it
+    is scored with), hashed into the fingerprint so that files changed in place are not served stale results."""
+    files = []
+    rcfg = cfg.reconstruct
+    if rcfg.get("victim_dir"):
+        files += [Path(rcfg.victim_dir).expanduser() / name for name in ("model.safetensors", "victim.json")]
+    if rcfg.get("embeddings_dir"):
+        files.append(Path(rcfg.embeddings_dir).expanduser() / "embed" / "embeddings.safetensors")
+    return files
+
 
 def _own_victim(cfg: DictConfig) -> bool:
     """Auditing a victim trained elsewhere (reconstruct.victim_dir): no embed/classifier stages."""
@@ -78,7 +101,8 @@ def available_stages() -> list[Stage]:
             continue
         enabled = (lambda cfg: not _own_victim(cfg)) if name in ("embed", "classifier") else (lambda cfg: True)
         stages.append(Stage(name=name, run=_stage_fn(module), config_keys=keys, all_ranks=all_ranks, enabled=enabled,
-                            cadence_keys=CADENCE_KEYS.get(name, []), resumable_keys=RESUMABLE_KEYS.get(name, [])))
+                            cadence_keys=CADENCE_KEYS.get(name, []), resumable_keys=RESUMABLE_KEYS.get(name, []),
+                            outputs=OUTPUTS[name], inputs=_outside_inputs if name == "reconstruct" else (lambda cfg: [])))
     return stages
 
 

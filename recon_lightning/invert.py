@@ -444,15 +444,25 @@ def target_key(target: torch.Tensor) -> str:
 
 
 def finished_rows(run_dir: Path, targets: torch.Tensor) -> dict[int, dict]:
-    """Rows of the targets whose batch finished earlier (a batch's record is written after its PNGs)."""
+    """Rows of the targets whose batch finished earlier (a batch's record is written after its PNGs) and whose
+    PNG is still there and readable (a deleted or damaged image is made again)."""
     keys = [target_key(t) for t in targets]
     rows = {}
     for record in sorted(batches_dir(run_dir).glob("*.json")):
         for row in load_json(record, what="inversion batch record"):
             t = int(row["rank"])
-            if t < len(keys) and row.get("target_key") == keys[t]:
+            if t < len(keys) and row.get("target_key") == keys[t] and _readable_png(Path(run_dir) / row["path"]):
                 rows[t] = row
     return rows
+
+
+def _readable_png(path: Path) -> bool:
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
 
 
 class StepProgress(L.Callback):

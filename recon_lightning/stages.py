@@ -1,9 +1,12 @@
 """Run pipeline stages in order, skipping those whose outputs are already complete.
 
 Each stage owns ``run_dir/<stage>/``. A stage's *fingerprint* hashes the config sections it
-reads plus the fingerprint of the stage before it, so changing e.g. ``classifier.*`` reruns
-the classifier and everything after it, but not ``embed``. A stage is complete when
-``run_dir/<stage>/DONE.json`` holds its current fingerprint (written last, atomically).
+reads, the files it reads from outside ``run_dir`` (a victim in ``reconstruct.victim_dir``), and the
+fingerprint and output hashes of the stage before it, so changing e.g. ``classifier.*`` reruns
+the classifier and everything after it, but not ``embed``, and a rerun stage whose outputs came
+out different reruns the stages after it. A stage is complete when ``run_dir/<stage>/DONE.json``
+holds its current fingerprint (written last, atomically) and its outputs (size and SHA-256
+recorded in DONE.json) are all there, unchanged; a missing or damaged output reruns the stage.
 Keys that only set a cadence (logging, checkpoint intervals) are left out of the fingerprint.
 An interrupted stage keeps its partial outputs (for stages that resume, such as
 reconstruction), and so does a change of a *resumable* key (``reconstruct.num_runs``: run r is
@@ -23,7 +26,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
-from .storage import fingerprint, load_json, save_json
+from .storage import file_hash, fingerprint, load_json, save_json
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,8 @@ class Stage:
     enabled: Callable[[DictConfig], bool] = field(default=lambda cfg: True)
     cadence_keys: list[str] = field(default_factory=list)  # inside config_keys, but change no output
     resumable_keys: list[str] = field(default_factory=list)  # change the outputs, yet finished parts stay valid
+    outputs: list[str] = field(default_factory=list)  # globs relative to run_dir: the files DONE.json vouches for
+    inputs: Callable[[DictConfig], list[Path]] = field(default=lambda cfg: [])  # files read from outside run_dir
 
 
 def _drop(tree: dict, dotted: str) -> None:
@@ -48,7 +53,8 @@ def _drop(tree: dict, dotted: str) -> None:
 
 
 def stage_fingerprint(cfg: DictConfig, stage: Stage, upstream: str, leave_out: list[str] = ()) -> str:
-    """Hash of the stage's config (minus its cadence keys and ``leave_out``) and the upstream fingerprint."""
+    """Hash of the stage's config (minus its cadence keys and ``leave_out``), its outside inputs' contents and
+    ``upstream`` (the previous stage's fingerprint and output hashes)."""
     parts: dict = {}
     for key in stage.config_keys:
         value = OmegaConf.select(cfg, key, default=None)
@@ -59,17 +65,59 @@ def stage_fingerprint(cfg: DictConfig, stage: Stage, upstream: str, leave_out: l
                 parts.pop(key)
             elif dotted.startswith(key + ".") and isinstance(parts[key], dict):
                 _drop(parts[key], dotted[len(key) + 1:])
-    return fingerprint(stage.name, upstream, parts)
+    inputs = {str(path): file_hash(path) if path.is_file() else None for path in stage.inputs(cfg)}
+    return fingerprint(stage.name, upstream, parts, *([inputs] if inputs else []))
 
 
-def is_done(stage_dir: Path, fp: str) -> bool:
+def output_files(run_dir: Path, patterns: list[str]) -> dict[str, dict]:
+    """``{path relative to run_dir: {"size", "sha256"}}`` of the files matching ``patterns`` (temp files left out)."""
+    files = {}
+    for pattern in patterns:
+        for path in sorted(Path(run_dir).glob(pattern)):
+            if path.is_file() and not path.name.startswith("."):
+                files[path.relative_to(run_dir).as_posix()] = {"size": path.stat().st_size, "sha256": file_hash(path)}
+    return files
+
+
+def damaged_outputs(run_dir: Path, recorded: dict[str, dict]) -> list[str]:
+    """The recorded outputs that are missing or differ from what DONE.json recorded."""
+    bad = []
+    for rel, info in recorded.items():
+        path = Path(run_dir) / rel
+        if not path.is_file() or path.stat().st_size != info["size"] or file_hash(path) != info["sha256"]:
+            bad.append(rel)
+    return bad
+
+
+def is_done(stage_dir: Path, fp: str, verify: bool = True) -> bool:
+    """DONE.json holds ``fp`` and (``verify``) every output it lists is there, unchanged."""
     done = stage_dir / "DONE.json"
     if not done.is_file():
         return False
     try:
-        return load_json(done).get("fingerprint") == fp
+        record = load_json(done)
     except Exception:
         return False
+    if record.get("fingerprint") != fp or not isinstance(record.get("outputs"), dict):
+        return False
+    if verify:
+        bad = damaged_outputs(stage_dir.parent, record["outputs"])
+        if bad:
+            log.warning("stage %s: output(s) missing or damaged since it finished, running it again: %s",
+                        stage_dir.name, ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+            return False
+    return True
+
+
+def _finish(run_dir: Path, stage: Stage, fp: str, summary: dict) -> None:
+    save_json(run_dir / stage.name / "DONE.json", {"stage": stage.name, "fingerprint": fp, "summary": summary,
+                                                   "outputs": output_files(run_dir, stage.outputs)})
+
+
+def _chain(fp: str, stage_dir: Path) -> str:
+    """What the next stage's fingerprint builds on: this stage's fingerprint and its outputs' hashes."""
+    outputs = load_json(stage_dir / "DONE.json").get("outputs", {})
+    return fingerprint(fp, {rel: info["sha256"] for rel, info in outputs.items()})
 
 
 def _prepare_dir(stage_dir: Path, fp: str) -> None:
@@ -104,15 +152,17 @@ def run_stages(cfg: DictConfig, stages: list[Stage], wanted: list[str], run_dir:
     run_dir.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, dict] = {}
     upstream = ""
-    for stage in stages_to_run(cfg, stages, wanted):
+    todo = stages_to_run(cfg, stages, wanted)
+    for i, stage in enumerate(todo):
         fp = stage_fingerprint(cfg, stage, upstream)
         # Partial or finished outputs made under the same "resume fingerprint" are kept and reused.
         resume_fp = stage_fingerprint(cfg, stage, upstream, leave_out=stage.resumable_keys)
-        upstream = fp
         stage_dir = run_dir / stage.name
+        last = i == len(todo) - 1
         if is_done(stage_dir, fp):
             log.info("stage %s: up to date (fingerprint %s), skipping", stage.name, fp)
             summaries[stage.name] = load_json(stage_dir / "DONE.json").get("summary", {})
+            upstream = _chain(fp, stage_dir)
             continue
         rank0 = distributed.is_rank_zero()
         if stage.all_ranks:
@@ -123,8 +173,11 @@ def run_stages(cfg: DictConfig, stages: list[Stage], wanted: list[str], run_dir:
             log.info("stage %s: running (fingerprint %s)", stage.name, fp)
             summary = stage.run(cfg, run_dir) or {}
             if distributed.is_rank_zero():
-                save_json(stage_dir / "DONE.json", {"stage": stage.name, "fingerprint": fp, "summary": summary})
+                _finish(run_dir, stage, fp, summary)
             distributed.barrier()
+            if not distributed.is_rank_zero() and not last:
+                # The next stage's fingerprint needs this stage's output hashes (no process group under some launchers).
+                distributed.wait_for(lambda: is_done(stage_dir, fp, verify=False), f"stage {stage.name} on rank 0")
         else:
             # Single-process stages: rank 0 works, the other ranks wait for its DONE file
             # (polling too, for launchers such as SLURM that start ranks before any process group).
@@ -132,10 +185,12 @@ def run_stages(cfg: DictConfig, stages: list[Stage], wanted: list[str], run_dir:
                 _prepare_dir(stage_dir, resume_fp)
                 log.info("stage %s: running (fingerprint %s)", stage.name, fp)
                 summary = stage.run(cfg, run_dir) or {}
-                save_json(stage_dir / "DONE.json", {"stage": stage.name, "fingerprint": fp, "summary": summary})
+                _finish(run_dir, stage, fp, summary)
             distributed.barrier()
             if not rank0:
-                distributed.wait_for(lambda: is_done(stage_dir, fp), f"stage {stage.name} on rank 0")
+                distributed.wait_for(lambda: is_done(stage_dir, fp, verify=False), f"stage {stage.name} on rank 0")
                 summary = load_json(stage_dir / "DONE.json").get("summary", {})
         summaries[stage.name] = summary
+        if not last:
+            upstream = _chain(fp, stage_dir)
     return summaries

@@ -90,6 +90,15 @@ def load_tensors(path: str | os.PathLike, what: str = "tensor file") -> tuple[di
     return tensors, meta
 
 
+def file_hash(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's contents (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def fingerprint(*parts: Any) -> str:
     """A stable short hash of JSON-serialisable parts (used to detect config changes)."""
     text = json.dumps(parts, sort_keys=True, default=_jsonable)

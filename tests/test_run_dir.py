@@ -45,3 +45,119 @@ def test_second_writer_is_refused_and_a_killed_holder_leaves_no_stale_lock(tmp_p
     c = subprocess.run([*FIT, f"run_dir={run_dir}", "stage=embed"], env=ENV, capture_output=True, text=True, timeout=300)
     assert c.returncode == 0, c.stderr[-2000:]
     assert (run_dir / "embed/DONE.json").is_file()
+
+
+# ----------------------------------------------------------------------------- damaged or changed outputs
+
+
+def _counting_stages(tmp_path: Path):
+    """Two fake stages: ``a`` writes a new value each time it runs (as a nondeterministic stage would), ``b`` copies it."""
+    from recon_lightning.stages import Stage
+
+    calls = {"a": 0, "b": 0}
+
+    def run_a(cfg, run_dir):
+        calls["a"] += 1
+        (run_dir / "a").mkdir(exist_ok=True)
+        (run_dir / "a" / "out.txt").write_text(f"value {calls['a']}")
+        return {}
+
+    def run_b(cfg, run_dir):
+        calls["b"] += 1
+        (run_dir / "b").mkdir(exist_ok=True)
+        (run_dir / "b" / "out.txt").write_text((run_dir / "a" / "out.txt").read_text())
+        return {}
+
+    stages = [Stage("a", run_a, ["x"], outputs=["a/out.txt"]), Stage("b", run_b, ["y"], outputs=["b/out.txt"])]
+    return stages, calls
+
+
+def test_a_stage_with_missing_or_damaged_outputs_runs_again_and_so_do_its_dependents(tmp_path):
+    from omegaconf import OmegaConf
+
+    from recon_lightning.stages import run_stages
+
+    cfg = OmegaConf.create({"x": 1, "y": 2})
+    stages, calls = _counting_stages(tmp_path)
+    run_dir = tmp_path / "run"
+    run_stages(cfg, stages, ["b"], run_dir)
+    run_stages(cfg, stages, ["b"], run_dir)
+    assert calls == {"a": 1, "b": 1}  # finished: nothing reruns
+    (run_dir / "b" / "out.txt").unlink()  # a deleted output of the last stage: only it reruns
+    run_stages(cfg, stages, ["b"], run_dir)
+    assert calls == {"a": 1, "b": 2} and (run_dir / "b" / "out.txt").read_text() == "value 1"
+    (run_dir / "a" / "out.txt").write_text("value 1 damaged")  # same size, other content
+    run_stages(cfg, stages, ["b"], run_dir)
+    # a ran again and made a different output, so b (which read the old one) ran again too
+    assert calls == {"a": 2, "b": 3} and (run_dir / "b" / "out.txt").read_text() == "value 2"
+    (run_dir / "a" / "out.txt").unlink()
+    run_stages(cfg, stages, ["a"], run_dir)  # stage=a alone notices its own output is gone
+    assert calls["a"] == 3 and (run_dir / "a" / "out.txt").is_file()
+
+
+TINY = ["data.n_per_class=10", "data.n_test_per_class=5", "classifier.hidden=[32,32]", "trainer.max_epochs=200",
+        "reconstruct.num_runs=2", "reconstruct.runs_per_batch=2", "reconstruct.steps=20",
+        "select.num_representatives=8", "invert.num_images=4"]
+STAGES = ["embed", "classifier", "reconstruct", "select", "invert", "evaluate"]
+
+
+def done_mtimes(run_dir):
+    return {s: (run_dir / s / "DONE.json").stat().st_mtime_ns for s in STAGES}
+
+
+def test_truncated_victim_deleted_report_and_deleted_image_are_made_again(make_cfg, tmp_path):
+    from recon_lightning.fit import main_with_config
+    from recon_lightning.victim import load_victim
+
+    run_dir = tmp_path / "run"
+    main_with_config(make_cfg(*TINY))
+    first = done_mtimes(run_dir)
+    report = (run_dir / "report.json").read_text()
+    png = run_dir / "invert/images/rank_0002.png"
+    png_bytes = png.read_bytes()
+
+    # A truncated victim: stage=classifier retrains it instead of calling it up to date.
+    model = run_dir / "classifier/model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])
+    main_with_config(make_cfg(*TINY, "stage=classifier"))
+    load_victim(run_dir / "classifier")  # whole again
+    after = done_mtimes(run_dir)
+    assert after["classifier"] != first["classifier"] and after["embed"] == first["embed"]
+
+    # A deleted report and a deleted inverted image come back; the stages before them are not redone
+    # (the retrained victim is the same victim: full-batch training is deterministic).
+    (run_dir / "report.json").unlink()
+    png.unlink()
+    main_with_config(make_cfg(*TINY))
+    assert (run_dir / "report.json").read_text() == report
+    assert png.read_bytes() == png_bytes
+    final = done_mtimes(run_dir)
+    assert all(final[s] == after[s] for s in ["embed", "classifier", "reconstruct", "select"])
+    assert final["invert"] != after["invert"] and final["evaluate"] != after["evaluate"]
+
+
+def test_victim_dir_changed_in_place_reruns_reconstruction(make_cfg, tmp_path):
+    import torch
+
+    from recon_lightning.fit import main_with_config
+    from recon_lightning.reconstruct import load_candidates
+    from recon_lightning.victim import VictimMLP, save_victim
+
+    victim_dir = tmp_path / "victim"
+
+    def victim(seed):
+        torch.manual_seed(seed)
+        save_victim(victim_dir, VictimMLP(8, [16], 2, bias=[True, False]),
+                    {"loss": "bce", "weight_decay": 0.0, "n_train": 4, "embedding": {"normalize": "l2", "mean_norm": 1.0}})
+
+    args = ["stage=reconstruct", f"reconstruct.victim_dir={victim_dir}", "reconstruct.num_runs=1",
+            "reconstruct.runs_per_batch=1", "reconstruct.steps=3", "backbone=identity"]
+    victim(0)
+    main_with_config(make_cfg(*args))
+    done = tmp_path / "run/reconstruct/DONE.json"
+    first, x0 = done.stat().st_mtime_ns, load_candidates(tmp_path / "run").x
+    main_with_config(make_cfg(*args))
+    assert done.stat().st_mtime_ns == first  # same victim: up to date
+    victim(1)  # other weights, same path
+    main_with_config(make_cfg(*args))
+    assert done.stat().st_mtime_ns != first and not torch.equal(load_candidates(tmp_path / "run").x, x0)
