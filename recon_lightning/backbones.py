@@ -628,8 +628,7 @@ def _build_sentence_transformers(cfg, input_size=None) -> Backbone:
     if not pretrained and ckpt is None:
         model, weights = _random_sentence_encoder(folder, _get(cfg, "init_seed", 0)), "random"
     elif folder is not None:
-        # A local model must never reach for the network (and must not hang retrying offline).
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # A local model must never reach for the network: local_files_only (no process-wide HF_HUB_OFFLINE here).
         try:
             model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:

@@ -11,14 +11,24 @@ import torch.distributed as dist
 
 
 def global_rank() -> int:
-    """This process's rank: from the process group once it exists, else from the launcher's env."""
+    """This process's rank: from the process group once it exists, else from the launcher's env.
+
+    ``RANK`` (torchrun) or ``SLURM_PROCID``; otherwise (Lightning's own launcher, one command per node with
+    ``NODE_RANK``) only node 0's local rank 0 is rank 0: ranks on node k > 0 are numbered
+    ``k * LOCAL_WORLD_SIZE + LOCAL_RANK`` when the launcher says how many ranks a node has, else
+    ``k * WORLD_SIZE + LOCAL_RANK`` (unique and non-zero, though not contiguous)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+    for var in ("RANK", "SLURM_PROCID"):
         if var in os.environ:
             # SLURM_PROCID is set for every srun task, including non-distributed single-task jobs.
             return int(os.environ[var])
-    return 0
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if node == 0:
+        return local
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(int(os.environ.get("WORLD_SIZE", 1)), local + 1)
+    return node * per_node + local
 
 
 def world_size() -> int:

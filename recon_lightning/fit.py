@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from . import distributed
 from .errors import ConfigError, ReconError
 from .stages import Stage, run_stages, stages_to_run
-from .storage import run_dir_lock
+from .storage import remove_temp_files, run_dir_lock
 
 log = logging.getLogger("recon_lightning")
 
@@ -43,10 +43,10 @@ def _stage_fn(module: str):
 # The pipeline, top to bottom: (stage name, module, config sections that change its outputs, runs on every DDP rank).
 PIPELINE = [
     ("embed", "embed", ["backbone", "data", "embed.normalize", "seed"], False),
-    ("classifier", "victim", ["classifier", "trainer.max_epochs", "seed"], True),
+    ("classifier", "victim", ["classifier", "trainer.max_epochs", "trainer.precision", "seed"], True),
     ("reconstruct", "reconstruct", ["reconstruct", "seed"], True),
     ("select", "select", ["select"], False),
-    ("invert", "invert", ["invert"], True),
+    ("invert", "invert", ["invert", "trainer.precision"], True),
     ("evaluate", "evaluate", ["evaluate"], False),
 ]
 # Keys that only set how often to log / checkpoint / poll: changing them reruns nothing.
@@ -260,6 +260,15 @@ def sweep_trial(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def clean_temp_files(run_dir: Path, stage_names: list[str]) -> None:
+    """Remove the temporary files a killed job left behind (in run_dir itself and its stages' folders; not in
+    ``sweeps/``, whose trials are run_dirs of their own with their own locks). Called under the run_dir lock."""
+    removed = remove_temp_files(run_dir, recursive=False) + sum(
+        remove_temp_files(run_dir / name) for name in [*stage_names, "report"] if (run_dir / name).is_dir())
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted job in %s", removed, run_dir)
+
+
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose the same config ``python -m recon_lightning.fit`` would (for the Python API and tests)."""
     from hydra import compose, initialize_config_dir
@@ -280,6 +289,8 @@ def main_with_config(cfg: DictConfig) -> dict:
     # One writer per run_dir: the process that starts the job (rank 0) holds the lock until it exits;
     # the other DDP ranks of the same job work under it.
     with run_dir_lock(run_dir) if distributed.is_rank_zero() else contextlib.nullcontext():
+        if distributed.is_rank_zero():
+            clean_temp_files(run_dir, [s.name for s in stages])
         summaries = run_stages(cfg, stages, wanted, run_dir)
     for name, summary in summaries.items():
         log.info("%s: %s", name, summary)

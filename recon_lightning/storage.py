@@ -22,6 +22,25 @@ from safetensors.torch import load_file, save_file
 from .errors import BusyError, DataError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+TEMP_GLOB = ".*.tmp"  # what atomic_path's temporary files look like
+
+
+def remove_temp_files(directory: str | os.PathLike, recursive: bool = True) -> int:
+    """Delete the temporary files a killed job left in ``directory`` (and below); returns how many."""
+    removed = 0
+    for tmp in (Path(directory).rglob if recursive else Path(directory).glob)(TEMP_GLOB):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -32,6 +51,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs follow the umask like any other file
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -383,6 +383,9 @@ def run_stage(cfg, run_dir: Path) -> dict:
         default_root_dir=str(checkpoint_dir(run_dir, "classifier")),
         limit_val_batches=1.0 if has_test else 0,
         num_sanity_val_steps=0,
+        # Full batch: under DDP every rank takes the whole batch (a DistributedSampler would split it and pad an
+        # odd n with duplicates), so the averaged gradient is exactly the full-batch gradient of one process.
+        use_distributed_sampler=False,
     )
     trainer.fit(module, _full_batch(emb.train_x, emb.train_y), _full_batch(emb.test_x, emb.test_y) if has_test else None,
                 ckpt_path=resume_from, weights_only=True)

@@ -161,3 +161,78 @@ def test_victim_dir_changed_in_place_reruns_reconstruction(make_cfg, tmp_path):
     victim(1)  # other weights, same path
     main_with_config(make_cfg(*args))
     assert done.stat().st_mtime_ns != first and not torch.equal(load_candidates(tmp_path / "run").x, x0)
+
+
+# ----------------------------------------------------------------------------- small things
+
+
+def test_temp_files_of_a_killed_job_are_removed_on_start_but_not_a_sweep_trials(make_cfg, tmp_path):
+    from recon_lightning.fit import main_with_config
+
+    run_dir = tmp_path / "run"
+    left = [run_dir / ".report.json.abc123.tmp", run_dir / "classifier/.model.safetensors.k2j3.tmp",
+            run_dir / "invert/images/.rank_0001.png.tmp"]
+    trial = run_dir / "sweeps/s/trial_000/reconstruct/.candidates.safetensors.x1.tmp"  # another job's run_dir
+    for path in [*left, trial]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    main_with_config(make_cfg("stage=embed", "data.n_per_class=5", "data.n_test_per_class=2"))
+    assert [p for p in left if p.exists()] == [] and trial.exists()
+
+
+def test_trainer_precision_is_part_of_the_victims_and_inversions_fingerprints(make_cfg):
+    from recon_lightning.fit import available_stages
+    from recon_lightning.stages import stage_fingerprint
+
+    stages = {s.name: s for s in available_stages()}
+    base, other = make_cfg(), make_cfg("trainer.precision=64-true")
+    for name, changes in [("embed", False), ("classifier", True), ("select", False), ("invert", True)]:
+        assert (stage_fingerprint(base, stages[name], "") != stage_fingerprint(other, stages[name], "")) is changes, name
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    import torch
+
+    from recon_lightning.storage import save_json, save_tensors
+
+    old = os.umask(0o027)
+    try:
+        save_json(tmp_path / "a.json", {"a": 1})
+        save_tensors(tmp_path / "t.safetensors", {"x": torch.zeros(2)})
+    finally:
+        os.umask(old)
+    # 0666 & ~0027 = 0640 (mkstemp alone would give 0600)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"a.json": 0o640, "t.safetensors": 0o640}
+
+
+def test_multi_node_ranks_from_the_launchers_node_rank(monkeypatch):
+    from recon_lightning import distributed
+
+    for var in ("RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.global_rank() == 0
+    # Lightning's launcher on the second of two nodes, 2 processes each: node 1's local rank 0 is not rank 0.
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert not distributed.is_rank_zero()
+    ranks = set()
+    for node in (0, 1):
+        for local in (0, 1):
+            monkeypatch.setenv("NODE_RANK", str(node))
+            monkeypatch.setenv("LOCAL_RANK", str(local))
+            ranks.add(distributed.global_rank())
+    assert len(ranks) == 4 and [r for r in ranks if r == 0] == [0]  # unique, one rank 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun-style: exact numbering
+    assert distributed.global_rank() == 3
+    monkeypatch.setenv("RANK", "2")  # a launcher's own global rank wins
+    assert distributed.global_rank() == 2
+
+
+def test_importing_the_library_sets_no_process_wide_environment():
+    code = ("import os, recon_lightning.fit, recon_lightning.training, recon_lightning.backbones; "
+            "print(os.environ.get('WANDB_MODE'), os.environ.get('HF_HUB_OFFLINE'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "HF_HUB_OFFLINE")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "None"]
