@@ -129,3 +129,22 @@ def test_ddp_inversion_shards_targets_and_equals_one_process(selected, tmp_path)
     for a, b in zip(imgs, imgs1):  # batched differently ([0,2] vs [0,1]): same images
         assert np.abs(a - b).max() <= 1
     assert [r["cosine"] for r in rows] == pytest.approx([r["cosine"] for r in rows1], abs=1e-3)
+
+
+def test_a_deleted_or_damaged_image_is_made_again_and_only_it(selected, tmp_path):
+    run_dir = copy_of(selected, tmp_path / "run")
+    extra = ["stage=invert", "invert.steps=10", "invert.batch_size=1"]
+    fit(run_dir, *extra)
+    _, before = images(run_dir)
+    pngs = run_dir / "invert/images"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in pngs.glob("*.png")}
+    (pngs / "rank_0001.png").unlink()
+    damaged = pngs / "rank_0003.png"
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    fit(run_dir, *extra)
+    rows, after = images(run_dir)
+    assert [r["rank"] for r in rows] == [0, 1, 2, 3, 4]
+    for a, b in zip(after, before):  # the remade images equal the lost ones (augmentations off: deterministic)
+        assert np.abs(a - b).max() <= 1
+    remade = {n for n in mtimes if (pngs / n).stat().st_mtime_ns != mtimes[n]}
+    assert remade == {"rank_0001.png", "rank_0003.png"}
