@@ -232,7 +232,8 @@ def check_types(cfg: DictConfig) -> None:
             allowed = kinds.get(path, set()) - {"list"}
             if not allowed or not allowed <= {"number", "bool"}:
                 continue
-            values = value if isinstance(value, list) else [value]
+            # in a list, null is an entry's default (classifier.init_scale=[1e-3,null])
+            values = [v for v in value if v is not None] if isinstance(value, list) else [value]
             bad = [v for v in values if _kind(v) not in allowed]
             if bad:
                 what = " or ".join("a number" if k == "number" else "true/false" for k in sorted(allowed))

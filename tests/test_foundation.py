@@ -183,3 +183,10 @@ def test_non_numeric_value_on_the_cli_is_an_error_line_not_a_traceback(tmp_path)
         key = override.split("=")[0]
         assert f"error: config key '{key}' must be a number, got 'abc'" in proc.stderr and "Traceback" not in proc.stderr
         assert not (tmp_path / "run/embed").exists()
+
+
+def test_values_of_the_right_kind_pass_the_type_check(make_cfg):
+    from recon_lightning.fit import check_types
+
+    check_types(make_cfg("classifier.init_scale=[1e-3,null]", "reconstruct.lr=0.01", "reconstruct.lr=[1e-4,1e-2]",
+                         "seed=3", "reconstruct.lambda_lr=null", "select.num_clusters=auto", "classifier.bias=true"))
