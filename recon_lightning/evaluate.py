@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, DataError
-from .storage import load_json
+from .storage import load_json, load_png
 from .image_params import to_unit_range
 from .reconstruct import match_candidates
 
@@ -181,16 +181,6 @@ def embeddings_are_pixels(train_x: torch.Tensor, train_images: torch.Tensor | No
     flat = train_images.flatten(1).float() / 255.0
     cos = F.cosine_similarity(flat, train_x.float(), dim=1)
     return bool((cos >= min_cosine).all())
-
-
-def load_png(path: Path) -> torch.Tensor:
-    """A PNG as float (C, H, W) in [0, 1]."""
-    from PIL import Image
-
-    if not path.is_file():
-        raise DataError(f"inverted image listed in invert/inversion.json is missing: {path}")
-    img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(img).permute(2, 0, 1)
 
 
 def match_channels_and_size(train_img: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -577,7 +567,7 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
     if not evaluation:
         report["notes"].append("training set unknown (no run_dir/embed): attacker mode, evaluation figures omitted")
         if inversion:
-            imgs = torch.stack([load_png(run_dir / e["path"]) for e in sorted(inversion, key=lambda e: e["rank"])[: ecfg.grid_pairs]])
+            imgs = torch.stack([load_png(run_dir / e["path"]).float() / 255.0 for e in sorted(inversion, key=lambda e: e["rank"])[: ecfg.grid_pairs]])
             caps = [f"#{e['rank']}" for e in sorted(inversion, key=lambda e: e["rank"])[: ecfg.grid_pairs]]
             report["grids"]["inverted"] = _rel(run_dir, rp.image_grid(out_dir / "inverted.png", imgs, caps, "Inverted representatives"))
         return report
@@ -799,7 +789,7 @@ def _image_figures(run_dir, out_dir, ecfg, emb, images, cand_x, best_local, best
         ranks = [r for r in range(len(reps)) if r in by_rank]
         if not ranks:
             return info
-        inv = [load_png(run_dir / by_rank[r]["path"]) for r in ranks]
+        inv = [load_png(run_dir / by_rank[r]["path"]).float() / 255.0 for r in ranks]
         info["reference_ssim"] = {"source": "inversion", **_reference_ssim_inverted(train_img, inv, [reps[r] for r in ranks], ecfg.chunk)}
         sel_img = torch.stack([F.interpolate(t[None], size=inv[0].shape[-2:], mode="bilinear", align_corners=False)[0] for t in inv])
         sel_near, sel_cos = sel_near[ranks], sel_cos[ranks]

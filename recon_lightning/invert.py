@@ -47,7 +47,7 @@ from . import distributed
 from .backbones import Backbone, build_backbone, embedding_dim
 from .errors import ConfigError, DataError, DivergedError, ModelMismatchError
 from .image_params import Augment, build_param, to_unit_range, total_variation
-from .storage import atomic_path, fingerprint, load_json, load_tensors, save_json
+from .storage import fingerprint, load_json, load_png, load_tensors, save_json, save_png  # noqa: F401 (load_png: API)
 from .training import build_logger, checkpoint_dir, checkpointing, make_trainer, resolve_device, run_on_every_rank, steps_loader
 
 log = logging.getLogger(__name__)
@@ -119,21 +119,6 @@ def check_dim(targets: torch.Tensor, backbone: Backbone) -> None:
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def save_png(img: torch.Tensor, path: Path) -> None:
-    """Write a (C, H, W) uint8 tensor as PNG (atomically: temp file then rename)."""
-    arr = img.permute(1, 2, 0).cpu().numpy()
-    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB")
-    with atomic_path(path) as tmp:
-        pil.save(tmp, format="PNG")
-
-
-def load_png(path: Path, channels: int) -> torch.Tensor:
-    img = Image.open(path).convert("L" if channels == 1 else "RGB")
-    arr = np.asarray(img)
-    arr = arr[:, :, None] if arr.ndim == 2 else arr
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 @torch.no_grad()

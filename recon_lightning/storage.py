@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -108,6 +109,32 @@ def load_tensors(path: str | os.PathLike, what: str = "tensor file") -> tuple[di
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
         raise DataError(f"{what} is corrupt or not a safetensors file: {path}: {err}") from None
     return tensors, meta
+
+
+def save_png(img: torch.Tensor, path: str | os.PathLike) -> None:
+    """Write a (C, H, W) uint8 tensor (C = 1 grey or 3 RGB) as PNG, atomically."""
+    from PIL import Image
+
+    arr = img.permute(1, 2, 0).cpu().numpy()
+    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB")
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format="PNG")
+
+
+def load_png(path: str | os.PathLike, channels: int = 3) -> torch.Tensor:
+    """A PNG as a uint8 (C, H, W) tensor, converted to ``channels`` (1 = grey, 3 = RGB)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(f"corrupt or unreadable image: {path}: {err}") from None
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 def file_hash(path: str | os.PathLike) -> str:

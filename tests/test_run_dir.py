@@ -236,3 +236,28 @@ def test_importing_the_library_sets_no_process_wide_environment():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "None"]
+
+
+def test_one_png_reader_and_writer_round_trip_grey_and_rgb(tmp_path):
+    import numpy as np
+    import pytest
+    import torch
+    from PIL import Image
+
+    from recon_lightning.errors import DataError
+    from recon_lightning.storage import load_png, save_png
+
+    rgb = torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    save_png(rgb, tmp_path / "rgb.png")
+    save_png(rgb[:1], tmp_path / "grey.png")
+    # independent reading with PIL: what was written is what is read back
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "rgb.png")), rgb.permute(1, 2, 0).numpy())
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "grey.png")), rgb[0].numpy())
+    assert torch.equal(load_png(tmp_path / "rgb.png"), rgb) and torch.equal(load_png(tmp_path / "grey.png", 1), rgb[:1])
+    assert load_png(tmp_path / "grey.png").shape == (3, 5, 7)  # grey to RGB for the report grids
+    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(DataError, match="image not found"):
+        load_png(tmp_path / "missing.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="corrupt or unreadable image"):
+        load_png(tmp_path / "bad.png")
