@@ -396,9 +396,6 @@ def check_config(cfg: DictConfig) -> None:
     what depends on the victim is checked again once it is loaded. A victim from elsewhere
     (``reconstruct.victim_dir``) is loaded now, and checked against the embeddings it is scored with."""
     _plan(cfg, {"num_classes": 2, "n_train": 1})
-    alpha = _range(cfg.reconstruct.alpha, "alpha")
-    if min(alpha) <= 0:  # the sharpness of the smooth ReLU derivative / softplus beta
-        raise ConfigError(f"reconstruct.alpha must be > 0, got {cfg.reconstruct.alpha}")
     if cfg.reconstruct.get("victim_dir"):
         victim, spec = load_victim(Path(cfg.reconstruct.victim_dir))
         _plan(cfg, spec)

@@ -163,8 +163,8 @@ def test_typo_in_a_users_config_file_is_refused_on_the_cli(tmp_path):
     ("seed=abc", "config key 'seed' must be a number, got 'abc'"),
     ("reconstruct.alpha=[abc,5]", "config key 'reconstruct.alpha' must be a number, got 'abc'"),
     ("reconstruct.score_with_train=maybe", "config key 'reconstruct.score_with_train' must be true/false, got 'maybe'"),
-    ("reconstruct.alpha=-5", r"reconstruct.alpha must be > 0, got -5"),
-    ("reconstruct.alpha=[0,10]", r"reconstruct.alpha must be > 0, got \[0, 10\]"),
+    ("reconstruct.alpha=-5", r"reconstruct.alpha .*must be > 0, got -5"),
+    ("reconstruct.alpha=[0,10]", r"reconstruct.alpha .*must be > 0, got \[0, 10\]"),
     # select and evaluate are checked on their own section (they used to receive the whole config and catch nothing)
     ("select.num_representatives=0", "select.num_representatives"),
     ("evaluate.good_threshold=2", r"evaluate.good_threshold is a cosine and must be in \[-1, 1\], got 2.0"),
