@@ -163,7 +163,8 @@ def test_two_wandb_agent_trials_at_once_each_get_their_own_run_dir_and_run(tmp_p
     for trial, params in zip(("trial-a", "trial-b"), confs):
         env = {**clean, "OMP_NUM_THREADS": "1", "WANDB_SWEEP_ID": "sw1", "WANDB_RUN_ID": trial, "WANDB_MODE": "offline",
                "WANDB_DIR": str(tmp_path / "wandb_dir")}
-        cmd = S.expand_command(spec, params) + ["trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
+        cmd = S.expand_command(spec, params) + ["trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+                                                "classifier.allow_unhealthy=true"]  # a random tiny victim
         procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
