@@ -18,7 +18,8 @@ import torch
 from omegaconf import OmegaConf
 
 from recon_lightning.backbones import build_backbone
-from recon_lightning.invert import DirectInversion, _steps_loader
+from recon_lightning.invert import DirectInversion
+from recon_lightning.training import steps_loader
 
 CONFIG = "configs/invert/default.yaml"
 
@@ -44,7 +45,7 @@ def steps_per_second(backbone, cfg, batch: int, steps: int, device: str) -> floa
 
     timer = Timer()
     trainer.callbacks.append(timer)
-    trainer.fit(module, train_dataloaders=_steps_loader(steps + 2))
+    trainer.fit(module, train_dataloaders=steps_loader(steps + 2))
     return steps / (timer.t1 - timer.t0)
 
 

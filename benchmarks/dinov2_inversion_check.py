@@ -25,7 +25,8 @@ import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from recon_lightning.backbones import build_backbone  # noqa: E402
-from recon_lightning.invert import DirectInversion, _steps_loader, cosine_of_images, to_uint8  # noqa: E402
+from recon_lightning.invert import DirectInversion, cosine_of_images, to_uint8  # noqa: E402
+from recon_lightning.training import steps_loader  # noqa: E402
 
 PHOTOS = ["chelsea", "coffee", "astronaut", "rocket"]
 UNRELATED = ["camera", "immunohistochemistry"]  # extra photos used only as a baseline
@@ -78,7 +79,7 @@ def main() -> None:
                         enable_model_summary=False, enable_progress_bar=False, callbacks=[probe])  # fmt: skip
     L.seed_everything(0, verbose=False)
     module = DirectInversion(bb, targets, cfg, args.steps)
-    trainer.fit(module, train_dataloaders=_steps_loader(args.steps))
+    trainer.fit(module, train_dataloaders=steps_loader(args.steps))
     images = to_uint8(module.final_images())
     final = cosine_of_images(bb, images, targets).tolist()
 

@@ -18,6 +18,7 @@ from recon_lightning.backbones import Backbone
 from recon_lightning.errors import ConfigError, DataError, ModelMismatchError
 from recon_lightning.image_params import Augment, DIPParam, FourierParam, PixelParam, build_param
 from recon_lightning.invert import DirectInversion, cosine_of_images, invert_direct, to_uint8
+from recon_lightning.training import steps_loader
 from recon_lightning.storage import save_tensors
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "invert" / "default.yaml"
@@ -72,7 +73,7 @@ def photos(bb):
 def fit_module(module, steps):
     trainer = L.Trainer(max_steps=steps, max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=False)
-    trainer.fit(module, train_dataloaders=invert._steps_loader(steps))
+    trainer.fit(module, train_dataloaders=steps_loader(steps))
 
 
 # ----------------------------------------------------------------------------- direct inversion

@@ -17,7 +17,7 @@ from PIL import Image
 
 ARGS = ["backbone=dino_vits16", "backbone.model=test_vit", "backbone.pretrained=false", "data=skimage",
         "data.n_per_class=4", "data.n_test_per_class=2", "classifier.hidden=[16]", "classifier.bias=[true,false]",
-        "classifier.init_scale=[1e-3,1e-3]", "trainer.max_epochs=50", "reconstruct.num_runs=1",
+        "classifier.init_scale=[1e-3,1e-3]", "classifier.center=false", "trainer.max_epochs=50", "reconstruct.num_runs=1",
         "reconstruct.runs_per_batch=1", "reconstruct.steps=5", "select.num_representatives=5", "invert.num_images=5",
         "invert.batch_size=2", "invert.param=fourier", "invert.augment.copies=1", "invert.augment.crop_scale=[1,1]",
         "invert.augment.jitter=0", "invert.augment.flip=false", "invert.augment.rotate=0", "invert.augment.color=0",
