@@ -259,7 +259,9 @@ class VictimModule(L.LightningModule):
         self.log_dict(
             {f"{prefix}/loss": loss.detach(), f"{prefix}/acc": accuracy(logits.detach(), y), f"{prefix}/margin_min": m.min(),
              f"{prefix}/margin_mean": m.mean()},
-            on_step=False, on_epoch=True, prog_bar=prefix == "train", batch_size=len(y), sync_dist=True,
+            # train: every Lightning step (one epoch covers the schedule); test: once per validation run
+            on_step=prefix == "train", on_epoch=prefix != "train", prog_bar=prefix == "train", batch_size=len(y),
+            sync_dist=True,
         )
         if not torch.isfinite(loss):
             raise DivergedError(f"victim training diverged ({prefix} loss {loss.item()}); lower classifier.lr")
@@ -295,6 +297,20 @@ class VictimModule(L.LightningModule):
 
 def _full_batch(x: torch.Tensor, y: torch.Tensor) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=max(1, len(x)), shuffle=False)
+
+
+class _FullBatchSteps(torch.utils.data.Dataset):
+    """The whole training set once per Lightning step, ``calls`` times: one Lightning epoch covers the
+    schedule, so the progress bar counts the victim's steps towards a total, with an ETA."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, calls: int):
+        self.x, self.y, self.calls = x, y, max(1, int(calls))
+
+    def __len__(self) -> int:
+        return self.calls
+
+    def __getitem__(self, i: int):
+        return self.x, self.y
 
 
 def _plot_margins(path: Path, train_margins: torch.Tensor, test_margins: torch.Tensor) -> None:
@@ -366,18 +382,20 @@ def run_stage(cfg, run_dir: Path) -> dict:
     # trainer.max_epochs is resumable: a longer schedule continues the victim trained so far (full-batch
     # training is deterministic, so this equals training that long from the start); a checkpoint past
     # a shorter schedule cannot be wound back, so training then starts over.
+    loop_epochs = 0  # Lightning epochs already run (one covers the schedule; a resumed fit may need one more)
     if resume_from is not None:
         # Full batch: one optimiser step per epoch, so the step count is the number of finished epochs.
-        done_epochs = int(torch.load(resume_from, map_location="cpu", weights_only=True).get("global_step", 0))
+        state = torch.load(resume_from, map_location="cpu", weights_only=True)
+        done_epochs, loop_epochs = int(state.get("global_step", 0)), int(state.get("epoch", 0))
         if done_epochs > int(cfg.trainer.max_epochs):
             log.info("classifier checkpoint is at epoch %d > trainer.max_epochs=%d: training from the start",
                      done_epochs, int(cfg.trainer.max_epochs))
-            resume_from = None
+            resume_from, loop_epochs = None, 0
     trainer = make_trainer(
         cfg, run_dir, "classifier", build_logger(cfg, run_dir, "classifier"),
-        max_epochs=-1,  # max_steps (= epochs: one optimiser step per epoch) ends training
+        max_epochs=loop_epochs + 2,  # max_steps (= epochs: one optimiser step per epoch) ends training
         max_steps=epochs,
-        check_val_every_n_epoch=max(1, int(c.log_every_n_epochs) // per_step),
+        val_check_interval=max(1, min(int(c.log_every_n_epochs), epochs) // per_step),
         log_every_n_steps=1,
         callbacks=[ckpt_callback],
         default_root_dir=str(checkpoint_dir(run_dir, "classifier")),
@@ -387,7 +405,8 @@ def run_stage(cfg, run_dir: Path) -> dict:
         # odd n with duplicates), so the averaged gradient is exactly the full-batch gradient of one process.
         use_distributed_sampler=False,
     )
-    trainer.fit(module, _full_batch(emb.train_x, emb.train_y), _full_batch(emb.test_x, emb.test_y) if has_test else None,
+    train_steps = DataLoader(_FullBatchSteps(emb.train_x, emb.train_y, epochs // per_step), batch_size=None)
+    trainer.fit(module, train_steps, _full_batch(emb.test_x, emb.test_y) if has_test else None,
                 ckpt_path=resume_from, weights_only=True)
 
     model.eval()
