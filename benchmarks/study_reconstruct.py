@@ -149,7 +149,7 @@ def main() -> None:
     if "n" in sections:
         plan += [("n", f"n_per_class={n}", [], [], n, None) for n in (10, 25, 50)]
     if "epochs" in sections:
-        plan += [("epochs", f"epochs={e}", [], [], 50, e) for e in ((1000, 3000, 10000, 60000) if big else (300, 1000))]
+        plan += [("epochs", f"epochs={e}", [], [], 50, e) for e in ((1000, 3000, 10000, 60000) if big else (2000, 5000, 20000))]
     if "compute" in sections:  # last: the reference victim trains 10^5 epochs
         plan += [("compute", "reference victim + extraction", ["classifier=reference"], ["reconstruct=reference"], 50,
                   None if big else 2000)]
