@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from recon_lightning.reconstruct import KKTObjective, candidate_labels, prior_penalty
+from recon_lightning.kkt import KKTObjective, prior_penalty
+from recon_lightning.reconstruct import candidate_labels
 from recon_lightning.victim import VictimMLP
 
 
@@ -27,7 +28,7 @@ def bench(objective: KKTObjective, K: int, m: int, dim: int, steps: int, device:
 
     def step():
         _, rel = objective.kkt(x, lam, y, alpha)
-        loss = rel.sum() + objective.lambda_penalty(lam, y, torch.full((K,), 0.05, device=device)).sum() + prior_penalty(x, "box", None, (0, 1)).sum()
+        loss = rel.sum() + objective.lambda_penalty(lam, y, torch.full((K,), 0.05, device=device)).sum() + prior_penalty(x, "box", None, 0.0, 1.0).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from recon_lightning import reconstruct as R
 from recon_lightning.data import load_dataset
 from recon_lightning.evaluate import leak_figures, reference_ssim_figures
 from recon_lightning.fit import load_config
 from recon_lightning.kkt import KKTObjective, resolve_form
-from recon_lightning.victim import VictimMLP, loss_fn, margins
+from recon_lightning.victim import VictimMLP, VictimModule, loss_fn, margins
 
 PREVIOUS_DEFAULTS = ["classifier.center=false", "classifier.hidden=[1000,1000]", "classifier.bias=[true,false,false]",
                      "classifier.init_scale=[0.001,0.001,0.001]", "classifier.weight_decay=0.0", "classifier.epochs=3000",
@@ -53,15 +53,14 @@ def digits(n_per_class: int, seed: int = 0):
 
 def train_victim(c, x, y, device, epochs=None) -> tuple[VictimMLP, dict]:
     """The classifier stage's recipe (full batch, BCE, the preset's optimiser), as a plain loop."""
-    as_list = lambda v: list(v) if v is not None and not isinstance(v, (int, float, bool)) else v  # noqa: E731
+    as_plain = lambda v: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v  # noqa: E731
     torch.manual_seed(0)
-    v = VictimMLP(x.shape[1], list(c.hidden), 2, bias=as_list(c.bias), init_scale=as_list(c.init_scale), center=bool(c.center))
+    v = VictimMLP(x.shape[1], list(c.hidden), 2, bias=as_plain(c.bias), init_scale=as_plain(c.init_scale), center=bool(c.center))
     if v.center:
         v.input_mean.copy_(x.mean(0))
     v = v.to(device)
     xd, yd = x.to(device), y.to(device)
-    opt = (torch.optim.SGD(v.parameters(), lr=float(c.lr), momentum=float(c.momentum), weight_decay=float(c.weight_decay))
-           if c.optimizer == "sgd" else torch.optim.Adam(v.parameters(), lr=float(c.lr), weight_decay=float(c.weight_decay)))
+    opt = VictimModule(v, "bce", c.optimizer, float(c.lr), float(c.momentum), float(c.weight_decay)).configure_optimizers()
     for _ in range(int(epochs or c.epochs)):
         loss = loss_fn(v(xd), yd, "bce")
         opt.zero_grad(set_to_none=True)
@@ -85,7 +84,7 @@ def run_recipe(victim, spec, rcfg, x_train, x_test, shape, device, steps, evals,
     hps = [R.sample_hparams(rcfg, 0, r) for r in range(runs)]
     prior = "box"
     module = R.ReconstructionModule(obj, list(range(runs)), hps, R.candidate_labels(2, per_class), x_train.shape[1], rcfg,
-                                    prior, None, dtype, input_mean=victim.input_offset() if victim.center else None).to(device)
+                                    prior, None, dtype, input_mean=victim.input_offset()).to(device)
     opt = module.configure_optimizers()
     train_img = x_train.reshape(-1, *shape)
     rows, t0 = [], time.time()
@@ -160,7 +159,7 @@ def main() -> None:
             print("budget reached: remaining rows skipped", flush=True)
             break
         cfg = load_config([*c_over, *r_over, f"data.n_per_class={n_per_class}"])
-        rcfg = dict(__import__("omegaconf").OmegaConf.to_container(cfg.reconstruct, resolve=True))
+        rcfg = OmegaConf.to_container(cfg.reconstruct, resolve=True)
         x, y, xt, shape = digits(n_per_class)
         key = (tuple(c_over), n_per_class, epochs)
         if key not in victims:

@@ -34,8 +34,8 @@ from torch import nn
 
 from . import distributed
 from .errors import ConfigError, DataError, ModelMismatchError
-from .kkt import (ACTIVATIONS, DTYPES, FORMS, MULTIPLIERS, PRIORS, KKTObjective, ReluSigmoidGrad, fit_multipliers,  # noqa: F401
-                  make_activation, prior_penalty, resolve_form, resolve_prior)
+from .kkt import (ACTIVATIONS, DTYPES, MULTIPLIERS, KKTObjective, fit_multipliers, prior_penalty, resolve_form,
+                  resolve_prior)
 from .storage import fingerprint, load_tensors, save_tensors
 from .victim import VictimMLP, check_given_victim, load_victim
 
@@ -508,7 +508,7 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
     mean_norm = (spec.get("embedding") or {}).get("mean_norm")
     objective = KKTObjective(victim, spec, plan["form"], rcfg["activation"], dtype, multipliers=rcfg["multipliers"],
                              per_candidate=bool(rcfg["lambda_per_candidate"]))
-    input_mean = victim.input_offset().detach().cpu() if victim.center else None
+    input_mean = victim.input_offset().detach().cpu()
     common_meta = {"form": plan["form"], "prior": plan["prior"], "activation": rcfg["activation"], "dtype": rcfg["dtype"],
                    "multipliers": rcfg["multipliers"], "lambda_per_candidate": bool(rcfg["lambda_per_candidate"]),
                    "seed": plan["seed"], "victim_dir": str(cfg.reconstruct.victim_dir or run_dir / "classifier")}
@@ -524,7 +524,6 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
              rank, world, len(mine), len(mine) - len(pending), len(pending), K, plan["form"], plan["prior"])
     logger = build_logger(cfg, run_dir, "reconstruct") if rank == 0 else False  # once per stage: one W&B run
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
     # Our checkpoints hold the state after step N with global_step N, which is what resuming needs.
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
     for b in range(0, len(pending), K):

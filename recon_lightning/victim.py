@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -375,8 +374,6 @@ def run_stage(cfg, run_dir: Path) -> dict:
     per_step = math.gcd(math.gcd(int(c.log_every_n_epochs), int(c.checkpoint_every_n_epochs) or epochs), epochs)
     module = VictimModule(model, loss, c.optimizer, float(c.lr), float(c.momentum), float(c.weight_decay), per_step)
     has_test = len(emb.test_x) > 0
-    # Full batch: one step per epoch, so logging every N steps is logging every N epochs.
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     # Long schedules checkpoint periodically; a killed run resumes from the last checkpoint.
     ckpt_callback, resume_from = checkpointing(run_dir, "classifier", every_n_steps=int(c.checkpoint_every_n_epochs))
     # trainer.max_epochs is resumable: a longer schedule continues the victim trained so far (full-batch

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from recon_lightning import reconstruct as R
 from recon_lightning.errors import ConfigError, DataError, ModelMismatchError
+from recon_lightning.kkt import make_activation
 from recon_lightning.storage import load_tensors, save_tensors
 from recon_lightning.victim import VictimMLP, save_victim
 
@@ -156,7 +157,7 @@ def test_runner_up_multipliers_weight_the_margin_to_the_best_wrong_class():
 def test_softplus_activation_and_hparam_sampling():
     a = torch.tensor([[[50.0]]], dtype=F64)
     h = torch.linspace(-1, 1, 11, dtype=F64)
-    assert torch.allclose(R.make_activation("softplus", a)(h), h.clamp_min(0), atol=0.02)
+    assert torch.allclose(make_activation("softplus", a)(h), h.clamp_min(0), atol=0.02)
     cfg = {"init_scale": [1e-6, 1e-1], "lr": 0.01, "lambda_lr": None, "lambda_min": [0.01, 0.5], "alpha": [10, 500]}
     hp = [R.sample_hparams(cfg, 0, r) for r in range(50)]
     assert hp[3] == R.sample_hparams(cfg, 0, 3)  # deterministic in (seed, run)
