@@ -58,10 +58,12 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--grid", default="docs/images/dinov2_inversion_grid.png")
     ap.add_argument("--json", default=None, help="write the measurements here")
+    ap.add_argument("--photos", type=int, default=len(PHOTOS), help="invert only the first N photos (CPU budget)")
     args = ap.parse_args()
+    photo_names = PHOTOS[: max(1, args.photos)]
     torch.set_num_threads(2)
     bb = build_backbone({"kind": "dinov2_offline", "pretrained": True})
-    photos = [getattr(skimage.data, n)() for n in PHOTOS]
+    photos = [getattr(skimage.data, n)() for n in PHOTOS]  # every photo is a baseline for the others
     x = bb.to_pixels(photos)
     with torch.no_grad():
         targets = bb.embed_pixels(x)
@@ -72,6 +74,7 @@ def main() -> None:
                  for i in range(len(t))]  # fmt: skip
     noise_cos = (F.normalize(noise, dim=1) @ t.T).T.tolist()  # per target: 4 noise images
 
+    targets, x = targets[: len(photo_names)], x[: len(photo_names)]
     cfg = OmegaConf.load("configs/invert/default.yaml")
     cfg.steps, cfg.param, cfg.augment.copies = args.steps, args.param, args.copies
     probe = Probe(args.every)
@@ -84,18 +87,18 @@ def main() -> None:
     final = cosine_of_images(bb, images, targets).tolist()
 
     result = {
-        "photos": PHOTOS, "steps": args.steps, "copies": args.copies, "param": args.param,
+        "photos": photo_names, "steps": args.steps, "copies": args.copies, "param": args.param,
         "final_cos": [round(c, 4) for c in final], "curve": probe.rows,
-        "unrelated_photo_cos": dict(zip(PHOTOS, unrelated)),
-        "noise_cos": {p: [round(min(v), 3), round(max(v), 3)] for p, v in zip(PHOTOS, noise_cos)},
+        "unrelated_photo_cos": dict(zip(photo_names, unrelated)),
+        "noise_cos": {p: [round(min(v), 3), round(max(v), 3)] for p, v in zip(photo_names, noise_cos)},
     }  # fmt: skip
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
 
-    fig, axes = plt.subplots(2, len(PHOTOS), figsize=(2.6 * len(PHOTOS), 5.6))
-    for i, name in enumerate(PHOTOS):
+    fig, axes = plt.subplots(2, len(photo_names), figsize=(2.6 * len(photo_names), 5.6), squeeze=False)
+    for i, name in enumerate(photo_names):
         axes[0, i].imshow(to_uint8(x[i]).permute(1, 2, 0).numpy())
         axes[0, i].set_title(name, fontsize=9)
         axes[1, i].imshow(images[i].permute(1, 2, 0).numpy())

@@ -15,11 +15,20 @@ optimisers, the KKT objective) in plain loops; the Lightning stages add nothing 
 
     python benchmarks/study_reconstruct.py --scale cpu --out study.json     # minutes on 2 cores (small)
     python benchmarks/study_reconstruct.py --scale gpu --out study.json     # the docs/results.md tables
+
+The paper's regime (Oz et al. 2024: a victim on a pretrained backbone's embeddings): ``--embeddings RUN_DIR`` takes
+the training and held-out sets from a run's embed stage instead of raw digits, e.g. DINOv2 embeddings of the digits
+(``python -m recon_lightning.fit backbone=dinov2_vits14_offline data=digits stage=embed run_dir=runs/dd``), and runs
+the ``paper`` section: the default victim, the same victim trained with a cosine-decayed learning rate (which brings
+it much closer to a stationary point), and the reference extraction. Rows there add the issue's target metric
+(fraction of training embeddings with a candidate at cosine >= 0.9), the same for the held-out set (the baseline),
+and both after subtracting the training mean (raw DINOv2 embeddings share a large common direction).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -27,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from recon_lightning import reconstruct as R
@@ -51,8 +61,28 @@ def digits(n_per_class: int, seed: int = 0):
     return flat(ds.train), torch.tensor(ds.train.labels), flat(ds.test), ds.native_size or (1, 8, 8)
 
 
-def train_victim(c, x, y, device, epochs=None) -> tuple[VictimMLP, dict]:
-    """The classifier stage's recipe (full batch, BCE, the preset's optimiser), as a plain loop."""
+def embeddings(run_dir: str):
+    """Training / held-out sets of a run's embed stage (the paper's regime: a backbone's embeddings)."""
+    from recon_lightning.embed import load_embeddings
+
+    e = load_embeddings(run_dir)
+    return e.train_x.float(), e.train_y.float(), e.test_x.float(), None, dict(e.meta)
+
+
+def stationarity(v: VictimMLP, x: torch.Tensor, y: torch.Tensor, wd: float) -> float | None:
+    """||grad L + wd theta||^2 / ||wd theta||^2 at the training set (0 at an exact stationary point), float64."""
+    if wd <= 0:
+        return None
+    v64 = copy.deepcopy(v).double()
+    params = list(v64.parameters())
+    g = torch.autograd.grad(loss_fn(v64(x.double()), y.double(), "bce"), params)
+    with torch.no_grad():
+        return float(sum(((gi + wd * p) ** 2).sum() for gi, p in zip(g, params)) / sum(((wd * p) ** 2).sum() for p in params))
+
+
+def train_victim(c, x, y, device, epochs=None, cosine: bool = False) -> tuple[VictimMLP, dict]:
+    """The classifier stage's recipe (full batch, BCE, the preset's optimiser), as a plain loop; ``cosine`` decays
+    the learning rate to 0 over the schedule (study only: the stage keeps it constant)."""
     as_plain = lambda v: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v  # noqa: E731
     torch.manual_seed(0)
     v = VictimMLP(x.shape[1], list(c.hidden), 2, bias=as_plain(c.bias), init_scale=as_plain(c.init_scale), center=bool(c.center))
@@ -61,20 +91,39 @@ def train_victim(c, x, y, device, epochs=None) -> tuple[VictimMLP, dict]:
     v = v.to(device)
     xd, yd = x.to(device), y.to(device)
     opt = VictimModule(v, "bce", c.optimizer, float(c.lr), float(c.momentum), float(c.weight_decay)).configure_optimizers()
-    for _ in range(int(epochs or c.epochs)):
+    total = int(epochs or c.epochs)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total) if cosine else None
+    for _ in range(total):
         loss = loss_fn(v(xd), yd, "bce")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
     v = v.cpu().eval()
     with torch.no_grad():
         logits = v(x)
         m = margins(logits, y)
-        return v, {"train_loss": float(loss_fn(logits, y, "bce")), "train_acc": float((m > 0).float().mean()),
-                   "margin_min": float(m.min())}
+        info = {"train_loss": float(loss_fn(logits, y, "bce")), "train_acc": float((m > 0).float().mean()),
+                "margin_min": float(m.min())}
+    info["stationarity"] = stationarity(v, x, y, float(c.weight_decay))
+    return v, info
 
 
-def run_recipe(victim, spec, rcfg, x_train, x_test, shape, device, steps, evals, runs, budget_end):
+def cosine_fractions(x_train: torch.Tensor, cands: torch.Tensor, x_test: torch.Tensor, at: float = 0.9) -> dict:
+    """Fraction of training samples with a candidate (and, the baseline, a held-out sample) at cosine >= ``at``, raw
+    and after subtracting the training mean."""
+    mu = x_train.mean(0)
+    out = {}
+    for tag, shift in (("", 0.0), ("centred_", mu)):
+        a = F.normalize(x_train - shift, dim=1)
+        for name, pool in (("candidates", cands), ("heldout", x_test)):
+            best = (a @ F.normalize(pool - shift, dim=1).T).max(dim=1).values
+            out[f"{tag}frac_cos_ge_{at}_{name}"] = float((best >= at).float().mean())
+    return out
+
+
+def run_recipe(victim, spec, rcfg, x_train, x_test, shape, device, steps, evals, runs, budget_end, prior="box", mean_norm=None):
     """K runs of the reconstruct preset, scored at each step in ``evals`` (union of all runs' candidates)."""
     form = resolve_form(rcfg["form"], spec)
     dtype = {"float32": torch.float32, "float64": torch.float64}[rcfg["dtype"]]
@@ -82,11 +131,10 @@ def run_recipe(victim, spec, rcfg, x_train, x_test, shape, device, steps, evals,
                        per_candidate=bool(rcfg["lambda_per_candidate"]))
     per_class = math.ceil(float(rcfg["multiplier"]) * spec["n_train"] / 2)
     hps = [R.sample_hparams(rcfg, 0, r) for r in range(runs)]
-    prior = "box"
     module = R.ReconstructionModule(obj, list(range(runs)), hps, R.candidate_labels(2, per_class), x_train.shape[1], rcfg,
-                                    prior, None, dtype, input_mean=victim.input_offset()).to(device)
+                                    prior, mean_norm, dtype, input_mean=victim.input_offset()).to(device)
     opt = module.configure_optimizers()
-    train_img = x_train.reshape(-1, *shape)
+    train_img = x_train.reshape(-1, *shape) if shape else None
     rows, t0 = [], time.time()
     for step in range(1, steps + 1):
         if module.optimization_step(opt) is None:
@@ -96,16 +144,20 @@ def run_recipe(victim, spec, rcfg, x_train, x_test, shape, device, steps, evals,
                 cands = (module.x() + module.input_mean).detach().float().cpu()[module.active.cpu()].reshape(-1, x_train.shape[1])
                 rel = module.losses(create_graph=False)["kkt_rel"].detach().cpu()
             leak = leak_figures(x_train, cands, x_test)
-            ssim = reference_ssim_figures(train_img, cands.reshape(-1, *shape))
+            ssim = reference_ssim_figures(train_img, cands.reshape(-1, *shape)) if shape else {}
             rows.append({"step": step, "seconds": round(time.time() - t0, 1),
                          "candidate_steps": int(step * runs * per_class * 2), "leak_rate": leak["leak_rate"],
                          "leak_rate_one_to_one": leak["leak_rate_one_to_one"],
-                         "frac_train_ssim_gt_0.4": ssim["frac_train_ssim_gt_0.4"],
+                         "frac_train_ssim_gt_0.4": ssim.get("frac_train_ssim_gt_0.4"),
+                         **({} if shape else cosine_fractions(x_train, cands, x_test)),
                          "kkt_rel_median": float(rel[module.active.cpu()].median()) if module.active.any() else None,
                          "runs_ok": int(module.active.sum())})
+            extra = (f"ssim>0.4 {rows[-1]['frac_train_ssim_gt_0.4']:.2f}" if shape else
+                     f"cos>=0.9 {rows[-1]['frac_cos_ge_0.9_candidates']:.2f} (held-out {rows[-1]['frac_cos_ge_0.9_heldout']:.2f}) "
+                     f"centred {rows[-1]['centred_frac_cos_ge_0.9_candidates']:.2f} "
+                     f"(held-out {rows[-1]['centred_frac_cos_ge_0.9_heldout']:.2f})")
             print(f"    step {step:6d} {rows[-1]['seconds']:7.1f}s leak {rows[-1]['leak_rate']:.2f} (1:1 "
-                  f"{rows[-1]['leak_rate_one_to_one']:.2f}) ssim>0.4 {rows[-1]['frac_train_ssim_gt_0.4']:.2f} "
-                  f"kkt {rows[-1]['kkt_rel_median']}", flush=True)
+                  f"{rows[-1]['leak_rate_one_to_one']:.2f}) {extra} kkt {rows[-1]['kkt_rel_median']}", flush=True)
             if time.time() > budget_end:
                 rows[-1]["stopped_by_budget"] = True
                 break
@@ -120,6 +172,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default: 3000 gpu, 300 cpu)")
     ap.add_argument("--runs", type=int, default=None, help="runs per row (default: 16 gpu, 2 cpu)")
     ap.add_argument("--out", default="study_reconstruct.json")
+    ap.add_argument("--embeddings", default=None, metavar="RUN_DIR",
+                    help="the paper's regime: a run_dir whose embed stage holds a backbone's embeddings (section paper)")
     args = ap.parse_args()
     device = torch.device("cuda" if args.scale == "gpu" and torch.cuda.is_available() else "cpu")
     big = args.scale == "gpu"
@@ -130,6 +184,9 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "scale": args.scale,
            "runs": runs, "steps": steps, "rows": []}
     sections = args.sections.split(",")
+    if args.embeddings:
+        sections = ["paper"]
+        out["embeddings"] = str(args.embeddings)
 
     plan = []  # (section, name, classifier overrides, reconstruct overrides, n_per_class, epochs)
     if "compute" in sections:
@@ -153,26 +210,42 @@ def main() -> None:
         plan += [("compute", "reference victim + extraction", ["classifier=reference"], ["reconstruct=reference"], 50,
                   None if big else 2000)]
 
+    if "paper" in sections:  # (the victim's training is the plan's epochs slot: "cosine" = lr decayed to 0)
+        plan += [("paper", "defaults", [], [], None, None),
+                 ("paper", "victim lr cosine-decayed", [], [], None, "cosine"),
+                 ("paper", "victim lr cosine-decayed, wd 1e-2, lr 0.15", ["classifier.weight_decay=1e-2", "classifier.lr=0.15"],
+                  [], None, "cosine"),
+                 ("paper", "default victim, reference extraction (prior auto)", [], ["reconstruct=reference", "reconstruct.prior=auto"],
+                  None, None)]
+
     victims: dict = {}
     for section, name, c_over, r_over, n_per_class, epochs in plan:
         if time.time() > budget_end:
             print("budget reached: remaining rows skipped", flush=True)
             break
-        cfg = load_config([*c_over, *r_over, f"data.n_per_class={n_per_class}"])
+        cfg = load_config([*c_over, *r_over] + ([f"data.n_per_class={n_per_class}"] if n_per_class else []))
         rcfg = OmegaConf.to_container(cfg.reconstruct, resolve=True)
-        x, y, xt, shape = digits(n_per_class)
-        key = (tuple(c_over), n_per_class, epochs)
+        if args.embeddings:
+            x, y, xt, shape, meta = embeddings(args.embeddings)
+            emb = {"backbone_name": meta.get("backbone_name"), "normalize": meta.get("normalize"),
+                   "mean_norm": float(x.norm(dim=1).mean())}
+        else:
+            (x, y, xt, shape), emb = digits(n_per_class), {"backbone_name": "identity"}
+        cosine = epochs == "cosine"
+        epochs = None if cosine else epochs
+        key = (tuple(c_over), n_per_class, epochs, cosine)
         if key not in victims:
             t = time.time()
-            victims[key] = train_victim(cfg.classifier, x, y, device, epochs)
+            victims[key] = train_victim(cfg.classifier, x, y, device, epochs, cosine)
             print(f"victim {c_over or 'default'} n={n_per_class} epochs={epochs or cfg.classifier.epochs}: "
                   f"{victims[key][1]} ({time.time() - t:.0f}s)", flush=True)
         victim, vinfo = victims[key]
-        spec = {"num_classes": 2, "weight_decay": float(cfg.classifier.weight_decay), "n_train": len(x)}
-        print(f"  [{section}] {name}", flush=True)
-        res = run_recipe(victim, spec, rcfg, x, xt, shape, device, steps, evals, runs, budget_end)
+        spec = {"num_classes": 2, "weight_decay": float(cfg.classifier.weight_decay), "n_train": len(x), "embedding": emb}
+        prior = R.resolve_prior(rcfg["prior"], spec)
+        print(f"  [{section}] {name} (prior {prior})", flush=True)
+        res = run_recipe(victim, spec, rcfg, x, xt, shape, device, steps, evals, runs, budget_end, prior, emb.get("mean_norm"))
         out["rows"].append({"section": section, "name": name, "classifier": c_over, "reconstruct": r_over,
-                            "n_train": len(x), "victim_epochs": int(epochs or cfg.classifier.epochs), "victim": vinfo, **res})
+                            "n_train": len(x), "victim_epochs": int(epochs or cfg.classifier.epochs), "victim_lr_cosine": cosine, "victim": vinfo, **res})
         Path(args.out).write_text(json.dumps(out, indent=1))
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")
