@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import warnings
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from .backbones import Backbone, build_backbone, embedding_dim
 from .errors import ConfigError, DataError, DivergedError, ModelMismatchError
 from .image_params import Augment, build_param, to_unit_range, total_variation
 from .storage import fingerprint, load_json, load_png, load_tensors, save_json, save_png  # noqa: F401 (load_png: API)
-from .training import build_logger, checkpoint_dir, checkpointing, make_trainer, resolve_device, run_on_every_rank, steps_loader
+from .training import resolve_device, run_on_every_rank, steps_loader
 
 log = logging.getLogger(__name__)
 
@@ -461,50 +460,47 @@ class StepProgress(L.Callback):
 
 def _invert_on_rank(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path, backbone: Backbone,
                     targets: torch.Tensor, cand: torch.Tensor, meta: dict) -> list[dict] | None:
-    """One rank's share: targets t with ``t % world == rank`` not finished earlier, a batch at a time;
-    each finished batch's images and record are on disk before the next starts. Rank 0 then merges."""
+    """One rank's share (:func:`recon_lightning.sharded.run_shard`: target t on rank t % world, not finished
+    earlier, a batch at a time; each finished batch's images and record are on disk before the next starts).
+    Rank 0 then returns every target's row."""
+    from .sharded import ShardedWork, run_shard
+
     icfg = cfg.invert
+    steps = int(icfg.steps)
     cuda = device_kw["accelerator"] == "cuda"
     device = torch.device("cuda", device_kw["devices"][0]) if cuda else resolve_device(icfg.device)
-    done = finished_rows(run_dir, targets)
-    mine = [t for t in range(len(targets)) if t % world == rank and t not in done]
-    log.info("invert rank %d/%d: %d targets to do, %d finished earlier", rank, world, len(mine), len(done))
-    bs, every, decoder = max(1, int(icfg.batch_size)), int(icfg.checkpoint_every_n_steps), None
-    logger = build_logger(cfg, run_dir, "invert") if rank == 0 else False  # once per stage: one W&B run
-    # One bar for the rank's whole share, in image-steps (a batch of B images advances it by B per step).
-    show = bool(cfg.trainer.get("enable_progress_bar", True)) and bool(mine)
-    bar = tqdm(total=len(mine) * int(icfg.steps), desc=f"invert {len(mine)} images (rank {rank})", unit="img-step",
-               disable=not show)
-    for start in range(0, len(mine), bs):
-        ids = mine[start : start + bs]
-        name = f"targets_{ids[0]:04d}-{ids[-1]:04d}_{fingerprint('invert-batch', ids)}"
+    decoder, bar = None, None
+
+    def start(pending: list[int]) -> None:
+        # One bar for the rank's whole share, in image-steps (a batch of B images advances it by B per step).
+        nonlocal bar
+        show = bool(cfg.trainer.get("enable_progress_bar", True)) and bool(pending)
+        bar = tqdm(total=len(pending) * steps, desc=f"invert {len(pending)} images (rank {rank})", unit="img-step",
+                   disable=not show)
+
+    def run_batch(batch) -> None:
+        nonlocal decoder
+        ids = batch.ids
         if icfg.method == "unclip":
             from .invert_unclip import invert_unclip, load_decoder
 
             decoder = decoder or load_decoder(cfg, backbone, device)
             imgs = invert_unclip(backbone, targets[ids], cfg, meta, pipe=decoder, device=device)
+            bar.update(len(ids) * steps)
         else:
-            # Long optimisations checkpoint every invert.checkpoint_every_n_steps; a killed batch resumes there.
-            callbacks, resume_from = [StepProgress(bar, len(ids))], None
-            if every > 0:
-                callback, resume_from = checkpointing(run_dir, "invert", every, name=name)
-                callbacks.append(callback)
-            trainer = make_trainer(cfg, run_dir, "invert", logger, max_steps=int(icfg.steps), max_epochs=1, callbacks=callbacks,
-                                   enable_checkpointing=every > 0, num_sanity_val_steps=0, enable_progress_bar=False,
-                                   default_root_dir=str(checkpoint_dir(run_dir, "invert", name)), **device_kw)
-            imgs = invert_batch(backbone, targets[ids], icfg, ids, trainer, resume_from)
-        rows = write_images(run_dir, ids, to_uint8(imgs), backbone, targets, cand, device, rank)
-        save_json(batches_dir(run_dir) / f"{name}.json", rows)
-        shutil.rmtree(checkpoint_dir(run_dir, "invert", name), ignore_errors=True)  # its images are on disk
-        if icfg.method == "unclip":
-            bar.update(len(ids) * int(icfg.steps))
-    bar.close()
-    if rank != 0:
-        return None
-    # Rank 0 merges once every target has a finished batch (shared filesystem; any launcher).
-    distributed.wait_for(lambda: len(finished_rows(run_dir, targets)) == len(targets), "the other ranks' inversions",
-                         poll_s=0.5)
-    rows = finished_rows(run_dir, targets)
-    # Every target is on disk now: checkpoints left by batches of another batch_size or world size go too.
-    shutil.rmtree(checkpoint_dir(run_dir, "invert"), ignore_errors=True)
-    return [rows[t] for t in range(len(targets))]
+            trainer = batch.trainer([StepProgress(bar, len(ids))], max_steps=steps, max_epochs=1, num_sanity_val_steps=0,
+                                    enable_progress_bar=False)
+            imgs = invert_batch(backbone, targets[ids], icfg, ids, trainer, batch.resume_from)
+        rows = write_images(run_dir, ids, to_uint8(imgs), backbone, targets, cand, device, batch.rank)
+        save_json(batches_dir(run_dir) / f"{batch.name}.json", rows)
+
+    def merge(logger) -> list[dict]:
+        rows = finished_rows(run_dir, targets)
+        return [rows[t] for t in range(len(targets))]
+
+    work = ShardedWork(stage="invert", what="targets", items=range(len(targets)), batch_size=int(icfg.batch_size),
+                       checkpoint_every=int(icfg.checkpoint_every_n_steps),
+                       finished=lambda ids: set(finished_rows(run_dir, targets)) & set(ids),
+                       batch_name=lambda ids: f"targets_{ids[0]:04d}-{ids[-1]:04d}_{fingerprint('invert-batch', ids)}",
+                       run_batch=run_batch, merge=merge, poll_s=0.5, on_start=start, on_end=lambda: bar.close())
+    return run_shard(work, cfg, run_dir, rank, world, device_kw)

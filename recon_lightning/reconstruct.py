@@ -17,9 +17,9 @@ coordinates (a centred victim's mean added back).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import distributed
 from .errors import ConfigError, DataError, ModelMismatchError
 from .kkt import (ACTIVATIONS, DTYPES, MULTIPLIERS, KKTObjective, fit_multipliers, prior_penalty, resolve_form,
                   resolve_prior)
@@ -479,15 +478,11 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     victim, spec = load_victim(victim_dir)
     plan = _plan(cfg, spec)
     # Runs are independent: each rank optimises its own runs on its own device (no DDP all-reduce).
-    return run_on_every_rank(cfg, run_dir, "reconstruct", _work, cfg, run_dir, victim, spec, plan)
+    return run_on_every_rank(cfg, run_dir, "reconstruct", _work, cfg, run_dir, victim, spec, plan) or {}
 
 
-def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, **overrides) -> L.Trainer:
-    from .training import make_trainer
-
-    return make_trainer(cfg, run_dir, "reconstruct", max_steps=steps, precision="32-true",
-                        log_every_n_steps=int(cfg.reconstruct.log_every_n_steps), num_sanity_val_steps=0,
-                        **overrides)
+def _as_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def batch_name(run_ids: Sequence[int], hparams: Sequence[dict]) -> str:
@@ -497,11 +492,13 @@ def batch_name(run_ids: Sequence[int], hparams: Sequence[dict]) -> str:
 
 
 def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path, victim: VictimMLP, spec: dict,
-          plan: dict) -> dict:
-    from .training import build_logger, checkpoint_dir, checkpointing
+          plan: dict) -> dict | None:
+    """One rank's runs (:func:`recon_lightning.sharded.run_shard`: run r on rank r % world, K runs a batch,
+    each run's file written before the next batch starts); rank 0 merges every run into candidates.safetensors."""
+    from .sharded import ShardedWork, run_shard
 
     rcfg, hps = plan["rcfg"], plan["hparams"]
-    num_runs, K, steps = int(rcfg["num_runs"]), int(rcfg["runs_per_batch"]), int(rcfg["steps"])
+    num_runs, steps = int(rcfg["num_runs"]), int(rcfg["steps"])
     dtype = DTYPES[rcfg["dtype"]]
     train_x = _train_embeddings(cfg, run_dir, victim.input_dim)
     y = candidate_labels(int(spec["num_classes"]), plan["per_class"])
@@ -512,58 +509,49 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
     common_meta = {"form": plan["form"], "prior": plan["prior"], "activation": rcfg["activation"], "dtype": rcfg["dtype"],
                    "multipliers": rcfg["multipliers"], "lambda_per_candidate": bool(rcfg["lambda_per_candidate"]),
                    "seed": plan["seed"], "victim_dir": str(cfg.reconstruct.victim_dir or run_dir / "classifier")}
-
-    mine = [r for r in range(num_runs) if r % world == rank]
-    pending = []
-    for r in mine:
-        loaded = read_run(run_path(run_dir, r))
-        if loaded is not None and loaded[1].get("hparams") == hps[r] and loaded[1].get("steps_planned") == steps:
-            continue  # finished earlier (resume)
-        pending.append(r)
-    log.info("reconstruct rank %d/%d: %d runs, %d already done, %d to do (K=%d, form %s, prior %s)",
-             rank, world, len(mine), len(mine) - len(pending), len(pending), K, plan["form"], plan["prior"])
-    logger = build_logger(cfg, run_dir, "reconstruct") if rank == 0 else False  # once per stage: one W&B run
+    log.info("reconstruct: %d runs of %d steps, K=%d per batch, form %s, prior %s", num_runs, steps,
+             int(rcfg["runs_per_batch"]), plan["form"], plan["prior"])
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # Our checkpoints hold the state after step N with global_step N, which is what resuming needs.
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
-    for b in range(0, len(pending), K):
-        batch = pending[b : b + K]
-        module = ReconstructionModule(objective, batch, [hps[r] for r in batch], y, victim.input_dim, rcfg,
+
+    def finished(runs: list[int]) -> set[int]:
+        """Runs whose file is on disk, made with this run's hyperparameters and step count (resume). Compared as
+        JSON, as the file stores them: a failed run's NaN hyperparameter equals itself there."""
+        done = set()
+        for r in runs:
+            loaded = read_run(run_path(run_dir, r))
+            if (loaded is not None and _as_json(loaded[1].get("hparams")) == _as_json(hps[r])
+                    and loaded[1].get("steps_planned") == steps):
+                done.add(r)
+        return done
+
+    def run_batch(batch) -> None:
+        module = ReconstructionModule(objective, batch.ids, [hps[r] for r in batch.ids], y, victim.input_dim, rcfg,
                                       plan["prior"], mean_norm, dtype, input_mean=input_mean)
-        # Long runs checkpoint every reconstruct.checkpoint_every_n_steps; a killed batch resumes there.
-        every = int(rcfg["checkpoint_every_n_steps"])
-        name = batch_name(batch, [hps[r] for r in batch])
-        callbacks, resume_from = [], None
-        if every > 0:
-            callback, resume_from = checkpointing(run_dir, "reconstruct", every, name=name)
-            callbacks.append(callback)
-            if resume_from:
-                log.info("runs %s: resuming from %s", batch, resume_from)
-        trainer = _make_trainer(cfg, run_dir, steps, logger=logger, callbacks=callbacks, enable_checkpointing=every > 0,
-                                default_root_dir=str(checkpoint_dir(run_dir, "reconstruct", name)), **device_kw)
-        trainer.fit(module, ckpt_path=resume_from, weights_only=True)
+        trainer = batch.trainer(max_steps=steps, precision="32-true", log_every_n_steps=int(rcfg["log_every_n_steps"]),
+                                num_sanity_val_steps=0)
+        trainer.fit(module, ckpt_path=batch.resume_from, weights_only=True)
         for res in module.results():
-            extra = {**common_meta, "steps_planned": steps, "rank": rank}
+            extra = {**common_meta, "steps_planned": steps, "rank": batch.rank}
             if train_x is not None and res["status"] == "ok":
                 extra["recon_score"] = match_candidates(res["x"].cpu(), train_x)["score"]
             write_run(run_dir, res, hps[res["run"]], extra)
-            if logger and res["status"] == "ok":
-                logger.log_metrics({"run": res["run"], "run_final_loss": res["final_loss"],
-                                    **({"run_recon_score": extra["recon_score"]} if "recon_score" in extra else {})})
+            if batch.logger and res["status"] == "ok":
+                batch.logger.log_metrics({"run": res["run"], "run_final_loss": res["final_loss"],
+                                          **({"run_recon_score": extra["recon_score"]} if "recon_score" in extra else {})})
             log.info("run %d: %s, relative KKT loss %.4g%s", res["run"], res["status"], res["final_loss"],
                      f", recon_score {extra['recon_score']:.4f}" if "recon_score" in extra else "")
-        shutil.rmtree(checkpoint_dir(run_dir, "reconstruct", name), ignore_errors=True)  # its runs are on disk
 
-    if rank != 0:
-        return {"rank": rank, "runs": mine}
-    # Rank 0 merges once every rank's run files exist (shared filesystem; works with any launcher).
-    distributed.wait_for(lambda: all(run_path(run_dir, r).is_file() for r in range(num_runs)),
-                         "the other ranks' reconstruction runs", timeout_s=float(rcfg["wait_timeout_s"]), poll_s=1.0)
-    summary = merge_runs(run_dir, num_runs, train_x, common_meta)
-    # Every run is on disk now: checkpoints left by batches of another runs_per_batch or world size go too.
-    shutil.rmtree(checkpoint_dir(run_dir, "reconstruct"), ignore_errors=True)
-    summary.update(form=plan["form"], prior=plan["prior"], world_size=world)
-    if logger:
-        logger.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        logger.finalize("success")
-    return summary
+    def merge(logger) -> dict:
+        summary = merge_runs(run_dir, num_runs, train_x, common_meta)
+        summary.update(form=plan["form"], prior=plan["prior"], world_size=world)
+        if logger:
+            logger.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return summary
+
+    work = ShardedWork(stage="reconstruct", what="runs", items=range(num_runs), batch_size=int(rcfg["runs_per_batch"]),
+                       checkpoint_every=int(rcfg["checkpoint_every_n_steps"]), finished=finished,
+                       batch_name=lambda ids: batch_name(ids, [hps[r] for r in ids]), run_batch=run_batch, merge=merge,
+                       wait_timeout_s=float(rcfg["wait_timeout_s"]), poll_s=1.0)
+    return run_shard(work, cfg, run_dir, rank, world, device_kw)

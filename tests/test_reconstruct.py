@@ -245,7 +245,8 @@ def test_nan_run_is_recorded_failed_others_finish(tmp_path, make_cfg, monkeypatc
         return hp
 
     monkeypatch.setattr(R, "sample_hparams", poisoned)
-    summary = R.run_stage(_cfg(make_cfg, run_dir), run_dir)
+    cfg = _cfg(make_cfg, run_dir, "reconstruct.wait_timeout_s=60")
+    summary = R.run_stage(cfg, run_dir)
     assert summary["runs_ok"] == 3 and summary["runs_failed"] == 1
     _, meta = load_tensors(R.run_path(run_dir, 1))
     assert meta["status"] == "failed" and "non-finite" in meta["error"] and meta["hparams"]["init_scale"] != meta["hparams"]["init_scale"]
@@ -254,6 +255,10 @@ def test_nan_run_is_recorded_failed_others_finish(tmp_path, make_cfg, monkeypatc
     assert [rec["status"] for rec in c.runs] == ["ok", "failed", "ok", "ok"]
     for r in (0, 2, 3):
         assert load_tensors(R.run_path(run_dir, r))[1]["steps"] == 15  # the others ran to the end
+    # Rerun: the failed run is finished too (its NaN hyperparameter is the one planned), so nothing is redone.
+    mtimes = [R.run_path(run_dir, r).stat().st_mtime_ns for r in range(4)]
+    assert R.run_stage(cfg, run_dir)["runs_failed"] == 1
+    assert [R.run_path(run_dir, r).stat().st_mtime_ns for r in range(4)] == mtimes
 
 
 def test_scoring_against_training_set(tmp_path, make_cfg):
