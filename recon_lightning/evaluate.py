@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -41,28 +41,12 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError, DataError
 from .storage import load_json, load_png
 from .image_params import to_unit_range
-from .reconstruct import match_candidates
+from .matching import best_matches
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- core figures
-
-
-def max_cosine(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row of ``a``: the largest cosine to any row of ``b`` and that row's index."""
-    if a.shape[0] == 0 or b.shape[0] == 0:
-        raise DataError(f"cosine matching needs non-empty sets, got {a.shape[0]} and {b.shape[0]} rows")
-    if a.shape[1] != b.shape[1]:
-        raise DataError(f"cannot compare {a.shape[1]}-d and {b.shape[1]}-d vectors (different embeddings?)")
-    match = match_candidates(a, b, chunk)
-    return match["candidate_best_cos"], match["candidate_best_train"]
-
-
-def top_k_cosine(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest cosines from each row of ``a`` to the rows of ``b`` (small ``a``)."""
-    sims = F.normalize(a.float(), dim=1) @ F.normalize(b.float(), dim=1).T
-    return sims.topk(min(k, b.shape[0]), dim=1)
 
 
 def fraction_curve(best_cos: torch.Tensor, thresholds: Sequence[float]) -> list[float]:
@@ -249,100 +233,11 @@ def ssim_reference(a: torch.Tensor, b: torch.Tensor, window_size: int = 3, sigma
     return (num / (den + 1e-12)).flatten(1).mean(1)
 
 
-def _prepare(kind: str, x: torch.Tensor) -> torch.Tensor:
-    """Rows ready for a dot product: unit vectors (``cosine``) or, for ``ncc``, images (N, C, H, W) normalised
-    per image and channel to zero mean / unit std (unbiased, like the reference's ``normalize_batch``;
-    a constant channel becomes 0 instead of NaN), flattened."""
-    x = x.double()
-    if kind == "cosine":
-        return F.normalize(x.flatten(1), dim=1)
-    if kind == "ncc":
-        if x.dim() != 4:
-            raise DataError(f"NCC needs images (N, C, H, W), got shape {tuple(x.shape)}")
-        flat = x.flatten(2)
-        z = (flat - flat.mean(2, keepdim=True)) / flat.std(2, keepdim=True).clamp_min(1e-12)
-        return z.flatten(1)
-    raise ValueError(f"unknown similarity {kind!r}")
-
-
-def _scores(kind: str, pa: torch.Tensor, pb: torch.Tensor) -> torch.Tensor:
-    """Similarity of prepared rows (higher = closer): cosine, or minus the NCC distance
-    ||za - zb||^2 / D (the reference's ``ncc_dist(..., div_dim=True)``)."""
-    dot = pa @ pb.T
-    if kind == "cosine":
-        return dot
-    d2 = (pa * pa).sum(1)[:, None] + (pb * pb).sum(1)[None, :] - 2 * dot
-    return -d2.clamp_min(0) / pa.shape[1]
-
-
-def _row_chunks(b: torch.Tensor, chunk: int, max_elements: int = 1 << 24):
-    """Row slices of ``b``: at most ``chunk`` rows and about ``max_elements`` values each (float64 memory bound)."""
-    rows = max(1, min(chunk, max_elements // max(1, b[0].numel())))
-    for start in range(0, len(b), rows):
-        yield start, b[start : start + rows]
-
-
-def pairwise_scores(kind: str, a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Full (len(a), len(b)) similarity matrix (``cosine`` or minus NCC distance); for a small ``a``."""
-    _check_pair(a, b)
-    pa = _prepare(kind, a)
-    return torch.cat([_scores(kind, pa, _prepare(kind, part)) for _, part in _row_chunks(b, chunk)], dim=1)
-
-
-def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
-    if len(a) == 0 or len(b) == 0:
-        raise DataError(f"matching needs non-empty sets, got {len(a)} and {len(b)} rows")
-    if a.shape[1:] != b.shape[1:]:
-        raise DataError(f"cannot match samples of shape {tuple(a.shape[1:])} with {tuple(b.shape[1:])}")
-
-
-def assign_one_to_one(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maximum-total-similarity one-to-one assignment of rows to columns (scipy's linear_sum_assignment).
-
-    Returns (column per row, its score); rows left without a column (more rows than columns) get -1 / NaN.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    s = scores.double()
-    rows, cols = linear_sum_assignment(s.numpy(), maximize=True)
-    col = torch.full((s.shape[0],), -1, dtype=torch.long)
-    val = torch.full((s.shape[0],), float("nan"), dtype=torch.float64)
-    rows_t, cols_t = torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
-    col[rows_t], val[rows_t] = cols_t, s[rows_t, cols_t]
-    return col, val
-
-
-def best_and_one_to_one(kind: str, a: torch.Tensor, b: torch.Tensor, chunk: int = 4096, one_to_one: bool = True) -> dict:
-    """For each row of ``a``: its most similar row of ``b`` (``best_index``, ``best_score``) and, with
-    ``one_to_one``, its row of ``b`` in a maximum-total-similarity one-to-one assignment (``one_to_one_index``
-    (-1 when unassigned), ``one_to_one_score``).
-
-    ``b`` may be large: only each row's top-min(len(a), len(b)) columns are kept, which is exact (if row i were
-    assigned a column outside its top n, one of its top n would be free, since only n-1 other rows exist, and
-    moving there loses nothing). Memory ~ len(a)^2; time of the assignment ~ len(a)^2 x the kept columns.
-    """
-    _check_pair(a, b)
-    n = len(a)
-    k = min(n, len(b)) if one_to_one else 1
-    pa = _prepare(kind, a)
-    top_v = torch.empty(n, 0, dtype=torch.float64)
-    top_i = torch.empty(n, 0, dtype=torch.long)
-    for start, part in _row_chunks(b, chunk):
-        s = _scores(kind, pa, _prepare(kind, part))
-        v, i = s.topk(min(k, s.shape[1]), dim=1)
-        top_v, pos = torch.cat([top_v, v], 1).topk(min(k, top_v.shape[1] + v.shape[1]), dim=1)
-        top_i = torch.cat([top_i, i + start], 1).gather(1, pos)
-    out = {"best_index": top_i[:, 0].clone(), "best_score": top_v[:, 0].clone()}
-    if one_to_one:
-        cols = torch.unique(top_i)
-        local, val = assign_one_to_one(pairwise_scores(kind, a, b[cols], chunk))
-        out["one_to_one_index"] = torch.where(local >= 0, cols[local.clamp_min(0)], torch.full_like(local, -1))
-        out["one_to_one_score"] = val
-    return out
-
-
-def leak_figures(train_x: torch.Tensor, cand_x: torch.Tensor, heldout_x: torch.Tensor | None, chunk: int = 4096) -> dict:
+def leak_figures(train_x: torch.Tensor, cand_x: torch.Tensor, heldout_x: torch.Tensor | None, chunk: int = 4096,
+                 cand_match: dict | None = None, heldout_match: dict | None = None) -> dict:
     """The leak rate and its one-to-one variant (cosine in embedding space; module comment above).
+    ``cand_match`` / ``heldout_match``: :func:`recon_lightning.matching.best_matches` of the training samples
+    against the candidates (``one_to_one=True``) / the held-out samples, when the caller has them already.
 
     ``per_sample`` lists, per training sample: ``heldout_best_cosine`` / ``heldout_best_index`` (the baseline),
     ``leaked``, ``one_to_one_candidate`` (row of ``cand_x``, -1 if none), ``one_to_one_cosine``,
@@ -351,7 +246,7 @@ def leak_figures(train_x: torch.Tensor, cand_x: torch.Tensor, heldout_x: torch.T
     beat as any one-to-one pairing of held-out samples); training samples left unassigned (fewer candidates
     than samples) count as not leaked.
     """
-    m = best_and_one_to_one("cosine", train_x, cand_x, chunk)
+    m = cand_match if cand_match is not None else best_matches("cosine", train_x, cand_x, chunk, one_to_one=True)
     n = len(train_x)
     o2o_idx, o2o_cos = m["one_to_one_index"], m["one_to_one_score"]
     out: dict = {"leak_rate": None, "leak_rate_one_to_one": None, "baseline_pool": 0, "tolerance": LEAK_TOLERANCE,
@@ -363,7 +258,7 @@ def leak_figures(train_x: torch.Tensor, cand_x: torch.Tensor, heldout_x: torch.T
                        "candidate can be told apart from generic data of the same distribution")
         out["per_sample"] = per
         return out
-    h = best_and_one_to_one("cosine", train_x, heldout_x, chunk, one_to_one=False)
+    h = heldout_match if heldout_match is not None else best_matches("cosine", train_x, heldout_x, chunk)
     leaked = m["best_score"] > h["best_score"] + LEAK_TOLERANCE
     leaked_o2o = (o2o_idx >= 0) & (torch.nan_to_num(o2o_cos, nan=-2.0) > h["best_score"] + LEAK_TOLERANCE)
     for i in range(n):
@@ -375,15 +270,16 @@ def leak_figures(train_x: torch.Tensor, cand_x: torch.Tensor, heldout_x: torch.T
     return out
 
 
-def reference_ssim_figures(train_img: torch.Tensor, cand_img: torch.Tensor, chunk: int = 4096) -> dict:
+def reference_ssim_figures(train_img: torch.Tensor, cand_img: torch.Tensor, chunk: int = 4096, match: dict | None = None) -> dict:
     """The reference's image metrics: each training image's candidate at the smallest NCC distance, its SSIM
     (:func:`ssim_reference`, candidate min-max normalised to [0, 1]); ``ssim_reference_mean``,
     ``frac_train_ssim_gt_0.4`` and the one-to-one variant (Hungarian on NCC distance; training images left
     without a candidate count as not reconstructed).
 
-    ``train_img``: float (n, C, H, W) in [0, 1]; ``cand_img``: (N, C, H, W) in any range.
+    ``train_img``: float (n, C, H, W) in [0, 1]; ``cand_img``: (N, C, H, W) in any range; ``match``:
+    ``best_matches("ncc", train_img, cand_img, one_to_one=True)`` when the caller has it already.
     """
-    m = best_and_one_to_one("ncc", train_img, cand_img, chunk)
+    m = match if match is not None else best_matches("ncc", train_img, cand_img, chunk, one_to_one=True)
     n = len(train_img)
     ssim = ssim_reference(train_img, to_unit_range(cand_img[m["best_index"]].float(), "minmax"))
     o2o = m["one_to_one_index"]
@@ -513,244 +409,385 @@ def _text_matches(run_dir: Path) -> list[dict] | None:
     return load_json(path, what="text matches") if path.is_file() else None
 
 
+@dataclass
+class _Inputs:
+    """What every report shows: the selection, the victim's figures and the inversions (attacker's view)."""
+
+    run_dir: Path
+    out_dir: Path
+    ecfg: EvalConfig
+    sel: dict
+    sel_meta: dict
+    reps: list[dict]  # one row per representative, best first; the steps below add their columns
+    victim: dict | None
+    inversion: list[dict] | None
+    text_matches: list[dict] | None
+    text_corpus: dict | None
+
+
+@dataclass
+class _Evaluation:
+    """The training set, the usable candidates and every matching between them, each computed once per report
+    (:func:`recon_lightning.matching.best_matches`) and passed down to the steps that read them."""
+
+    emb: Any
+    modality: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    heldout_x: torch.Tensor | None
+    cands: dict
+    keep: torch.Tensor
+    cands_meta: dict
+    cand_idx: torch.Tensor  # usable candidates' indices among all candidates
+    cand_x: torch.Tensor
+    cand_y: torch.Tensor
+    cand: dict  # training samples x usable candidates (cosine; best each way and one-to-one)
+    heldout: dict | None  # training samples x held-out samples (cosine), None without a test split
+    sel: dict  # representatives x training samples (cosine; top evaluate.text_k for text)
+
+    @property
+    def best_cos(self) -> torch.Tensor:
+        """Each training sample's best cosine over the usable candidates."""
+        return self.cand["best_score"]
+
+    @property
+    def best_local(self) -> torch.Tensor:
+        """Each training sample's best candidate (index among the usable candidates)."""
+        return self.cand["best_index"]
+
+    @property
+    def shared(self) -> torch.Tensor:
+        """For each training sample: how many training samples share its best candidate."""
+        return torch.bincount(self.best_local, minlength=len(self.cand_idx))[self.best_local]
+
+    @property
+    def agrees(self) -> torch.Tensor:
+        """Whether each training sample's best candidate has its class."""
+        return self.cand_y[self.best_local] == self.train_y
+
+
 def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict:
-    """Compute every figure and write the plots/grids to ``run_dir/report``; returns report.json's dict."""
-    from . import report as rp
+    """Compute every figure and write the plots/grids to ``run_dir/report``; returns report.json's dict.
+
+    What every report shows comes first (the selection, the victim, the inversions); with the training set,
+    the matchings are computed once and the figures built on them follow; the notes come last."""
+    inputs = _gather_inputs(Path(run_dir), ecfg)
+    report = _attacker_view(inputs)
+    if (inputs.run_dir / "embed" / "embeddings.safetensors").is_file():
+        ev = _evaluation_inputs(inputs)
+        report.update(mode="evaluation", modality=ev.modality)
+        _reconstruction_figures(report, inputs, ev)
+        _leak_rate(report, ev)
+        _fraction_curve(report, inputs, ev)
+        _selection_figures(report, inputs, ev)
+        _victim_figures(report, inputs, ev)
+        if ev.modality == "text":
+            _text_figures(report, inputs, ev)
+        else:
+            _image_figures(report, inputs, ev)
+    else:
+        _inverted_grid(report, inputs)
+    report["notes"] = _notes(report)
+    return report
+
+
+def _gather_inputs(run_dir: Path, ecfg: EvalConfig) -> _Inputs:
     from .select import load_selection
 
-    run_dir = Path(run_dir)
     out_dir = run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     sel, sel_meta = load_selection(run_dir)
-    R = sel["x"].shape[0]
     reps = [
         {"rank": r, "candidate_index": int(sel["candidate_index"][r]), "score": float(sel["score"][r]),
          "cluster_size": int(sel["cluster_size"][r]), "y": int(sel["y"][r])}
-        for r in range(R)
+        for r in range(sel["x"].shape[0])
     ]
+    text_matches = _text_matches(run_dir)
+    corpus_path = run_dir / "invert" / "text_corpus.json"
+    text_corpus = load_json(corpus_path, what="text corpus record") if text_matches is not None and corpus_path.is_file() else None
+    return _Inputs(run_dir=run_dir, out_dir=out_dir, ecfg=ecfg, sel=sel, sel_meta=sel_meta, reps=reps,
+                   victim=_victim_summary(run_dir), inversion=_inversion(run_dir), text_matches=text_matches,
+                   text_corpus=text_corpus)
+
+
+def _attacker_view(inputs: _Inputs) -> dict:
+    """The report's frame and what it shows without the training set: the ranked selection, the victim's
+    figures, the inversions and text matches."""
+    from . import report as rp
+
     report: dict = {
         "format": rp.REPORT_FORMAT,
         "mode": "attacker",
         "modality": None,
-        "summary": {"num_representatives": R},
-        "selection": {k: sel_meta.get(k) for k in ("method", "num_candidates", "num_used", "num_clusters")},
+        "summary": {"num_representatives": len(inputs.reps)},
+        "selection": {k: inputs.sel_meta.get(k) for k in ("method", "num_candidates", "num_used", "num_clusters")},
         "figures": {},
         "grids": {},
         "notes": [],
     }
-    report["selection"]["representatives"] = reps
-    victim = _victim_summary(run_dir)
-    if victim:
-        report["victim"] = victim
-        report["summary"].update({f"victim_{k}": victim[k] for k in ("train_acc", "test_acc") if victim.get(k) is not None})
-        report["notes"] += [f"the victim cannot be a reconstruction target: {p}" for p in victim.get("problems", [])]
-    report["figures"]["selection_scores"] = _rel(run_dir, rp.plot_scores(out_dir / "selection_scores.png", sel["score"]))
-
-    inversion = _inversion(run_dir)
-    if inversion is not None:
-        by_rank = {int(e["rank"]): e for e in inversion}
-        for rep in reps:
+    report["selection"]["representatives"] = inputs.reps
+    if inputs.victim:
+        report["victim"] = inputs.victim
+        report["summary"].update({f"victim_{k}": inputs.victim[k] for k in ("train_acc", "test_acc")
+                                  if inputs.victim.get(k) is not None})
+    report["figures"]["selection_scores"] = _rel(inputs.run_dir, rp.plot_scores(inputs.out_dir / "selection_scores.png",
+                                                                                inputs.sel["score"]))
+    if inputs.inversion is not None:
+        by_rank = {int(e["rank"]): e for e in inputs.inversion}
+        for rep in inputs.reps:
             if rep["rank"] in by_rank:
                 rep["image"] = by_rank[rep["rank"]]["path"]
                 rep["inversion_cosine"] = by_rank[rep["rank"]].get("cosine")
-        report["inversion"] = inversion
-    text_matches = _text_matches(run_dir)
-    if text_matches is not None:
-        report["text_matches_attacker"] = text_matches
-        corpus_path = run_dir / "invert" / "text_corpus.json"
-        if corpus_path.is_file():
-            report["text_corpus"] = load_json(corpus_path, what="text corpus record")
-            if report["text_corpus"].get("note"):
-                report["notes"].append(report["text_corpus"]["note"])
+        report["inversion"] = inputs.inversion
+    if inputs.text_matches is not None:
+        report["text_matches_attacker"] = inputs.text_matches
+        if inputs.text_corpus is not None:
+            report["text_corpus"] = inputs.text_corpus
+    return report
 
-    evaluation = (run_dir / "embed" / "embeddings.safetensors").is_file()
-    if not evaluation:
-        report["notes"].append("training set unknown (no run_dir/embed): attacker mode, evaluation figures omitted")
-        if inversion:
-            imgs = torch.stack([load_png(run_dir / e["path"]).float() / 255.0 for e in sorted(inversion, key=lambda e: e["rank"])[: ecfg.grid_pairs]])
-            caps = [f"#{e['rank']}" for e in sorted(inversion, key=lambda e: e["rank"])[: ecfg.grid_pairs]]
-            report["grids"]["inverted"] = _rel(run_dir, rp.image_grid(out_dir / "inverted.png", imgs, caps, "Inverted representatives"))
-        return report
 
-    from .embed import load_embeddings, load_images, load_samples
+def _inverted_grid(report: dict, inputs: _Inputs) -> None:
+    """Attacker mode: the inverted representatives, best first."""
+    from . import report as rp
 
-    report["mode"] = "evaluation"
-    emb = load_embeddings(run_dir)
-    modality = emb.meta.get("modality", "image")
-    report["modality"] = modality
+    if not inputs.inversion:
+        return
+    shown = sorted(inputs.inversion, key=lambda e: e["rank"])[: inputs.ecfg.grid_pairs]
+    imgs = torch.stack([load_png(inputs.run_dir / e["path"]).float() / 255.0 for e in shown])
+    report["grids"]["inverted"] = _rel(inputs.run_dir, rp.image_grid(inputs.out_dir / "inverted.png", imgs,
+                                                                      [f"#{e['rank']}" for e in shown], "Inverted representatives"))
+
+
+def _evaluation_inputs(inputs: _Inputs) -> _Evaluation:
+    """Load the training set and the usable candidates, and match them (and the held-out samples and the
+    representatives) with the training samples, once."""
+    from .embed import load_embeddings
+
+    emb = load_embeddings(inputs.run_dir)
     train_x, train_y = emb.train_x.float(), emb.train_y.long()
-    if train_x.shape[1] != sel["x"].shape[1]:
-        raise DataError(f"selection is {sel['x'].shape[1]}-d but the training embeddings are {train_x.shape[1]}-d")
-    cands, keep, cands_meta = _eligible_candidates(run_dir)
+    sel_x = inputs.sel["x"].float()
+    if train_x.shape[1] != sel_x.shape[1]:
+        raise DataError(f"selection is {sel_x.shape[1]}-d but the training embeddings are {train_x.shape[1]}-d")
+    cands, keep, cands_meta = _eligible_candidates(inputs.run_dir)
     cand_idx = torch.nonzero(keep).squeeze(1)
     if len(cand_idx) == 0:
         raise DataError("no usable candidates to evaluate (all non-finite or from failed runs)")
     cand_x = cands["x"].float()[cand_idx]
-    n_train = len(train_x)
+    heldout_x = emb.test_x.float() if len(emb.test_x) else None
+    modality = emb.meta.get("modality", "image")
+    chunk = inputs.ecfg.chunk
+    return _Evaluation(
+        emb=emb, modality=modality, train_x=train_x, train_y=train_y, heldout_x=heldout_x, cands=cands, keep=keep,
+        cands_meta=cands_meta, cand_idx=cand_idx, cand_x=cand_x, cand_y=cands["y"].long()[cand_idx],
+        cand=best_matches("cosine", train_x, cand_x, chunk, one_to_one=True),
+        heldout=None if heldout_x is None else best_matches("cosine", train_x, heldout_x, chunk),
+        sel=best_matches("cosine", sel_x, train_x, chunk, top=inputs.ecfg.text_k if modality == "text" else 1))
 
-    # 1. every training sample's best candidate (and, for step 2, every candidate's nearest sample)
-    match = match_candidates(cand_x, train_x, ecfg.chunk)
-    best_cos, best_local = match["train_best_cos"], match["train_best_candidate"]
-    best_cand = cand_idx[best_local]
+
+def _reconstruction_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
+    """``report["reconstruction"]``: every training sample's best candidate, the fraction of the training set
+    above each cosine, and the same for the held-out samples (the baseline: candidates that come no closer than
+    unseen data, common for raw pixels where all images are alike, show no leakage)."""
+    ecfg = inputs.ecfg
+    best_cos, best_local, shared, agrees = ev.best_cos, ev.best_local, ev.shared, ev.agrees
+    best_cand = ev.cand_idx[best_local]
     thresholds = torch.linspace(0, 1, ecfg.curve_points).tolist()
-    curve = fraction_curve(best_cos, thresholds)
-    above = {f"{t:g}": v for t, v in zip(ecfg.thresholds, fraction_curve(best_cos, ecfg.thresholds))}
-    # How many training samples each best candidate is the best match of, and whether its class agrees.
-    cand_y = cands["y"].long()[cand_idx]
-    shared = torch.bincount(best_local, minlength=len(cand_idx))[best_local]
-    agrees = cand_y[best_local] == train_y
-    per_sample = [{"train_index": i, "y": int(train_y[i]), "best_candidate": int(best_cand[i]), "best_cosine": float(best_cos[i]),
-                   "best_candidate_y": int(cand_y[best_local[i]]), "label_agrees": bool(agrees[i]),
-                   "best_candidate_shared_by": int(shared[i])} for i in range(n_train)]
-    distinct = int(len(torch.unique(best_local)))
+    per_sample = [{"train_index": i, "y": int(ev.train_y[i]), "best_candidate": int(best_cand[i]),
+                   "best_cosine": float(best_cos[i]), "best_candidate_y": int(ev.cand_y[best_local[i]]),
+                   "label_agrees": bool(agrees[i]), "best_candidate_shared_by": int(shared[i])}
+                  for i in range(len(ev.train_x))]
     report["reconstruction"] = {
-        "num_train": n_train,
-        "num_candidates": int(len(cand_idx)),
+        "num_train": len(ev.train_x),
+        "num_candidates": int(len(ev.cand_idx)),
         "best_cosine": {"mean": float(best_cos.mean()), "median": float(best_cos.median()),
                         "min": float(best_cos.min()), "max": float(best_cos.max())},
-        "fraction_curve": {"thresholds": thresholds, "fraction": curve},
-        "fraction_above": above,
+        "fraction_curve": {"thresholds": thresholds, "fraction": fraction_curve(best_cos, thresholds)},
+        "fraction_above": {f"{t:g}": v for t, v in zip(ecfg.thresholds, fraction_curve(best_cos, ecfg.thresholds))},
         "per_sample": per_sample,
-        "distinct_best_candidates": distinct,
+        "distinct_best_candidates": int(len(torch.unique(best_local))),
         "label_agreement": float(agrees.float().mean()),
     }
-    if distinct < n_train / 2:
-        report["notes"].append(f"the {n_train} training samples have only {distinct} distinct best candidates: the same few "
-                               f"candidates are the nearest to many samples (see 'best for N' in the best-match grid), "
-                               f"which is closeness to typical samples rather than reconstruction of individual ones")
-    # Baseline: held-out samples of the same distribution. Candidates that come no closer than
-    # unseen data (common for raw pixels, where all images are alike) show no leakage.
-    heldout_curve = None
-    if len(emb.test_x):
-        heldout = match_candidates(emb.test_x.float(), train_x, ecfg.chunk)["train_best_cos"]
-        heldout_curve = fraction_curve(heldout, thresholds)
+    if ev.heldout is not None:
+        heldout = ev.heldout["best_score"]
         report["reconstruction"]["heldout_baseline"] = {
             "best_cosine_mean": float(heldout.mean()),
             "fraction_above": {f"{t:g}": v for t, v in zip(ecfg.thresholds, fraction_curve(heldout, ecfg.thresholds))},
-            "fraction_curve": heldout_curve,
+            "fraction_curve": fraction_curve(heldout, thresholds),
         }
-    _add_leak_rate(report, train_x, cand_x, cand_idx, emb.test_x.float() if len(emb.test_x) else None, ecfg.chunk)
-    report["figures"]["fraction_curve"] = _rel(run_dir, rp.plot_fraction_curve(
-        out_dir / "fraction_curve.png", thresholds, curve, ecfg.good_threshold, heldout_curve))
-    s = report["summary"]
-    s.update(num_train=n_train, num_candidates=int(len(cand_idx)), best_cosine_mean=float(best_cos.mean()),
-             best_cosine_median=float(best_cos.median()), distinct_best_candidates=distinct,
-             best_match_label_agreement=float(agrees.float().mean()))
-    for t, v in above.items():
-        s[f"frac_train_cos_ge_{t}"] = v
-    if heldout_curve is not None:
-        s["heldout_best_cosine_mean"] = report["reconstruction"]["heldout_baseline"]["best_cosine_mean"]
-        s["heldout_frac_cos_ge_0.9"] = float(fraction_curve(heldout, [0.9])[0])
 
-    # 2. selection quality
-    cand_near_cos, cand_near_idx = match["candidate_best_cos"], match["candidate_best_train"]
-    cand_good = cand_near_cos >= ecfg.good_threshold
-    sel_cos, sel_near = max_cosine(sel["x"].float(), train_x, ecfg.chunk)
+
+def _leak_rate(report: dict, ev: _Evaluation) -> None:
+    """``report["leak"]``, the per-sample baseline / leak flags and the summary's leak_rate keys (the headline)."""
+    leak = leak_figures(ev.train_x, ev.cand_x, ev.heldout_x, cand_match=ev.cand, heldout_match=ev.heldout)
+    for row, extra in zip(report["reconstruction"]["per_sample"], leak.pop("per_sample")):
+        if extra["one_to_one_candidate"] >= 0:  # back to the index among all candidates
+            extra["one_to_one_candidate"] = int(ev.cand_idx[extra["one_to_one_candidate"]])
+        row.update(extra)
+    report["leak"] = leak
+    report["summary"].update(leak_rate=leak["leak_rate"], leak_rate_one_to_one=leak["leak_rate_one_to_one"],
+                             leak_rate_baseline_pool=leak["baseline_pool"])
+
+
+def _fraction_curve(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
+    """The fraction-reconstructed plot (with the held-out baseline) and the reconstruction's summary keys."""
+    from . import report as rp
+
+    rec = report["reconstruction"]
+    baseline = rec.get("heldout_baseline")
+    report["figures"]["fraction_curve"] = _rel(inputs.run_dir, rp.plot_fraction_curve(
+        inputs.out_dir / "fraction_curve.png", rec["fraction_curve"]["thresholds"], rec["fraction_curve"]["fraction"],
+        inputs.ecfg.good_threshold, baseline["fraction_curve"] if baseline else None))
+    s = report["summary"]
+    s.update(num_train=rec["num_train"], num_candidates=rec["num_candidates"], best_cosine_mean=rec["best_cosine"]["mean"],
+             best_cosine_median=rec["best_cosine"]["median"], distinct_best_candidates=rec["distinct_best_candidates"],
+             best_match_label_agreement=rec["label_agreement"])
+    for t, v in rec["fraction_above"].items():
+        s[f"frac_train_cos_ge_{t}"] = v
+    if baseline:
+        s["heldout_best_cosine_mean"] = baseline["best_cosine_mean"]
+        s["heldout_frac_cos_ge_0.9"] = float(fraction_curve(ev.heldout["best_score"], [0.9])[0])
+
+
+def _selection_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
+    """Each representative's nearest training sample, and precision@k of the ranked selection against a random
+    choice of candidates and against choosing them by run loss."""
+    from . import report as rp
+
+    ecfg = inputs.ecfg
+    cand_good = ev.cand["b_best_score"] >= ecfg.good_threshold
+    sel_cos, sel_near = ev.sel["best_score"], ev.sel["best_index"]
     sel_good = sel_cos >= ecfg.good_threshold
-    for r, rep in enumerate(reps):
+    for r, rep in enumerate(inputs.reps):
         rep.update(nearest_train_index=int(sel_near[r]), nearest_train_cosine=float(sel_cos[r]), good=bool(sel_good[r]),
-                   label_agrees=rep["y"] == int(train_y[sel_near[r]]))
-    ks = capped_ks(ecfg.precision_ks, R)
+                   label_agrees=rep["y"] == int(ev.train_y[sel_near[r]]))
+    ks = capped_ks(ecfg.precision_ks, len(inputs.reps))
     base = float(cand_good.float().mean())
     prec_sel = precision_at_k(sel_good, ks)
-    prec_loss = expected_precision_by_key(cand_good, cands["run_loss"].float()[cand_idx], [min(k, len(cand_idx)) for k in ks])
+    prec_loss = expected_precision_by_key(cand_good, ev.cands["run_loss"].float()[ev.cand_idx],
+                                          [min(k, len(ev.cand_idx)) for k in ks])
     distinct = [int(len(torch.unique(sel_near[:k][sel_good[:k]]))) for k in ks]
     report["selection_quality"] = {
         "good_threshold": ecfg.good_threshold, "k": ks, "precision_selected": prec_sel,
         "precision_random": [base] * len(ks), "precision_by_run_loss": prec_loss,
         "distinct_train_at_k": distinct, "base_rate": base,
     }
-    report["figures"]["precision_at_k"] = _rel(run_dir, rp.plot_precision(out_dir / "precision_at_k.png", ks, prec_sel, [base] * len(ks), prec_loss, ecfg.good_threshold))
+    report["figures"]["precision_at_k"] = _rel(inputs.run_dir, rp.plot_precision(
+        inputs.out_dir / "precision_at_k.png", ks, prec_sel, [base] * len(ks), prec_loss, ecfg.good_threshold))
+    s = report["summary"]
     s["precision_random"] = base
     for k, a, b in zip(ks, prec_sel, prec_loss):
         s[f"precision_selected_at_{k}"] = a
         s[f"precision_by_run_loss_at_{k}"] = b
 
-    # 3. reconstructability vs margin
-    margin_info: dict = {"available": False}
-    if (run_dir / "classifier" / "victim.json").is_file():
-        from .victim import load_victim, margins
 
-        model, spec = load_victim(run_dir / "classifier", expected_input_dim=train_x.shape[1])
-        with torch.no_grad():
-            m = margins(model(train_x), train_y)
-        if ecfg.kkt_steps > 0:
-            report["victim_kkt"] = _victim_kkt(model, spec, train_x, train_y, cands, keep, cands_meta, ecfg.kkt_steps)
-            s["kkt_residual_at_train"] = report["victim_kkt"]["residual_at_train"]
-            if report["victim_kkt"]["explains_candidates_better"]:
-                report["notes"].append(
-                    f"other points fit the victim better than its training set: its KKT residual at the true training points "
-                    f"is {report['victim_kkt']['residual_at_train']:.3g}, higher than the best reconstruction run's "
-                    f"{report['victim_kkt']['candidates_residual']:.3g} (both scored with the exact ReLU derivative and "
-                    f"refitted multipliers); either the victim is far from a KKT point of its "
-                    f"training set (train it longer) or the KKT conditions do not single the training set out (few, "
-                    f"low-dimensional samples); a low reconstruction rate here is weak evidence of no leakage")
-        rho, p = spearman(m, best_cos)
-        for i in range(n_train):
-            per_sample[i]["margin"] = float(m[i])
-        margin_info = {"available": True, "spearman_rho": rho, "spearman_p": p, "n": n_train}
-        report["figures"]["margin_scatter"] = _rel(run_dir, rp.plot_margin_scatter(out_dir / "margin_scatter.png", m, best_cos, rho))
-        s["spearman_margin_rho"] = rho
-    else:
-        report["notes"].append("no victim in run_dir/classifier: margin analysis omitted")
-    report["margin"] = margin_info
+def _victim_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
+    """The victim on its training set: its KKT residual there (beside the best run's candidates') and
+    reconstructability versus its margin."""
+    from . import report as rp
 
-    # 4. modality-specific: images or text
-    if modality == "text":
-        samples = load_samples(run_dir)
-        texts = samples.get("train_texts") or []
-        top = sel["x"][: ecfg.text_top].float()
-        if len(top) and texts:
-            cos, idx = top_k_cosine(top, train_x, ecfg.text_k)
-            report["text"] = {"nearest_train_texts": [
-                {"rank": r, "candidate_index": reps[r]["candidate_index"],
-                 "matches": [{"train_index": int(j), "text": texts[int(j)], "cosine": float(c)} for c, j in zip(cos[r], idx[r])]}
-                for r in range(len(top))]}
-    else:
-        report["images"] = _image_figures(run_dir, out_dir, ecfg, emb, load_images(run_dir), cand_x, best_local, best_cos,
-                                          sel, sel_near, sel_cos, reps, inversion, (cand_idx, cand_y, shared))
-        for key in ("ssim_reference_mean", "frac_train_ssim_gt_0.4", "frac_train_ssim_gt_0.4_one_to_one"):
-            if (report["images"].get("reference_ssim") or {}).get(key) is not None:
-                s[key] = report["images"]["reference_ssim"][key]
-        for key in ("ssim_best_matches_mean", "ssim_selection_mean", "lpips_best_matches_mean"):
-            if report["images"].get(key) is not None:
-                s[key] = report["images"][key]
-        report["grids"].update(report["images"].pop("grids"))
-    return report
+    victim_dir = inputs.run_dir / "classifier"
+    if not (victim_dir / "victim.json").is_file():
+        report["margin"] = {"available": False}
+        return
+    from .victim import load_victim, margins
+
+    model, spec = load_victim(victim_dir, expected_input_dim=ev.train_x.shape[1])
+    with torch.no_grad():
+        m = margins(model(ev.train_x), ev.train_y)
+    s = report["summary"]
+    if inputs.ecfg.kkt_steps > 0:
+        report["victim_kkt"] = _victim_kkt(model, spec, ev.train_x, ev.train_y, ev.cands, ev.keep, ev.cands_meta,
+                                           inputs.ecfg.kkt_steps)
+        s["kkt_residual_at_train"] = report["victim_kkt"]["residual_at_train"]
+    rho, p = spearman(m, ev.best_cos)
+    for row, margin in zip(report["reconstruction"]["per_sample"], m.tolist()):
+        row["margin"] = float(margin)
+    report["margin"] = {"available": True, "spearman_rho": rho, "spearman_p": p, "n": len(ev.train_x)}
+    report["figures"]["margin_scatter"] = _rel(inputs.run_dir, rp.plot_margin_scatter(
+        inputs.out_dir / "margin_scatter.png", m, ev.best_cos, rho))
+    s["spearman_margin_rho"] = rho
 
 
-def _add_leak_rate(report: dict, train_x, cand_x, cand_idx, heldout_x, chunk: int) -> None:
-    """``report["leak"]``, the per-sample baseline / leak flags and the summary's leak_rate keys (the headline)."""
-    leak = leak_figures(train_x, cand_x, heldout_x, chunk)
-    for row, extra in zip(report["reconstruction"]["per_sample"], leak.pop("per_sample")):
-        if extra["one_to_one_candidate"] >= 0:  # back to the index among all candidates
-            extra["one_to_one_candidate"] = int(cand_idx[extra["one_to_one_candidate"]])
-        row.update(extra)
-    report["leak"] = leak
-    report["summary"].update(leak_rate=leak["leak_rate"], leak_rate_one_to_one=leak["leak_rate_one_to_one"],
-                             leak_rate_baseline_pool=leak["baseline_pool"])
-    if leak.get("note"):
-        report["notes"].append(leak["note"])
+def _text_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
+    """Text: the nearest training sentences of the top representatives."""
+    from .embed import load_samples
+
+    texts = load_samples(inputs.run_dir).get("train_texts") or []
+    top = min(inputs.ecfg.text_top, len(inputs.reps))
+    if not (top and texts):
+        return
+    cos, idx = ev.sel["top_score"], ev.sel["top_index"]
+    report["text"] = {"nearest_train_texts": [
+        {"rank": r, "candidate_index": inputs.reps[r]["candidate_index"],
+         "matches": [{"train_index": int(j), "text": texts[int(j)], "cosine": float(c)} for c, j in zip(cos[r], idx[r])]}
+        for r in range(top)]}
+
+
+def _image_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
+    """Images: (training | reconstruction) grids and SSIM figures, from the candidates themselves when the
+    embeddings are pixels, else from the inverted representatives."""
+    from .embed import load_images
+
+    info = _image_info(inputs, ev, load_images(inputs.run_dir))
+    report["images"] = info
+    s = report["summary"]
+    for key in ("ssim_reference_mean", "frac_train_ssim_gt_0.4", "frac_train_ssim_gt_0.4_one_to_one"):
+        if (info.get("reference_ssim") or {}).get(key) is not None:
+            s[key] = info["reference_ssim"][key]
+    for key in ("ssim_best_matches_mean", "ssim_selection_mean", "lpips_best_matches_mean"):
+        if info.get(key) is not None:
+            s[key] = info[key]
+    report["grids"].update(info.pop("grids"))
+
+
+def _notes(report: dict) -> list[str]:
+    """Human-readable remarks on what the figures mean or why some are missing, read off the report."""
+    notes = [f"the victim cannot be a reconstruction target: {p}" for p in (report.get("victim") or {}).get("problems", [])]
+    if (report.get("text_corpus") or {}).get("note"):
+        notes.append(report["text_corpus"]["note"])
+    if report["mode"] != "evaluation":
+        notes.append("training set unknown (no run_dir/embed): attacker mode, evaluation figures omitted")
+        return notes
+    rec = report["reconstruction"]
+    n_train, distinct = rec["num_train"], rec["distinct_best_candidates"]
+    if distinct < n_train / 2:
+        notes.append(f"the {n_train} training samples have only {distinct} distinct best candidates: the same few "
+                     f"candidates are the nearest to many samples (see 'best for N' in the best-match grid), "
+                     f"which is closeness to typical samples rather than reconstruction of individual ones")
+    if report["leak"].get("note"):
+        notes.append(report["leak"]["note"])
+    kkt = report.get("victim_kkt")
+    if kkt and kkt["explains_candidates_better"]:
+        notes.append(
+            f"other points fit the victim better than its training set: its KKT residual at the true training points "
+            f"is {kkt['residual_at_train']:.3g}, higher than the best reconstruction run's "
+            f"{kkt['candidates_residual']:.3g} (both scored with the exact ReLU derivative and "
+            f"refitted multipliers); either the victim is far from a KKT point of its "
+            f"training set (train it longer) or the KKT conditions do not single the training set out (few, "
+            f"low-dimensional samples); a low reconstruction rate here is weak evidence of no leakage")
+    if not report["margin"]["available"]:
+        notes.append("no victim in run_dir/classifier: margin analysis omitted")
+    return notes
 
 
 def _reference_ssim_inverted(train_img: torch.Tensor, inv: list[torch.Tensor], reps: list[dict], chunk: int) -> dict:
     """The reference's SSIM metrics with the inverted PNGs as the only candidates (resized to the training
     images' size and channels); each representative also gets its NCC-nearest training image and that SSIM."""
     cand = torch.stack([match_channels_and_size(t[None], train_img[:1])[0] for t in inv])
-    out = reference_ssim_figures(train_img, cand, chunk)
+    match = best_matches("ncc", train_img, cand, chunk, one_to_one=True)
+    out = reference_ssim_figures(train_img, cand, chunk, match=match)
     out["note"] = (f"candidates are the {len(inv)} inverted representatives only (not every candidate): "
                    "frac_train_ssim_gt_0.4 is bounded by their number")
-    near = pairwise_scores("ncc", cand, train_img, chunk).argmax(1)
+    near = match["b_best_index"]
     ssim = ssim_reference(train_img[near], to_unit_range(cand, "minmax"))
     for rep, j, v in zip(reps, near.tolist(), ssim.tolist()):
         rep.update(ncc_nearest_train_index=j, ssim_reference=v)
     return out
 
 
-def _image_figures(run_dir, out_dir, ecfg, emb, images, cand_x, best_local, best_cos, sel, sel_near, sel_cos, reps, inversion,
-                   cand_info) -> dict:
-    from . import report as rp
-
+def _image_info(inputs: _Inputs, ev: _Evaluation, images: dict | None) -> dict:
+    """``report["images"]`` (with its ``grids``, moved to ``report["grids"]`` by the caller)."""
+    ecfg = inputs.ecfg
     info: dict = {"source": None, "grids": {}}
     use_lpips, info["lpips_note"] = lpips_status() if ecfg.lpips == "auto" else (False, "LPIPS disabled (evaluate.lpips=off)")
     info["lpips_available"] = use_lpips
@@ -758,38 +795,17 @@ def _image_figures(run_dir, out_dir, ecfg, emb, images, cand_x, best_local, best
         info["note"] = "no embed/images.safetensors: image figures omitted"
         return info
     train_img = images["train"].float() / 255.0
-    shape = tuple(train_img.shape[1:])
-    if embeddings_are_pixels(emb.train_x, images["train"]):
+    reps, sel_near, sel_cos = inputs.reps, ev.sel["best_index"], ev.sel["best_score"]
+    if embeddings_are_pixels(ev.emb.train_x, images["train"]):
         info["source"] = "reshape"
-        # Best matches: every training sample against its best candidate (SSIM over all of them).
-        recon = as_images(cand_x[best_local], shape, ecfg.image_scaling)
-        ssim = ssim_pairs(train_img, recon)
-        info["ssim_best_matches_mean"] = float(ssim.mean())
-        info["ssim_best_matches"] = ssim.tolist()
-        info["reference_ssim"] = {"source": "reshape", **reference_ssim_figures(train_img, cand_x.reshape(-1, *shape), ecfg.chunk)}
-        if use_lpips:
-            info["lpips_best_matches_mean"] = float(lpips_pairs(train_img, recon).mean())
-        order = torch.argsort(best_cos, descending=True)[: ecfg.grid_pairs]
-        cand_idx, cand_y, shared = cand_info
-        train_y = emb.train_y.long()
-        caps = []
-        for i in order.tolist():
-            c = int(best_local[i])
-            label = f"y {int(train_y[i])}" + ("" if int(cand_y[c]) == int(train_y[i]) else f" vs cand y {int(cand_y[c])}!")
-            caps.append(f"train {i} <- cand {int(cand_idx[c])}, best for {int(shared[i])}\n"
-                        f"cos {float(best_cos[i]):.3f} ssim {float(ssim[i]):.2f} {label}")
-        info["grids"]["best_matches"] = _rel(run_dir, rp.image_pair_grid(
-            out_dir / "best_matches.png", train_img[order], recon[order], caps,
-            "Best reconstructions (training | reconstruction); 'best for N': the candidate is the best match of N "
-            "training samples; '!': its class differs"))
-        sel_img = as_images(sel["x"], shape, ecfg.image_scaling)
-    elif inversion:
+        sel_img = _reshaped_candidate_figures(info, inputs, ev, train_img, use_lpips)
+    elif inputs.inversion:
         info["source"] = "inversion"
-        by_rank = {int(e["rank"]): e for e in inversion}
+        by_rank = {int(e["rank"]): e for e in inputs.inversion}
         ranks = [r for r in range(len(reps)) if r in by_rank]
         if not ranks:
             return info
-        inv = [load_png(run_dir / by_rank[r]["path"]).float() / 255.0 for r in ranks]
+        inv = [load_png(inputs.run_dir / by_rank[r]["path"]).float() / 255.0 for r in ranks]
         info["reference_ssim"] = {"source": "inversion", **_reference_ssim_inverted(train_img, inv, [reps[r] for r in ranks], ecfg.chunk)}
         sel_img = torch.stack([F.interpolate(t[None], size=inv[0].shape[-2:], mode="bilinear", align_corners=False)[0] for t in inv])
         sel_near, sel_cos = sel_near[ranks], sel_cos[ranks]
@@ -797,8 +813,47 @@ def _image_figures(run_dir, out_dir, ecfg, emb, images, cand_x, best_local, best
     else:
         info["note"] = "embeddings are not pixels and there are no inverted images: image grids omitted"
         return info
-    # Selection: top representatives next to their nearest training image.
-    n = min(ecfg.grid_pairs, len(sel_img))
+    _selection_grid(info, inputs, train_img, sel_img, reps, sel_near, sel_cos)
+    return info
+
+
+def _reshaped_candidate_figures(info: dict, inputs: _Inputs, ev: _Evaluation, train_img: torch.Tensor,
+                                use_lpips: bool) -> torch.Tensor:
+    """Pixel embeddings: every training sample against its best candidate seen as an image (SSIM over all of
+    them, the reference's NCC / SSIM metrics, the best-match grid); returns the representatives as images."""
+    from . import report as rp
+
+    ecfg = inputs.ecfg
+    shape = tuple(train_img.shape[1:])
+    best_cos, best_local, shared = ev.best_cos, ev.best_local, ev.shared
+    recon = as_images(ev.cand_x[best_local], shape, ecfg.image_scaling)
+    ssim = ssim_pairs(train_img, recon)
+    info["ssim_best_matches_mean"] = float(ssim.mean())
+    info["ssim_best_matches"] = ssim.tolist()
+    info["reference_ssim"] = {"source": "reshape", **reference_ssim_figures(train_img, ev.cand_x.reshape(-1, *shape), ecfg.chunk)}
+    if use_lpips:
+        info["lpips_best_matches_mean"] = float(lpips_pairs(train_img, recon).mean())
+    order = torch.argsort(best_cos, descending=True)[: ecfg.grid_pairs]
+    caps = []
+    for i in order.tolist():
+        c = int(best_local[i])
+        y, cand_y = int(ev.train_y[i]), int(ev.cand_y[c])
+        label = f"y {y}" + ("" if cand_y == y else f" vs cand y {cand_y}!")
+        caps.append(f"train {i} <- cand {int(ev.cand_idx[c])}, best for {int(shared[i])}\n"
+                    f"cos {float(best_cos[i]):.3f} ssim {float(ssim[i]):.2f} {label}")
+    info["grids"]["best_matches"] = _rel(inputs.run_dir, rp.image_pair_grid(
+        inputs.out_dir / "best_matches.png", train_img[order], recon[order], caps,
+        "Best reconstructions (training | reconstruction); 'best for N': the candidate is the best match of N "
+        "training samples; '!': its class differs"))
+    return as_images(inputs.sel["x"], shape, ecfg.image_scaling)
+
+
+def _selection_grid(info: dict, inputs: _Inputs, train_img: torch.Tensor, sel_img: torch.Tensor, reps: list[dict],
+                    sel_near: torch.Tensor, sel_cos: torch.Tensor) -> None:
+    """The top representatives next to their nearest training image, with SSIM."""
+    from . import report as rp
+
+    n = min(inputs.ecfg.grid_pairs, len(sel_img))
     nearest = match_channels_and_size(train_img[sel_near[:n]], sel_img[:n])
     ssim_sel = ssim_pairs(nearest, sel_img[:n].clamp(0, 1))
     info["ssim_selection_mean"] = float(ssim_sel.mean())
@@ -807,9 +862,8 @@ def _image_figures(run_dir, out_dir, ecfg, emb, images, cand_x, best_local, best
     caps = [f"#{rep['rank']} -> train {int(j)}: cos {float(c):.3f}\nssim {float(v):.2f}"
             + ("" if rep.get("label_agrees", True) else " class differs!")
             for rep, j, c, v in zip(reps[:n], sel_near[:n], sel_cos[:n], ssim_sel)]
-    info["grids"]["selection"] = _rel(run_dir, rp.image_pair_grid(
-        out_dir / "selection.png", nearest, sel_img[:n], caps, "Top representatives (nearest training | reconstruction)"))
-    return info
+    info["grids"]["selection"] = _rel(inputs.run_dir, rp.image_pair_grid(
+        inputs.out_dir / "selection.png", nearest, sel_img[:n], caps, "Top representatives (nearest training | reconstruction)"))
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -35,6 +35,7 @@ from torch import nn
 from .errors import ConfigError, DataError, ModelMismatchError
 from .kkt import (ACTIVATIONS, DTYPES, MULTIPLIERS, KKTObjective, fit_multipliers, prior_penalty, resolve_form,
                   resolve_prior)
+from .matching import best_matches
 from .storage import fingerprint, load_tensors, save_tensors
 from .victim import VictimMLP, check_given_victim, load_victim
 
@@ -234,34 +235,9 @@ class ReconstructionModule(L.LightningModule):
 # ----------------------------------------------------------------------------- scoring
 
 
-def match_candidates(candidates: torch.Tensor, train_x: torch.Tensor, chunk: int = 4096) -> dict[str, torch.Tensor]:
-    """Cosine matching between candidates (N, D) and training embeddings (M, D).
-
-    Returns ``candidate_best_train`` / ``candidate_best_cos`` (N,): each candidate's nearest
-    training sample; ``train_best_candidate`` / ``train_best_cos`` (M,): each training sample's
-    best candidate; ``score``: mean over training samples of their best cosine.
-    """
-    if candidates.ndim != 2 or train_x.ndim != 2 or candidates.shape[1] != train_x.shape[1]:
-        raise DataError(f"match_candidates needs (N, D) and (M, D) with the same D, got {tuple(candidates.shape)} and {tuple(train_x.shape)}")
-    if len(candidates) == 0 or len(train_x) == 0:
-        raise DataError("match_candidates: no candidates or no training samples to match")
-    c = F.normalize(candidates.float(), dim=1)
-    t = F.normalize(train_x.float(), dim=1)
-    cand_cos, cand_idx = [], []
-    train_cos = torch.full((len(t),), -2.0)
-    train_idx = torch.zeros(len(t), dtype=torch.long)
-    for start in range(0, len(c), chunk):
-        sim = c[start : start + chunk] @ t.T  # (n, M)
-        v, i = sim.max(1)
-        cand_cos.append(v)
-        cand_idx.append(i)
-        tv, ti = sim.max(0)
-        better = tv > train_cos
-        train_cos[better], train_idx[better] = tv[better], ti[better] + start
-    return {
-        "candidate_best_cos": torch.cat(cand_cos), "candidate_best_train": torch.cat(cand_idx),
-        "train_best_cos": train_cos, "train_best_candidate": train_idx, "score": float(train_cos.mean()),
-    }
+def recon_score(candidates: torch.Tensor, train_x: torch.Tensor) -> float:
+    """The sweep metric (evaluation mode only): mean over training samples of the cosine of their best candidate."""
+    return float(best_matches("cosine", train_x, candidates)["best_score"].mean())
 
 
 def kkt_residual_at(victim: VictimMLP, spec: dict, x: torch.Tensor, y: torch.Tensor, form: str = "auto",
@@ -375,13 +351,16 @@ def merge_runs(run_dir: Path, num_runs: int, train_x: torch.Tensor | None, meta:
                "best_loss": min(rec["final_loss"] for rec in ok),
                "best_run": min(ok, key=lambda rec: rec["final_loss"])["run"]}
     if train_x is not None:
-        match = match_candidates(tensors["x"], train_x)
-        tensors.update({k: match[k] for k in ("candidate_best_cos", "candidate_best_train", "train_best_cos", "train_best_candidate")})
+        # Each candidate's nearest training sample and each training sample's best candidate, for evaluation.
+        match = best_matches("cosine", train_x, tensors["x"])
+        tensors.update(candidate_best_cos=match["b_best_score"].float(), candidate_best_train=match["b_best_index"],
+                       train_best_cos=match["best_score"].float(), train_best_candidate=match["best_index"])
+        union = float(match["best_score"].mean())
         scores = [rec["recon_score"] for rec in ok if rec.get("recon_score") is not None]
         summary.update({
-            "recon_score": max(scores) if scores else match["score"],  # best single run (the sweep metric)
-            "recon_score_union": match["score"],  # all runs' candidates together
-            "frac_train_cos_ge_0.9": float((match["train_best_cos"] >= 0.9).float().mean()),
+            "recon_score": max(scores) if scores else union,  # best single run (the sweep metric)
+            "recon_score_union": union,  # all runs' candidates together
+            "frac_train_cos_ge_0.9": float((match["best_score"] >= 0.9).double().mean()),
         })
     save_tensors(run_dir / "reconstruct" / "candidates.safetensors", tensors, {**meta, "runs": records, "summary": summary})
     return summary
@@ -535,7 +514,7 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
         for res in module.results():
             extra = {**common_meta, "steps_planned": steps, "rank": batch.rank}
             if train_x is not None and res["status"] == "ok":
-                extra["recon_score"] = match_candidates(res["x"].cpu(), train_x)["score"]
+                extra["recon_score"] = recon_score(res["x"].cpu(), train_x)
             write_run(run_dir, res, hps[res["run"]], extra)
             if batch.logger and res["status"] == "ok":
                 batch.logger.log_metrics({"run": res["run"], "run_final_loss": res["final_loss"],

@@ -58,13 +58,18 @@ def ev_select_cfg():
 
 
 def test_best_matches_known():
+    from recon_lightning.matching import best_matches
+
     train = torch.eye(3)
     cands = torch.tensor([[2.0, 0, 0], [0, 0.6, 0.8], [0, -1, 0], [0, 0, 0.5]])
-    best, idx = ev.max_cosine(train, cands, chunk=2)
-    assert best.tolist() == pytest.approx([1.0, 0.6, 1.0])
-    assert idx.tolist() == [0, 1, 3]
-    with pytest.raises(DataError, match="3-d and 2-d"):
-        ev.max_cosine(train, torch.ones(2, 2))
+    m = best_matches("cosine", train, cands, chunk=2)
+    assert m["best_score"].tolist() == pytest.approx([1.0, 0.6, 1.0])
+    assert m["best_index"].tolist() == [0, 1, 3]
+    # each candidate's nearest training sample: e0; e2 (0.8 > 0.6); e0 (cosine 0, the first of three ties); e2
+    assert m["b_best_index"].tolist()[:2] == [0, 2] and m["b_best_index"][3] == 2
+    assert m["b_best_score"].tolist() == pytest.approx([1.0, 0.8, 0.0, 1.0])
+    with pytest.raises(DataError, match=r"shape \(3,\) with \(2,\)"):
+        best_matches("cosine", train, torch.ones(2, 2))
 
 
 def test_fraction_curve_and_precision():
@@ -113,7 +118,7 @@ def test_evaluate_on_synthetic_run(tmp_path):
     report = ev.build_report(tmp_path, ev.EvalConfig(precision_ks=(1, 4, 100)), progress=False)
     assert report["mode"] == "evaluation" and report["modality"] == "image"
     rec = report["reconstruction"]
-    best = torch.tensor([s["best_cosine"] for s in rec["per_sample"]])
+    best = torch.tensor([s["best_cosine"] for s in rec["per_sample"]], dtype=torch.float64)  # as computed (float64)
     # Copied training samples are matched exactly (cosine 1) by one of their copies (candidates 3i..3i+2).
     for j, i in enumerate(d["copies"]):
         assert best[i] == pytest.approx(1.0, abs=1e-5)
@@ -150,6 +155,33 @@ def test_evaluate_on_synthetic_run(tmp_path):
         assert imgs["ssim_best_matches"][i] == pytest.approx(1.0, abs=1e-4)
     assert (tmp_path / report["grids"]["best_matches"]).is_file()
     assert (tmp_path / report["grids"]["selection"]).is_file()
+
+
+def test_the_report_matches_each_pair_of_sets_once(tmp_path, monkeypatch):
+    # The candidates are scanned once per report (best candidate per training sample, nearest training sample per
+    # candidate and the one-to-one assignment of the leak rate all come from that pass), the held-out pool once.
+    from recon_lightning import matching
+
+    d = make_run_dir(tmp_path)
+    calls = []
+
+    def counted(kind, a, b, *args, **kwargs):
+        calls.append((kind, len(a), len(b)))
+        return matching.best_matches(kind, a, b, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "best_matches", counted)
+    report = ev.build_report(tmp_path, ev.EvalConfig(), progress=False)
+    n_cands, n_sel = len(d["x"]), len(d["selection"]["x"])
+    assert sorted(c for c in calls if c[0] == "cosine") == sorted([("cosine", 12, n_cands), ("cosine", 12, 2),
+                                                                  ("cosine", n_sel, 12)])
+    # What the one pass gives, checked against a plain cosine matrix: every sample's best, and the leak per sample.
+    unit = torch.nn.functional.normalize(d["train_x"].double(), dim=1)
+    best = (unit @ torch.nn.functional.normalize(d["x"].double(), dim=1).T).max(1).values
+    heldout = (unit @ unit[:2].T).max(1).values  # the held-out pool is a copy of the first two training samples
+    rows = report["reconstruction"]["per_sample"]
+    assert [r["best_cosine"] for r in rows] == pytest.approx(best.tolist(), abs=1e-9)
+    assert [r["heldout_best_cosine"] for r in rows] == pytest.approx(heldout.tolist(), abs=1e-9)
+    assert [r["leaked"] for r in rows] == (best > heldout + ev.LEAK_TOLERANCE).tolist()
 
 
 def test_attacker_mode_without_training_set(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from recon_lightning import evaluate as ev
+from recon_lightning.matching import best_matches, pairwise_scores
 from recon_lightning.storage import load_json, save_json
 
 E = torch.eye(8)
@@ -62,7 +63,7 @@ def test_one_to_one_is_optimal_not_greedy():
     a, b = E[0], E[1]
     c1 = 0.9 * E[0] + 0.3 * E[1] + math.sqrt(0.1) * E[2]     # cos(a) 0.9, cos(b) 0.3
     c2 = 0.85 * E[0] + math.sqrt(1 - 0.85 ** 2) * E[3]       # cos(a) 0.85, cos(b) 0
-    m = ev.best_and_one_to_one("cosine", torch.stack([a, b]), torch.stack([c1, c2]), chunk=1)
+    m = best_matches("cosine", torch.stack([a, b]), torch.stack([c1, c2]), chunk=1, one_to_one=True)
     assert m["best_index"].tolist() == [0, 0]
     # Greedy (a takes its best c1) totals 0.9 + 0; the optimum a -> c2, b -> c1 totals 0.85 + 0.3.
     assert m["one_to_one_index"].tolist() == [1, 0]
@@ -74,7 +75,7 @@ def test_pruned_assignment_equals_full_assignment():
 
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(6, 5, generator=g), torch.randn(50, 5, generator=g)
-    m = ev.best_and_one_to_one("cosine", a, b, chunk=7)
+    m = best_matches("cosine", a, b, chunk=7, one_to_one=True)
     an = a.numpy() / np.linalg.norm(a.numpy(), axis=1, keepdims=True)
     bn = b.numpy() / np.linalg.norm(b.numpy(), axis=1, keepdims=True)
     full = an @ bn.T
@@ -147,12 +148,12 @@ def test_ncc_finds_the_image_under_affine_intensity_change():
     # The distractor works: in plain L2 the candidate is nearer the grey image.
     l2 = ((train - cand) ** 2).flatten(1).sum(1)
     assert int(l2.argmin()) == 1
-    scores = ev.pairwise_scores("ncc", cand, train)
+    scores = pairwise_scores("ncc", cand, train)
     assert int(scores.argmax()) == 0
     # Exact affine copy: NCC distance 0. The negative -a: z -> -z, distance |2z|^2 / D = 4 (D - 1) / D
     # (unbiased std: |z|^2 = D - 1), D = 64.
     assert float(-scores[0, 0]) == pytest.approx(0.0, abs=1e-9)
-    assert float(-ev.pairwise_scores("ncc", -a[None], a[None])) == pytest.approx(4 * 63 / 64)
+    assert float(-pairwise_scores("ncc", -a[None], a[None])) == pytest.approx(4 * 63 / 64)
 
 
 def test_reference_ssim_recovers_affine_copies():
