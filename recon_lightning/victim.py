@@ -184,22 +184,22 @@ HEALTH_FIXES = ("usually fixed by embed.normalize=l2 (unnormalised CNN features,
 
 
 @torch.no_grad()
-def victim_health(model: VictimMLP, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """Training accuracy, margins and collapse of a victim on its training set, with ``problems``: why
-    it cannot be a reconstruction target (the KKT conditions describe a network that separates its
-    training set; a constant output or misclassified samples mean it does not)."""
-    logits = model(x.float())
+def victim_health(logits: torch.Tensor, y: torch.Tensor) -> dict:
+    """Training accuracy, margins and collapse of a victim from its ``logits`` on its training set (labels ``y``),
+    with ``problems``: why it cannot be a reconstruction target (the KKT conditions describe a network that
+    separates its training set; a constant output or misclassified samples mean it does not)."""
+    n = len(logits)  # one row per training sample
     m = margins(logits, y)
-    flat = logits.reshape(len(x), -1)
+    flat = logits.reshape(n, -1)
     spread = float((flat.max(0).values - flat.min(0).values).max())
     collapsed = spread <= 1e-6 * max(1.0, float(flat.abs().max()))
     wrong = int((m <= 0).sum())
     problems = []
     if collapsed:
-        problems.append(f"it collapsed to a constant output (the same logits for all {len(x)} training samples, "
+        problems.append(f"it collapsed to a constant output (the same logits for all {n} training samples, "
                         f"margins {float(m.min()):.3g}..{float(m.max()):.3g})")
     elif wrong:
-        problems.append(f"{wrong} of {len(x)} training samples are on the wrong side of it or on its boundary (margin <= 0; train accuracy "
+        problems.append(f"{wrong} of {n} training samples are on the wrong side of it or on its boundary (margin <= 0; train accuracy "
                         f"{float(accuracy(logits, y)):.3f}, smallest margin {float(m.min()):.3g})")
     return {"train_acc": float(accuracy(logits, y)), "margin_min": float(m.min()), "margin_mean": float(m.mean()),
             "collapsed": collapsed, "misclassified": wrong, "problems": problems}
@@ -228,7 +228,8 @@ def check_given_victim(cfg, victim: VictimMLP) -> dict | None:
     emb = load_embeddings(Path(base).expanduser())
     if emb.dim != victim.input_dim:
         return None  # the size mismatch is reported by the reconstruct stage's own check
-    health = victim_health(victim, emb.train_x, emb.train_y)
+    with torch.no_grad():
+        health = victim_health(victim(emb.train_x.float()), emb.train_y)
     check_health(health, bool(cfg.classifier.get("allow_unhealthy", False)), f"in {cfg.reconstruct.victim_dir}")
     return health
 
@@ -410,13 +411,13 @@ def run_stage(cfg, run_dir: Path) -> dict:
     with torch.no_grad():
         train_logits, test_logits = model(emb.train_x), model(emb.test_x)
     train_m, test_m = margins(train_logits, emb.train_y), margins(test_logits, emb.test_y)
-    health = victim_health(model, emb.train_x, emb.train_y)
+    health = victim_health(train_logits, emb.train_y)
     metrics = {
-        "train_acc": float(accuracy(train_logits, emb.train_y)),
+        "train_acc": health["train_acc"],
         "train_loss": float(loss_fn(train_logits, emb.train_y, loss)),
         "test_acc": float(accuracy(test_logits, emb.test_y)) if has_test else None,
-        "train_margin_min": float(train_m.min()),
-        "train_margin_mean": float(train_m.mean()),
+        "train_margin_min": health["margin_min"],
+        "train_margin_mean": health["margin_mean"],
     }
     if trainer.is_global_zero:
         out = run_dir / "classifier"

@@ -49,18 +49,50 @@ def test_embed_cache_reused_and_invalidated(make_cfg, tmp_path):
     assert any((tmp_path / "run").glob("embed.stale-*"))  # old outputs kept aside, not deleted
 
 
-def test_classifier_separates_digits_and_reloads_identically(make_cfg, tmp_path):
+def test_classifier_separates_digits_and_reloads_identically(make_cfg, tmp_path, monkeypatch):
+    # After training, the stage computes the victim's training logits once, for its metrics and its health alike.
+    n_train = 2 * 20
+    calls_on_train_set = []
+    forward = VictimMLP.forward
+
+    def counted(self, x, *args, **kwargs):
+        if not torch.is_grad_enabled() and len(x) == n_train:
+            calls_on_train_set.append(len(x))
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(VictimMLP, "forward", counted)
     summary = main_with_config(make_cfg("stage=classifier", *SMALL_VICTIM))
+    assert len(calls_on_train_set) == 1
+    monkeypatch.setattr(VictimMLP, "forward", forward)
     assert summary["classifier"]["train_acc"] == 1.0
     emb = load_embeddings(tmp_path / "run")
     model, spec = load_victim(tmp_path / "run/classifier", expected_input_dim=emb.dim)
     assert spec["hidden"] == [64] and spec["loss"] == "bce" and spec["embedding"]["normalize"] == "none"
     logits = model(emb.train_x)
     assert ((logits > 0).long() == emb.train_y).all()
+    signed = (2 * emb.train_y - 1) * logits  # the margins y * phi(x), y in {-1, 1}
+    assert spec["metrics"]["train_margin_min"] == pytest.approx(float(signed.min()), rel=1e-5)
+    assert spec["metrics"]["train_margin_mean"] == pytest.approx(float(signed.mean()), rel=1e-5)
+    assert spec["health"] == {"collapsed": False, "misclassified": 0, "problems": []}
     model2, _ = load_victim(tmp_path / "run/classifier")
     assert torch.equal(model2(emb.train_x), logits)
     assert (tmp_path / "run/classifier/margins.png").is_file()
     assert (tmp_path / "run/classifier/logs/metrics.csv").is_file()
+
+
+def test_victim_health_from_the_victims_logits():
+    from recon_lightning.victim import victim_health
+
+    # binary: margins y * phi with y in {-1, 1}: 2, 1, -0.5 -> one sample on the wrong side, accuracy 2/3
+    h = victim_health(torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1, 0, 0]))
+    assert h["train_acc"] == pytest.approx(2 / 3) and h["margin_min"] == -0.5 and h["margin_mean"] == pytest.approx(2.5 / 3)
+    assert h["misclassified"] == 1 and not h["collapsed"] and h["problems"][0].startswith("1 of 3 training samples")
+    # multiclass: margin to the runner-up class, 3 - 1 and 2 - 0
+    h = victim_health(torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 2.0]]), torch.tensor([0, 2]))
+    assert (h["train_acc"], h["margin_min"], h["margin_mean"], h["problems"]) == (1.0, 2.0, 2.0, [])
+    # the same output for every sample: collapsed
+    h = victim_health(torch.tensor([0.3, 0.3, 0.3, 0.3]), torch.tensor([1, 0, 1, 0]))
+    assert h["collapsed"] and "collapsed to a constant output" in h["problems"][0]
 
 
 def test_multiclass_uses_cross_entropy(make_cfg, tmp_path):
