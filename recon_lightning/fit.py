@@ -242,22 +242,37 @@ def check_types(cfg: DictConfig) -> None:
     walk(given, "")
 
 
-def sweep_trial(cfg: DictConfig) -> DictConfig:
-    """Under a W&B sweep agent (``WANDB_SWEEP_ID`` and ``WANDB_RUN_ID`` set for each trial), give each trial its
-    own ``run_dir/sweeps/<sweep id>/<run id>`` that reuses the base run_dir's victim and training embeddings,
-    so concurrent trials never share a folder. Elsewhere ``cfg`` is returned unchanged."""
+def trial_run_dir(run_dir: str | Path) -> str:
+    """The run_dir a W&B sweep-agent trial works in: ``<run_dir>/sweeps/<sweep id>/<run id>`` when the agent set
+    ``WANDB_SWEEP_ID`` and ``WANDB_RUN_ID`` for the trial, else ``run_dir`` itself. The config's ``hydra.run.dir``
+    uses it too (resolver ``recon_lightning.trial_run_dir``), so each trial's Hydra output (``.hydra/``, the job
+    log) lands in the trial's own folder."""
+    ids = _agent_trial()
+    return str(run_dir) if ids is None else str(Path(run_dir).expanduser().resolve() / "sweeps" / ids[0] / ids[1])
+
+
+def _agent_trial() -> tuple[str, str] | None:
+    """(sweep id, run id) of the W&B sweep-agent trial this process is, or None."""
     sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
-    if not (sweep_id and run_id):
+    return (sweep_id, run_id) if sweep_id and run_id else None
+
+
+def sweep_trial(cfg: DictConfig) -> DictConfig:
+    """Under a W&B sweep agent, give each trial its own run_dir (:func:`trial_run_dir`) that reuses the base
+    run_dir's victim and training embeddings, so concurrent trials never share a folder. Elsewhere ``cfg`` is
+    returned unchanged."""
+    ids = _agent_trial()
+    if ids is None:
         return cfg
     base = Path(cfg.run_dir).expanduser().resolve()
     cfg = cfg.copy()
     with open_dict(cfg):
-        cfg.run_dir = str(base / "sweeps" / sweep_id / run_id)
+        cfg.run_dir = trial_run_dir(cfg.run_dir)
         if not cfg.reconstruct.get("victim_dir"):
             cfg.reconstruct.victim_dir = str(base / "classifier")
         if not cfg.reconstruct.get("embeddings_dir"):
             cfg.reconstruct.embeddings_dir = str(base)
-    log.info("W&B sweep %s, run %s: run_dir %s", sweep_id, run_id, cfg.run_dir)
+    log.info("W&B sweep %s, run %s: run_dir %s", *ids, cfg.run_dir)
     return cfg
 
 
@@ -274,6 +289,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose the same config ``python -m recon_lightning.fit`` would (for the Python API and tests)."""
     from hydra import compose, initialize_config_dir
 
+    register_resolvers()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         return compose(config_name="config", overrides=list(overrides))
 
@@ -314,8 +330,21 @@ def _quiet_library_logs() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
+def register_resolvers() -> None:
+    """The config's own interpolations (``hydra.run.dir`` uses ``recon_lightning.trial_run_dir``); registered by
+    :func:`main` before Hydra composes the config, and by :func:`load_config`."""
+    if not OmegaConf.has_resolver("recon_lightning.trial_run_dir"):
+        OmegaConf.register_new_resolver("recon_lightning.trial_run_dir", trial_run_dir)
+
+
+def main() -> None:
+    """``python -m recon_lightning.fit [key=value ...]`` (Hydra's command line)."""
+    register_resolvers()
+    _main()
+
+
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     # Every run works offline unless the user opts in: no W&B server needed (a sweep agent's trials follow the
     # agent's environment, see training.wandb_mode).
     if not os.environ.get("WANDB_SWEEP_ID"):

@@ -170,8 +170,15 @@ def test_two_wandb_agent_trials_at_once_each_get_their_own_run_dir_and_run(tmp_p
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
     assert not (base / "reconstruct").exists()  # the base run_dir only lends its victim and training set
-    for trial, params in zip(("trial-a", "trial-b"), confs):
+    # Hydra's own output (.hydra/ and the job log) is each trial's, in its run_dir, not shared in the base run_dir.
+    assert not (base / ".hydra").exists() and not (base / "fit.log").exists()
+    for trial, params, other in zip(("trial-a", "trial-b"), confs, confs[::-1]):
         trial_dir = base / "sweeps" / "sw1" / trial
+        overrides = yaml.safe_load((trial_dir / ".hydra" / "overrides.yaml").read_text())
+        assert f"reconstruct.lr={params['reconstruct.lr']}" in overrides
+        assert f"reconstruct.lr={other['reconstruct.lr']}" not in overrides
+        assert yaml.safe_load((trial_dir / ".hydra" / "config.yaml").read_text())["reconstruct"]["lr"] == params["reconstruct.lr"]
+        assert f"run {trial}: run_dir {trial_dir.resolve()}" in (trial_dir / "fit.log").read_text()
         cands = load_candidates(trial_dir)
         assert [r["hparams"]["lr"] for r in cands.runs] == [params["reconstruct.lr"]]  # its own run, nobody else's
         assert not list(trial_dir.parent.glob(f"{trial}.stale-*")) and not list(trial_dir.glob("*.stale-*"))
