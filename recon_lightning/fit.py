@@ -44,7 +44,7 @@ def _stage_fn(module: str):
 PIPELINE = [
     ("embed", "embed", ["backbone", "data", "embed.normalize", "seed"], False),
     ("classifier", "victim", ["classifier", "trainer.max_epochs", "trainer.precision", "seed"], True),
-    ("reconstruct", "reconstruct", ["reconstruct", "seed"], True),
+    ("reconstruct", "reconstruct", ["reconstruct", "trainer.precision", "seed"], True),
     ("select", "select", ["select"], False),
     ("invert", "invert", ["invert", "trainer.precision"], True),
     ("evaluate", "evaluate", ["evaluate"], False),
