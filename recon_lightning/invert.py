@@ -148,7 +148,7 @@ def trainer_settings(icfg: DictConfig) -> dict:
     steps = int(icfg.steps)
     n = inner_steps(icfg, steps)
     return {"max_steps": steps, "max_epochs": 1, "num_sanity_val_steps": 0,
-            "log_every_n_steps": max(1, int(icfg.get("log_every_n_steps", 50) or n) // n)}
+            "log_every_n_steps": max(1, min(int(icfg.get("log_every_n_steps", 50) or n), steps) // n)}
 
 
 class DirectInversion(L.LightningModule):

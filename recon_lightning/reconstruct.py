@@ -633,7 +633,7 @@ def trainer_settings(cfg: DictConfig) -> dict:
     rcfg = cfg.reconstruct
     n = inner_steps(rcfg)
     return {"max_steps": int(rcfg.steps), "precision": stage_precision(cfg), "num_sanity_val_steps": 0,
-            "log_every_n_steps": max(1, int(rcfg.log_every_n_steps) // n)}
+            "log_every_n_steps": max(1, min(int(rcfg.log_every_n_steps) or n, int(rcfg.steps)) // n)}
 
 
 def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, **overrides) -> L.Trainer:
