@@ -158,7 +158,7 @@ def reconstruct_pair(args, device: torch.device, tmp: Path) -> dict:
     overrides = ["logger.name=csv", f"trainer.accelerator={accel}", f"reconstruct.num_runs={args.runs}",
                  f"reconstruct.runs_per_batch={args.runs}", f"reconstruct.steps={args.steps}",
                  "reconstruct.score_with_train=false", f"reconstruct.dtype={args.dtype}",
-                 f"reconstruct.compile={str(args.compile).lower()}", f"reconstruct.matmul_precision={args.matmul_precision}",
+                 f"reconstruct.compile={args.compile}", f"reconstruct.matmul_precision={args.matmul_precision}",
                  f"trainer.enable_progress_bar={str(not args.no_progress_bar).lower()}"]
     template = _write_victim(tmp / "template", victim, n, 1e-3)
     loaded, spec = load_victim(template / "classifier")
@@ -388,7 +388,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--precision", default="32-true", help="trainer.precision for the stage (kernel: bf16-mixed = autocast)")
     p.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"])
-    p.add_argument("--compile", action="store_true", help="reconstruct.compile=true on both sides")
+    p.add_argument("--compile", default="false", choices=["auto", "true", "false"], help="reconstruct.compile, both sides")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--no-progress-bar", action="store_true", help="trainer.enable_progress_bar=false in the stages")
     p.add_argument("--memory-dims", type=int, nargs="+", default=[768, 1024])

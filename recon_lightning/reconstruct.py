@@ -149,11 +149,7 @@ class ReconstructionModule(L.LightningModule):
         self.errors: dict[int, str] = {}
         self.last_rel = torch.full((K,), float("nan"))
         self._plain_steps = 0
-        self._terms_fn = self._terms
-        if bool(rcfg.get("compile", False)):
-            # The loss needs only a first-order backward (kkt.py's explicit parameter gradient), so the whole
-            # objective compiles into one graph; the shapes never change within a batch.
-            self._terms_fn = torch.compile(self._terms, dynamic=False)
+        self._terms_fn = None  # chosen at the first step, on the device: see compiled()
 
     def on_fit_start(self) -> None:
         # reconstruct.matmul_precision (high: TF32 on CUDA) for this fit only; on_fit_end restores the setting.
@@ -197,11 +193,33 @@ class ReconstructionModule(L.LightningModule):
         total = kkt + float(self.rcfg["lambda_weight"]) * lam_pen + float(self.rcfg["prior_weight"]) * prior
         return {"total": total, "kkt_abs": kkt_abs, "kkt_rel": kkt_rel, "lambda_penalty": lam_pen, "prior": prior}
 
+    def compiled(self) -> bool:
+        """Whether the objective runs through ``torch.compile`` (``reconstruct.compile``: true, false (default), or
+        auto = on the CPU, off on GPUs; benchmarks/bench_precision.py measures it). The loss needs only a first-order backward (kkt.py's explicit parameter gradient), so
+        the whole objective compiles into one graph; shapes never change within a batch, and other batches of the
+        same shapes reuse it."""
+        mode = self.rcfg.get("compile", False)
+        return mode is True or (mode == "auto" and self.candidates.device.type == "cpu")
+
     def losses(self, create_graph: bool = True) -> dict[str, torch.Tensor]:
         """Every run's loss terms, each (K,); ``create_graph=False``: values only (no autograd graph)."""
         if not create_graph:
             with torch.no_grad():
                 return self._terms(self.x(), self.lam())
+        if self._terms_fn is None:
+            if not self.compiled():
+                self._terms_fn = self._terms
+            else:
+                compiled = torch.compile(self._terms, dynamic=False)
+                try:  # the first call compiles: a machine without a working compiler toolchain runs eagerly
+                    terms = compiled(self.x(), self.lam())
+                except Exception as err:  # noqa: BLE001 - inductor / triton / C++ toolchain failures
+                    log.warning("reconstruct.compile: torch.compile failed (%s: %s); the objective runs eagerly",
+                                type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                    self._terms_fn = self._terms
+                else:
+                    self._terms_fn = compiled
+                    return terms
         return self._terms_fn(self.x(), self.lam())
 
     def _step(self, opt, backward=None, last: bool = True) -> torch.Tensor:
@@ -510,8 +528,8 @@ def _plan(cfg: DictConfig, spec: dict) -> dict:
             raise ConfigError(f"reconstruct.{key} must be >= 0 (0 = off), got {rcfg[key]}")
     if rcfg.get("matmul_precision", "highest") not in MATMUL_PRECISIONS:
         raise ConfigError(f"reconstruct.matmul_precision must be one of {MATMUL_PRECISIONS}, got {rcfg['matmul_precision']!r}")
-    if not isinstance(rcfg.get("compile", False), bool):
-        raise ConfigError(f"reconstruct.compile must be true or false, got {rcfg['compile']!r}")
+    if not isinstance(rcfg.get("compile", False), bool) and rcfg.get("compile") != "auto":
+        raise ConfigError(f"reconstruct.compile must be true, false or auto, got {rcfg['compile']!r}")
     stage_precision(cfg)
     if rcfg["dtype"] not in DTYPES:
         raise ConfigError(f"reconstruct.dtype must be one of {list(DTYPES)}, got {rcfg['dtype']!r}")
