@@ -662,7 +662,7 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, **overrides) -> L.
 
 # ----------------------------------------------------------------------------- runs per batch (memory)
 
-MAX_AUTO_RUNS = 256  # runs_per_batch=auto never batches more (GPU throughput saturates well before, issue 12)
+MAX_AUTO_RUNS = 128  # runs_per_batch=auto never batches more (H200, issue 12: K=64 1.31M, K=256 1.39M candidate-steps/s)
 MEMORY_FRACTION = {"cuda": 0.85, "cpu": 0.5}  # of the free memory auto may plan for (CPU RAM is shared)
 
 
