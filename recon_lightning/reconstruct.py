@@ -283,6 +283,7 @@ class ReconstructionModule(L.LightningModule):
                 log.warning("run %d: %s", self.run_ids[k], self.errors[k])
         if rel is not None:
             self.last_rel = state[2].float()
+        self._host_active = active
         return int(active.sum())
 
     def training_step(self, batch, batch_idx):
@@ -296,7 +297,7 @@ class ReconstructionModule(L.LightningModule):
         if healthy == 0:
             self.trainer.should_stop = True
             return None
-        act = self.last_rel[self.active.cpu()]
+        act = self.last_rel[self._host_active]  # read in the same transfer as the losses
         self.log_dict({"kkt_rel_min": float(act.min()), "kkt_rel_median": float(act.median()), "active_runs": float(healthy)},
                       prog_bar=True, on_step=True, batch_size=1)
         self.log("step", float(self.global_step), on_step=True, batch_size=1)  # loggers' x axis: optimisation steps
