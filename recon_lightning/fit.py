@@ -44,7 +44,7 @@ def _stage_fn(module: str):
 PIPELINE = [
     ("embed", "embed", ["backbone", "data", "embed.normalize", "seed"], False),
     ("classifier", "victim", ["classifier", "trainer.max_epochs", "trainer.precision", "seed"], True),
-    ("reconstruct", "reconstruct", ["reconstruct", "seed"], True),
+    ("reconstruct", "reconstruct", ["reconstruct", "trainer.precision", "seed"], True),
     ("select", "select", ["select"], False),
     ("invert", "invert", ["invert", "trainer.precision"], True),
     ("evaluate", "evaluate", ["evaluate"], False),
@@ -53,7 +53,7 @@ PIPELINE = [
 CADENCE_KEYS = {
     "classifier": ["classifier.log_every_n_epochs", "classifier.checkpoint_every_n_epochs"],
     "reconstruct": ["reconstruct.log_every_n_steps", "reconstruct.checkpoint_every_n_steps", "reconstruct.wait_timeout_s"],
-    "invert": ["invert.checkpoint_every_n_steps"],
+    "invert": ["invert.checkpoint_every_n_steps", "invert.log_every_n_steps"],
 }
 # Keys whose change keeps the finished part of the stage: reconstruction run r (and inversion
 # target t) is the same whatever the total, so raising the count only adds the missing ones; a

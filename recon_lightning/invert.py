@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -38,8 +39,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image
-from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -131,6 +130,24 @@ def cosine_of_images(backbone: Backbone, images_u8: torch.Tensor, targets: torch
 # ----------------------------------------------------------------------------- direct inversion
 
 
+def inner_steps(cfg: DictConfig, steps: int) -> int:
+    """Optimisation steps per Lightning step: the largest count that keeps logging (``invert.log_every_n_steps``),
+    checkpoints (``invert.checkpoint_every_n_steps``) and the end on whole Lightning steps."""
+    steps = max(1, int(steps))
+    log_every = int(cfg.get("log_every_n_steps", 50) or 0)
+    ckpt_every = int(cfg.get("checkpoint_every_n_steps", 0) or 0)
+    return max(1, math.gcd(math.gcd(log_every if log_every > 0 else steps, ckpt_every if ckpt_every > 0 else steps), steps))
+
+
+def trainer_settings(icfg: DictConfig) -> dict:
+    """The invert stage's own Trainer settings over ``trainer.*`` (which reaches it whole, precision included):
+    cadences in optimisation steps, a Lightning step being :func:`inner_steps` of them."""
+    steps = int(icfg.steps)
+    n = inner_steps(icfg, steps)
+    return {"max_steps": steps, "max_epochs": 1, "num_sanity_val_steps": 0,
+            "log_every_n_steps": max(1, min(int(icfg.get("log_every_n_steps", 50) or n), steps) // n)}
+
+
 class DirectInversion(L.LightningModule):
     """The parameters are a batch of images; the loss pulls their embeddings onto ``targets``.
 
@@ -158,6 +175,10 @@ class DirectInversion(L.LightningModule):
         if any(not 0 < s <= 1 for s in scales):
             raise ConfigError(f"invert.scales must be fractions in (0, 1], got {scales}")
         self.scales = scales
+        # Many optimisation steps per Lightning step (manual optimisation; see training_step).
+        self.automatic_optimization = False
+        self.steps_per_call = inner_steps(cfg, self.steps)
+        self.register_buffer("diverged_at", torch.tensor(-1, dtype=torch.long), persistent=False)
         self.strict_loading = False  # checkpoints leave out the frozen backbone (see on_save_checkpoint)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -169,6 +190,15 @@ class DirectInversion(L.LightningModule):
         saved = (checkpoint.get("inversion") or {}).get("target_ids")
         if saved != self.target_ids:
             raise DataError(f"inversion checkpoint holds targets {saved}, not {self.target_ids}; delete it to start over")
+        # A checkpoint of the earlier automatic-optimisation module counted its steps in the automatic loop's
+        # progress; manual optimisation reads global_step from the manual loop's: carry the count over.
+        loops = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+        manual = loops.get("epoch_loop.manual_optimization.optim_step_progress")
+        auto = loops.get("epoch_loop.automatic_optimization.optim_progress")
+        if manual is not None and auto is not None and manual["total"]["completed"] == 0:
+            done = auto["optimizer"]["step"]["total"]["completed"]
+            manual["total"].update(ready=done, completed=done)
+            manual["current"].update(ready=done, completed=done)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -188,8 +218,9 @@ class DirectInversion(L.LightningModule):
             x = F.interpolate(x, size=self.size[1:], mode="bilinear", align_corners=False)
         return x
 
-    def training_step(self, batch, batch_idx):
-        x = self.render(self.resolution(self.global_step))
+    def loss(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective at optimisation step ``step`` (its coarse-to-fine resolution): (loss, cosine per image)."""
+        x = self.render(self.resolution(step))
         xa = self.augment(x.repeat(self.copies, 1, 1, 1))
         emb = self.backbone.embed_pixels(xa)
         cos = F.cosine_similarity(emb.float(), self.targets.repeat(self.copies, 1), dim=1)
@@ -200,11 +231,34 @@ class DirectInversion(L.LightningModule):
             loss = loss + self.tv_weight * total_variation(x).sum()
         if self.l2_weight:
             loss = loss + self.l2_weight * (x - 0.5).pow(2).flatten(1).mean(1).sum()
-        if not torch.isfinite(loss):
-            raise DivergedError(f"inversion loss became {loss.item()} at step {self.global_step}; lower invert.lr")
-        self.log("cos", cos.mean(), prog_bar=True, batch_size=1)
-        self.log("loss", loss / len(cos), prog_bar=False, batch_size=1)
-        return loss
+        return loss, cos
+
+    def training_step(self, batch, batch_idx):
+        """``steps_per_call`` optimisation steps (manual optimisation: each counts in ``global_step``), with the host
+        touched once at the end: the divergence check (the first non-finite loss is recorded on the device) and
+        the logged cosine / loss of the last step."""
+        from .training import InnerSteps
+
+        opt = InnerSteps(self)
+        todo = self.steps_per_call
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            todo = min(todo, self.trainer.max_steps - self.global_step)
+        todo = max(1, todo)
+        for i in range(todo):
+            step = int(self.global_step)
+            loss, cos = self.loss(step)
+            self.diverged_at.masked_fill_(~torch.isfinite(loss.detach()) & (self.diverged_at < 0), step)
+            opt.zero_grad()
+            opt.backward(loss, i == todo - 1)
+            opt.step(i == todo - 1)
+        diverged_at, cos_mean, loss_mean = torch.stack([self.diverged_at.double(), cos.detach().mean().double(),
+                                                        loss.detach().double() / len(cos)]).tolist()
+        if diverged_at >= 0:
+            raise DivergedError(f"inversion loss became non-finite (NaN/inf) at step {int(diverged_at)}; lower invert.lr")
+        self.log("cos", cos_mean, prog_bar=True, batch_size=1)
+        self.log("loss", loss_mean, prog_bar=False, batch_size=1)
+        self.log("step", float(self.global_step), batch_size=1)  # loggers' x axis: optimisation steps
+        return None
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.image.parameters(), lr=self.lr)
@@ -222,7 +276,8 @@ def invert_batch(backbone: Backbone, targets: torch.Tensor, cfg: DictConfig, tar
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen backbone, on purpose
     L.seed_everything(int(cfg.seed) + int(target_ids[0]), verbose=False)  # augmentations / DIP noise
     module = DirectInversion(backbone, targets, cfg, steps, target_ids)
-    trainer.fit(module, train_dataloaders=steps_loader(steps), ckpt_path=ckpt_path, weights_only=True)
+    trainer.fit(module, train_dataloaders=steps_loader(-(-steps // module.steps_per_call)), ckpt_path=ckpt_path,
+                weights_only=True)
     return module.final_images().detach().cpu()
 
 
@@ -452,10 +507,15 @@ class StepProgress(L.Callback):
     the separate Lightning fits of its batches."""
 
     def __init__(self, bar, images: int):
-        self.bar, self.images = bar, images
+        self.bar, self.images, self.done = bar, images, 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.done = trainer.global_step  # a resumed batch starts there
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.bar.update(self.images)
+        # a Lightning step runs many optimisation steps: advance by the steps taken
+        self.bar.update(self.images * (trainer.global_step - self.done))
+        self.done = trainer.global_step
 
 
 def _invert_on_rank(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path, backbone: Backbone,
@@ -488,8 +548,7 @@ def _invert_on_rank(rank: int, world: int, device_kw: dict, cfg: DictConfig, run
             imgs = invert_unclip(backbone, targets[ids], cfg, meta, pipe=decoder, device=device)
             bar.update(len(ids) * steps)
         else:
-            trainer = batch.trainer([StepProgress(bar, len(ids))], max_steps=steps, max_epochs=1, num_sanity_val_steps=0,
-                                    enable_progress_bar=False)
+            trainer = batch.trainer([StepProgress(bar, len(ids))], **trainer_settings(icfg), enable_progress_bar=False)
             imgs = invert_batch(backbone, targets[ids], icfg, ids, trainer, batch.resume_from)
         rows = write_images(run_dir, ids, to_uint8(imgs), backbone, targets, cand, device, batch.rank)
         save_json(batches_dir(run_dir) / f"{batch.name}.json", rows)

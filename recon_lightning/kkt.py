@@ -32,6 +32,7 @@ ACTIVATIONS = ("relu_sigmoid_grad", "softplus")
 PRIORS = ("sphere", "norm", "box", "none")
 MULTIPLIERS = ("runner_up", "all")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision: high = TF32 on CUDA
 
 
 # ----------------------------------------------------------------------------- activations
@@ -183,9 +184,76 @@ class KKTObjective(nn.Module):
         others = out.masked_fill(F.one_hot(y, self.num_classes).bool(), float("-inf"))
         return scale * (lam * (true - others.max(-1).values)).sum(1)
 
+    def logit_coefficients(self, out: torch.Tensor, lam: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """d weighted_output / d out, (K, m, out): linear in lambda, piecewise constant in the logits (the
+        runner-up class is an argmax, whose derivative autograd also takes as zero)."""
+        scale = self.coef_scale / (out.shape[1] if self.per_candidate else 1.0)
+        if not self.multiclass:
+            return (scale * lam * (2.0 * y.to(lam.dtype) - 1.0)).unsqueeze(-1)
+        onehot = F.one_hot(y, self.num_classes).to(lam.dtype)
+        if self.per_class_multipliers:
+            off = lam * (1.0 - onehot)
+            return scale * (onehot * off.sum(-1, keepdim=True) - off)
+        others = out.detach().masked_fill(onehot.bool(), float("-inf"))
+        runner_up = F.one_hot(others.argmax(-1), self.num_classes).to(lam.dtype)
+        return (scale * lam).unsqueeze(-1) * (onehot - runner_up)
+
+    def param_grads(self, x: torch.Tensor, lam: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor) -> list[torch.Tensor]:
+        """sum_j coef_j grad_theta phi(x_j) per run, one (K, *p.shape) tensor per victim parameter p (in
+        :meth:`victim_params` order), by explicit backpropagation through the MLP.
+
+        The same quantity as ``torch.autograd.grad(weighted_output, theta, create_graph=True)`` (see
+        :meth:`kkt_autograd`), written as ordinary differentiable tensor code: the loss needs only a first-order
+        backward (no double backward, so ``torch.compile`` can trace it whole), and the layers' forward and
+        backpropagated errors are single (K*m, d) GEMMs against the shared weights instead of K batched copies.
+        The activation's derivative is the surrogate's, sigmoid(alpha * h) (relu_sigmoid_grad: the custom
+        backward; softplus: its true derivative), and the forward ReLU keeps the surrogate derivative in the
+        outer backward, exactly as in the autograd form."""
+        a = alpha.view(-1, 1, 1)
+        act = make_activation(self.activation, a)
+        weights, biases = [], []
+        for i in range(self.n_layers):
+            weights.append(getattr(self, f"w{i}"))
+            biases.append(getattr(self, f"b{i}") if self.has_bias[i] else None)
+        inputs, pre = [x], []
+        h = x
+        for i in range(self.n_layers):
+            z = torch.matmul(h, weights[i].transpose(0, 1))
+            if biases[i] is not None:
+                z = z + biases[i]
+            pre.append(z)
+            if i < self.n_layers - 1:
+                h = act(z)
+                inputs.append(h)
+        delta = self.logit_coefficients(pre[-1], lam, y)  # d s / d z of the last layer, (K, m, out)
+        grads: list[torch.Tensor] = []
+        for i in reversed(range(self.n_layers)):
+            if biases[i] is not None:
+                grads.append(delta.sum(1))
+            grads.append(torch.bmm(delta.transpose(1, 2), inputs[i]))  # (K, out_i, in_i)
+            if i > 0:
+                delta = torch.matmul(delta, weights[i]) * self._activation_grad(a * pre[i - 1])
+        return grads[::-1]  # weight, bias of layer 0, then layer 1, ...: victim_params order
+
+    def _activation_grad(self, az: torch.Tensor) -> torch.Tensor:
+        """The activation's derivative at pre-activation z, from alpha * z: sigmoid(alpha z) (softplus: 1 above
+        torch's linear threshold 20, as F.softplus's own backward)."""
+        if self.activation == "softplus":
+            return torch.where(az > 20.0, torch.ones_like(az), torch.sigmoid(az))
+        return torch.sigmoid(az)
+
     def kkt(self, x: torch.Tensor, lam: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor,
             create_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-run residual ||target - sum coef grad phi||^2 (absolute, relative), each (K,)."""
+        """Per-run residual ||target - sum coef grad phi||^2 (absolute, relative), each (K,); differentiable in
+        x and lam unless ``create_graph=False`` (then computed without a graph)."""
+        with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+            grads = self.param_grads(x, lam, y, alpha)
+            return self._residual(grads, x)
+
+    def kkt_autograd(self, x: torch.Tensor, lam: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor,
+                     create_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`kkt` with the parameter gradient taken by autograd (double backward): the reference the
+        explicit form is tested against."""
         K = x.shape[0]
         # Per-run leaves: expanded views (no copy) whose gradients are per run.
         params = [p.expand(K, *p.shape).requires_grad_() for p in self.victim_params()]
@@ -193,7 +261,10 @@ class KKTObjective(nn.Module):
             out = self.forward_runs(x, alpha, params)
             s = self.weighted_output(out, lam, y).sum()
             grads = torch.autograd.grad(s, params, create_graph=create_graph)
-        res = torch.zeros(K, dtype=x.dtype, device=x.device)
+        return self._residual(grads, x)
+
+    def _residual(self, grads: Sequence[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        res = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         for p, g in zip(self.victim_params(), grads):
             res = res + (self.target_scale * p - g).pow(2).flatten(1).sum(1)
         return res, res / self.target_sq

@@ -28,13 +28,12 @@ from typing import Any, Sequence
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .errors import ConfigError, DataError, ModelMismatchError
-from .kkt import (ACTIVATIONS, DTYPES, MULTIPLIERS, KKTObjective, fit_multipliers, prior_penalty, resolve_form,
-                  resolve_prior)
+from .kkt import (ACTIVATIONS, DTYPES, MATMUL_PRECISIONS, MULTIPLIERS, KKTObjective, fit_multipliers, prior_penalty,
+                  resolve_form, resolve_prior)
 from .matching import best_matches
 from .storage import fingerprint, load_tensors, save_tensors
 from .victim import VictimMLP, check_given_victim, load_victim
@@ -95,17 +94,37 @@ def candidate_labels(num_classes: int, per_class: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
+def inner_steps(rcfg: dict | DictConfig) -> int:
+    """Optimisation steps per Lightning step: the largest count that keeps logging
+    (``log_every_n_steps``), checkpoints (``checkpoint_every_n_steps``) and the end (``steps``) on whole
+    Lightning steps. The host is touched once per Lightning step only."""
+    steps = int(rcfg["steps"])
+    log_every = int(rcfg["log_every_n_steps"])
+    ckpt_every = int(rcfg["checkpoint_every_n_steps"])
+    return max(1, math.gcd(math.gcd(log_every if log_every > 0 else steps, ckpt_every if ckpt_every > 0 else steps), steps))
+
+
 class ReconstructionModule(L.LightningModule):
-    """K runs' candidates and multipliers as parameters; the victim is fixed (in ``objective``)."""
+    """K runs' candidates and multipliers as parameters; the victim is fixed (in ``objective``).
+
+    All K runs live in two stacked parameters, ``candidates`` (K, m, D) and ``multipliers`` (K, m[, C]), stepped by
+    one :class:`~recon_lightning.run_optim.RunwiseOptimizer` with a learning rate per run. A Lightning step runs
+    ``steps_per_call`` optimisation steps (manual optimisation: each is one optimiser step, so ``global_step``
+    counts optimisation steps) without touching the host: a run whose loss turns NaN/inf is masked out on the
+    device (its parameters stay as they were) and the step is recorded there. Once per Lightning step the host
+    reads back which runs failed (their errors), stops when none is left, and logs the minimum and median
+    relative KKT loss of the healthy runs.
+    """
 
     def __init__(self, objective: KKTObjective, run_ids: Sequence[int], hparams: Sequence[dict], y: torch.Tensor,
                  input_dim: int, rcfg: dict, prior: str, mean_norm: float | None, dtype: torch.dtype,
-                 input_mean: torch.Tensor | None = None):
+                 input_mean: torch.Tensor | None = None, steps_per_call: int | None = None):
         super().__init__()
-        self.automatic_optimization = False  # per-run masking of failed runs needs manual steps
+        self.automatic_optimization = False  # per-run masking of failed runs and the inner loop need manual steps
         self.objective = objective
         self.run_ids, self.hp = list(run_ids), list(hparams)
         self.rcfg, self.prior, self.mean_norm = rcfg, prior, mean_norm
+        self.steps_per_call = max(1, int(steps_per_call or (inner_steps(rcfg) if "steps" in rcfg else 1)))
         K, m = len(self.run_ids), len(y)
         self.register_buffer("y", y.clone(), persistent=False)
         self.register_buffer("alpha", torch.tensor([h["alpha"] for h in self.hp], dtype=dtype), persistent=False)
@@ -119,16 +138,30 @@ class ReconstructionModule(L.LightningModule):
         for h in self.hp:
             # Own generator per run: a run's init does not depend on which batch it is in.
             g = torch.Generator().manual_seed(h["init_seed"])
-            xs.append(nn.Parameter((torch.randn(m, input_dim, generator=g, dtype=torch.float64) * h["init_scale"]).to(dtype)))
-            lams.append(nn.Parameter(torch.rand(lam_shape, generator=g, dtype=torch.float64).to(dtype)))
-        self.xs, self.lams = nn.ParameterList(xs), nn.ParameterList(lams)
+            xs.append(torch.randn(m, input_dim, generator=g, dtype=torch.float64) * h["init_scale"])
+            lams.append(torch.rand(lam_shape, generator=g, dtype=torch.float64))
+        self.candidates = nn.Parameter(torch.stack(xs).to(dtype))
+        self.multipliers = nn.Parameter(torch.stack(lams).to(dtype))
         self.register_buffer("active", torch.ones(K, dtype=torch.bool), persistent=False)
+        # The step at which each run's loss became non-finite (-1: healthy); written on the device.
+        self.register_buffer("failed_at", torch.full((K,), -1, dtype=torch.long), persistent=False)
         self.errors: dict[int, str] = {}
         self.last_rel = torch.full((K,), float("nan"))
+        self._plain_steps = 0
+        self._terms_fn = None  # chosen at the first step, on the device: see compiled()
+
+    def on_fit_start(self) -> None:
+        # reconstruct.matmul_precision (high: TF32 on CUDA) for this fit only; on_fit_end restores the setting.
+        self._matmul_before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(str(self.rcfg.get("matmul_precision", "highest")))
+
+    def on_fit_end(self) -> None:
+        torch.set_float32_matmul_precision(getattr(self, "_matmul_before", "highest"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Which runs have failed travels with the candidates (plain tensors and strings: weights_only loads it).
         checkpoint["reconstruction"] = {"run_ids": list(self.run_ids), "active": self.active.cpu(),
+                                        "failed_at": self.failed_at.cpu(),
                                         "errors": {int(k): v for k, v in self.errors.items()}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -136,18 +169,21 @@ class ReconstructionModule(L.LightningModule):
         if state.get("run_ids") != list(self.run_ids):
             raise DataError(f"checkpoint holds runs {state.get('run_ids')}, not {self.run_ids}; delete it to start over")
         self.active.copy_(state["active"])
+        if "failed_at" in state:
+            self.failed_at.copy_(state["failed_at"])
         self.errors = {int(k): v for k, v in state["errors"].items()}
 
     def x(self) -> torch.Tensor:
-        return torch.stack(list(self.xs))
+        """The candidates of every run, (K, m, D), in the victim's input coordinates."""
+        return self.candidates
 
     def lam(self) -> torch.Tensor:
-        return torch.stack(list(self.lams))
+        return self.multipliers
 
-    def losses(self, create_graph: bool = True) -> dict[str, torch.Tensor]:
-        x, lam = self.x(), self.lam()
-        kkt_abs, kkt_rel = self.objective.kkt(x, lam, self.y.expand(len(x), -1), self.alpha, create_graph=create_graph)
-        lam_pen = self.objective.lambda_penalty(lam, self.y.expand(len(x), -1), self.lambda_min)
+    def _terms(self, x: torch.Tensor, lam: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = self.y.expand(len(x), -1)
+        kkt_abs, kkt_rel = self.objective.kkt(x, lam, y, self.alpha)
+        lam_pen = self.objective.lambda_penalty(lam, y, self.lambda_min)
         low, high = self.rcfg["box"]
         # The box bounds embedding coordinates, or (box_on=victim_input, the reference) the centred inputs.
         on_input = self.prior == "box" and self.rcfg.get("box_on", "embedding") == "victim_input"
@@ -156,67 +192,144 @@ class ReconstructionModule(L.LightningModule):
         total = kkt + float(self.rcfg["lambda_weight"]) * lam_pen + float(self.rcfg["prior_weight"]) * prior
         return {"total": total, "kkt_abs": kkt_abs, "kkt_rel": kkt_rel, "lambda_penalty": lam_pen, "prior": prior}
 
-    def _mark_failed(self, bad: torch.Tensor, step: int, what: str = "loss") -> None:
-        for k in torch.nonzero(bad & self.active).flatten().tolist():
-            self.errors[k] = f"{what} became non-finite (NaN/inf) at step {step}"
-            log.warning("run %d: %s", self.run_ids[k], self.errors[k])
-        self.active &= ~bad
+    def compiled(self) -> bool:
+        """Whether the objective runs through ``torch.compile`` (``reconstruct.compile``: true, false (default), or
+        auto = on the CPU, off on GPUs; benchmarks/bench_precision.py measures it). The loss needs only a first-order backward (kkt.py's explicit parameter gradient), so
+        the whole objective compiles into one graph; shapes never change within a batch, and other batches of the
+        same shapes reuse it."""
+        mode = self.rcfg.get("compile", False)
+        return mode is True or (mode == "auto" and self.candidates.device.type == "cpu")
 
-    def optimization_step(self, opt: torch.optim.Optimizer, backward=None) -> dict[str, torch.Tensor] | None:
-        """One step of every still-healthy run; the terms before the step, or None when every run failed.
-        Used by training_step and, in a plain loop, by the benchmarks (``backward`` defaults to autograd's)."""
+    def losses(self, create_graph: bool = True) -> dict[str, torch.Tensor]:
+        """Every run's loss terms, each (K,); ``create_graph=False``: values only (no autograd graph)."""
+        if not create_graph:
+            with torch.no_grad():
+                return self._terms(self.x(), self.lam())
+        if self._terms_fn is None:
+            if not self.compiled():
+                self._terms_fn = self._terms
+            else:
+                compiled = torch.compile(self._terms, dynamic=False)
+                try:  # the first call compiles: a machine without a working compiler toolchain runs eagerly
+                    terms = compiled(self.x(), self.lam())
+                except Exception as err:  # noqa: BLE001 - inductor / triton / C++ toolchain failures
+                    log.warning("reconstruct.compile: torch.compile failed (%s: %s); the objective runs eagerly",
+                                type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                    self._terms_fn = self._terms
+                else:
+                    self._terms_fn = compiled
+                    return terms
+        return self._terms_fn(self.x(), self.lam())
+
+    def _step(self, opt, backward=None, last: bool = True) -> torch.Tensor:
+        """One optimisation step of every run, with no host synchronisation: a run whose loss is non-finite is
+        masked out (and its step recorded in ``failed_at``) on the device. Returns the relative KKT losses
+        before the step (K,). ``opt``: a torch optimiser (plain loops), or training.InnerSteps (training_step)."""
+        from .training import InnerSteps
+
         terms = self.losses()
-        self._mark_failed(~torch.isfinite(terms["total"].detach()), self.global_step)
-        if not bool(self.active.any()):
-            return None
-        # Only finished-so-far-healthy runs contribute; runs are independent, so the gradient of
-        # the sum is each run's own gradient.
-        total = torch.where(self.active, terms["total"], torch.zeros_like(terms["total"])).sum()
-        opt.zero_grad(set_to_none=True)
-        (backward or torch.autograd.backward)(total)
-        for k in torch.nonzero(~self.active).flatten().tolist():
-            self.xs[k].grad = None  # Adam/SGD skip parameters without a gradient
-            self.lams[k].grad = None
-        opt.step()
+        total = terms["total"]
+        bad = ~torch.isfinite(total.detach())
+        self.failed_at.masked_fill_(bad & self.active, self.steps_done())
+        self.active &= ~bad
+        # Only healthy runs contribute; runs are independent, so the gradient of the sum is each run's own
+        # gradient (a failed run's is ignored: the optimiser leaves inactive runs unchanged).
+        loss = torch.where(self.active, total, torch.zeros_like(total)).sum()
+        if isinstance(opt, InnerSteps):
+            opt.zero_grad()
+            opt.backward(loss, last)
+            opt.step(last)
+        else:
+            opt.zero_grad(set_to_none=True)
+            (backward or torch.autograd.backward)(loss)
+            opt.step()
+        self._plain_steps += 1
         if self.rcfg.get("lambda_constraint", "project") == "project":
             with torch.no_grad():  # dual feasibility: lambda >= 0 exactly, not only penalised below lambda_min
-                for lam in self.lams:
-                    self.objective.project_lambda(lam)
-        return terms
+                self.objective.project_lambda(self.multipliers)
+        return terms["kkt_rel"].detach()
+
+    def steps_done(self) -> int:
+        """Optimisation steps taken: the Trainer's global step, or the steps of a plain loop."""
+        return int(self.global_step) if self._trainer is not None else self._plain_steps
+
+    def optimization_steps(self, opt: torch.optim.Optimizer, n: int, backward=None) -> torch.Tensor:
+        """``n`` optimisation steps without touching the host (the inner loop of training_step, and the plain
+        loop of the benchmarks); the relative KKT losses before the last step (K,)."""
+        rel = None
+        n = max(1, int(n))
+        for i in range(n):
+            rel = self._step(opt, backward, last=i == n - 1)
+        return rel
+
+    def optimization_step(self, opt: torch.optim.Optimizer, backward=None) -> dict[str, torch.Tensor] | None:
+        """One step of every still-healthy run then a host check (for plain loops): the relative KKT losses
+        before the step, or None when every run has failed."""
+        rel = self._step(opt, backward)
+        return None if self.sync_failures() == 0 else {"kkt_rel": rel}
+
+    def sync_failures(self, rel: torch.Tensor | None = None) -> int:
+        """The host's look at the device state (one transfer): records the error of each newly failed run and
+        returns the number of healthy runs; with ``rel``, also keeps it in ``last_rel``."""
+        parts = [self.active.to(torch.float64), self.failed_at.to(torch.float64)]
+        if rel is not None:
+            parts.append(rel.to(torch.float64))
+        state = torch.stack(parts).cpu()
+        active, failed_at = state[0].bool(), state[1].long()
+        for k in torch.nonzero(~active).flatten().tolist():
+            if k not in self.errors:
+                self.errors[k] = f"loss became non-finite (NaN/inf) at step {int(failed_at[k])}"
+                log.warning("run %d: %s", self.run_ids[k], self.errors[k])
+        if rel is not None:
+            self.last_rel = state[2].float()
+        self._host_active = active
+        return int(active.sum())
 
     def training_step(self, batch, batch_idx):
-        terms = self.optimization_step(self.optimizers(), self.manual_backward)
-        if terms is None:
+        from .training import InnerSteps
+
+        todo = self.steps_per_call
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            todo = min(todo, self.trainer.max_steps - self.global_step)
+        rel = self.optimization_steps(InnerSteps(self), todo)
+        healthy = self.sync_failures(rel)
+        if healthy == 0:
             self.trainer.should_stop = True
             return None
-        rel = terms["kkt_rel"].detach()
-        self.last_rel = rel.cpu()
-        act = rel[self.active]
-        self.log_dict({"kkt_rel_min": act.min(), "kkt_rel_median": act.median(), "active_runs": float(self.active.sum())},
+        act = self.last_rel[self._host_active]  # read in the same transfer as the losses
+        self.log_dict({"kkt_rel_min": float(act.min()), "kkt_rel_median": float(act.median()), "active_runs": float(healthy)},
                       prog_bar=True, on_step=True, batch_size=1)
+        self.log("step", float(self.global_step), on_step=True, batch_size=1)  # loggers' x axis: optimisation steps
         return None
 
     def configure_optimizers(self):
-        groups = []
-        for k, h in enumerate(self.hp):
-            groups += [{"params": [self.xs[k]], "lr": h["lr"]}, {"params": [self.lams[k]], "lr": h["lambda_lr"]}]
+        from .run_optim import RunwiseOptimizer
+
         name = self.rcfg["optimizer"]
-        if name == "adam":
-            return torch.optim.Adam(groups)
-        if name == "sgd":
-            return torch.optim.SGD(groups, momentum=0.9)
-        raise ConfigError(f"reconstruct.optimizer must be adam or sgd, got {name!r}")
+        if name not in ("adam", "sgd"):
+            raise ConfigError(f"reconstruct.optimizer must be adam or sgd, got {name!r}")
+        dtype = self.candidates.dtype
+        groups = [{"params": [self.candidates], "lr": torch.tensor([h["lr"] for h in self.hp], dtype=dtype)},
+                  {"params": [self.multipliers], "lr": torch.tensor([h["lambda_lr"] for h in self.hp], dtype=dtype)}]
+        return RunwiseOptimizer(groups, name, momentum=0.9, active=lambda: self.active)
 
     def train_dataloader(self):
         from .training import steps_loader
 
-        return steps_loader(int(self.rcfg["steps"]))
+        return steps_loader(-(-int(self.rcfg["steps"]) // self.steps_per_call))  # one item per Lightning step
 
     @torch.no_grad()
     def results(self) -> list[dict]:
         """Final state of every run: candidates, multipliers, losses recomputed at that state."""
+        self.sync_failures()
         terms = self.losses(create_graph=False)
-        self._mark_failed(~torch.isfinite(terms["total"]) | ~torch.isfinite(terms["kkt_rel"]), self.global_step, "final loss")
+        bad = (~torch.isfinite(terms["total"]) | ~torch.isfinite(terms["kkt_rel"])).cpu()
+        active = self.active.cpu()
+        for k in torch.nonzero(bad & active).flatten().tolist():
+            self.errors[k] = f"final loss became non-finite (NaN/inf) at step {self.steps_done()}"
+            log.warning("run %d: %s", self.run_ids[k], self.errors[k])
+        active &= ~bad
+        self.active.copy_(active)
         x, lam = self.x().detach() + self.input_mean, self.lam().detach()
         lam_sum = self.objective.multiplier_sum(lam, self.y.expand(len(x), -1))
         out = []
@@ -224,10 +337,10 @@ class ReconstructionModule(L.LightningModule):
             lam_full = lam[k] if self.objective.per_class_multipliers else None
             out.append({
                 "run": run, "x": x[k], "y": self.y, "lam": lam_sum[k], "lam_full": lam_full,
-                "status": "ok" if bool(self.active[k]) else "failed", "error": self.errors.get(k),
+                "status": "ok" if bool(active[k]) else "failed", "error": self.errors.get(k),
                 "final_loss": float(terms["kkt_rel"][k]), "final_loss_abs": float(terms["kkt_abs"][k]),
                 "lambda_penalty": float(terms["lambda_penalty"][k]), "prior": float(terms["prior"][k]),
-                "steps": int(self.global_step),
+                "steps": self.steps_done(),
             })
         return out
 
@@ -384,10 +497,18 @@ def check_config(cfg: DictConfig) -> None:
 def _plan(cfg: DictConfig, spec: dict) -> dict:
     rcfg = OmegaConf.to_container(cfg.reconstruct, resolve=True)
     for key in ("num_runs", "runs_per_batch", "steps"):
-        if int(rcfg[key]) < 1:
-            raise ConfigError(f"reconstruct.{key} must be >= 1, got {rcfg[key]}")
-    if int(rcfg["checkpoint_every_n_steps"]) < 0:
-        raise ConfigError(f"reconstruct.checkpoint_every_n_steps must be >= 0 (0 = off), got {rcfg['checkpoint_every_n_steps']}")
+        if key == "runs_per_batch" and rcfg[key] == "auto":
+            continue
+        if isinstance(rcfg[key], str) or int(rcfg[key]) < 1:
+            raise ConfigError(f"reconstruct.{key} must be >= 1{' or auto' if key == 'runs_per_batch' else ''}, got {rcfg[key]!r}")
+    for key in ("checkpoint_every_n_steps", "log_every_n_steps"):
+        if int(rcfg[key]) < 0:
+            raise ConfigError(f"reconstruct.{key} must be >= 0 (0 = off), got {rcfg[key]}")
+    if rcfg.get("matmul_precision", "highest") not in MATMUL_PRECISIONS:
+        raise ConfigError(f"reconstruct.matmul_precision must be one of {MATMUL_PRECISIONS}, got {rcfg['matmul_precision']!r}")
+    if not isinstance(rcfg.get("compile", False), bool) and rcfg.get("compile") != "auto":
+        raise ConfigError(f"reconstruct.compile must be true, false or auto, got {rcfg['compile']!r}")
+    stage_precision(cfg)
     if rcfg["dtype"] not in DTYPES:
         raise ConfigError(f"reconstruct.dtype must be one of {list(DTYPES)}, got {rcfg['dtype']!r}")
     if rcfg["activation"] not in ACTIVATIONS:
@@ -464,9 +585,185 @@ def _as_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+# trainer.precision for this stage: what each Lightning precision means here, or why it cannot apply.
+PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+UNSUPPORTED_PRECISIONS = {
+    "16-mixed": "float16's range (6e-5 to 65504) under- and overflows the KKT residuals and their gradients, and its "
+                "GradScaler skips every run's step whenever one run's gradient is non-finite",
+    "16-true": "float16 candidates and optimiser state cannot resolve the small relative KKT losses",
+    "bf16-true": "bfloat16 candidates and optimiser state (8 significant bits) cannot resolve the small relative KKT losses",
+}
+
+
+def stage_precision(cfg: DictConfig) -> str:
+    """``trainer.precision`` as the reconstruct stage applies it (its Trainer gets this value):
+
+    * ``32-true``: the candidates and the objective in ``reconstruct.dtype`` (float32 or float64);
+    * ``64-true``: float64 throughout; needs ``reconstruct.dtype=float64`` (a float32 setting is refused, not overridden);
+    * ``bf16-mixed``: bfloat16 autocast of the objective's matrix products (candidates, optimiser and loss sums stay
+      float32); needs ``reconstruct.dtype=float32`` (autocast leaves float64 alone). Measured less accurate than
+      float32 (README, benchmarks/bench_precision.py): an option, not a default;
+    * anything else (16-mixed, 16-true, bf16-true, transformer-engine) is refused with the reason.
+    """
+    raw = str(cfg.trainer.get("precision", "32-true"))
+    precision = PRECISION_ALIASES.get(raw, raw)
+    dtype = str(cfg.reconstruct.dtype)
+    if precision == "32-true":
+        return precision
+    if precision == "64-true":
+        if dtype != "float64":
+            raise ConfigError("trainer.precision=64-true runs the reconstruction in float64, but reconstruct.dtype="
+                              f"{dtype}: set reconstruct.dtype=float64 as well (reconstruct.dtype alone is enough to "
+                              "reconstruct in float64 while the other stages keep trainer.precision=32-true)")
+        return precision
+    if precision == "bf16-mixed":
+        if dtype != "float32":
+            raise ConfigError(f"trainer.precision=bf16-mixed autocasts float32 products to bfloat16, but reconstruct.dtype={dtype} "
+                              "(autocast leaves float64 alone): set reconstruct.dtype=float32, or trainer.precision=32-true")
+        return precision
+    why = UNSUPPORTED_PRECISIONS.get(precision, "it is not one of 32-true, 64-true, bf16-mixed")
+    raise ConfigError(f"trainer.precision={raw} cannot apply to the reconstruct stage: {why}. "
+                      "Use 32-true (reconstruct.dtype picks float32/float64), 64-true or bf16-mixed")
+
+
+def trainer_settings(cfg: DictConfig) -> dict:
+    """The reconstruct stage's own Trainer settings, over ``trainer.*`` (which reaches it whole: accelerator,
+    devices, precision per :func:`stage_precision`, ...). Logging and checkpoint cadences are in optimisation steps;
+    a Lightning step runs :func:`inner_steps` of them."""
+    rcfg = cfg.reconstruct
+    n = inner_steps(rcfg)
+    return {"max_steps": int(rcfg.steps), "precision": stage_precision(cfg), "num_sanity_val_steps": 0,
+            "log_every_n_steps": max(1, min(int(rcfg.log_every_n_steps) or n, int(rcfg.steps)) // n)}
+
+
+def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, **overrides) -> L.Trainer:
+    from .training import make_trainer
+
+    return make_trainer(cfg, run_dir, "reconstruct", **{**trainer_settings(cfg), "max_steps": steps, **overrides})
+
+
+# ----------------------------------------------------------------------------- runs per batch (memory)
+
+MAX_AUTO_RUNS = 128  # runs_per_batch=auto never batches more (H200, issue 12: K=64 1.31M, K=256 1.39M candidate-steps/s)
+MEMORY_FRACTION = {"cuda": 0.85, "cpu": 0.5}  # of the free memory auto may plan for (CPU RAM is shared)
+
+
+def run_memory_bytes(objective: KKTObjective, m: int, input_dim: int, dtype: torch.dtype) -> int:
+    """Estimated peak memory of one run during an optimisation step (bytes): 4 |theta| (the run's parameter
+    gradient and the residual's temporaries) + 5.5 m sum(hidden widths) (activations and backpropagated errors,
+    saved for the backward) + 6 m D (candidates, their gradient, Adam's two moments, temporaries) floats.
+    Coefficients fitted to peaks measured on the CPU with torch's memory profiler (benchmarks/bench_reconstruct.py
+    --memory): within -8 %..+21 % of them for victims 64-1000-1 .. 768-1000-1000-1, m = 200..1000."""
+    theta = sum(p.numel() for p in objective.victim_params())
+    widths = [p.shape[0] for p in objective.victim_params() if p.dim() == 2]  # each layer's output width
+    hidden, out = sum(widths[:-1]), widths[-1]
+    lam = math.prod(objective.lambda_shape(m))
+    floats = 4.0 * theta + 5.5 * m * hidden + 6.0 * m * input_dim + 6.0 * lam + 4.0 * m * out
+    return int(floats * torch.finfo(dtype).bits // 8)
+
+
+def measure_run_memory(module_for: Any, device: torch.device) -> tuple[int, int]:
+    """(bytes per run, fixed bytes) of one optimisation step, measured on a CUDA device: peak memory of K = 1 and
+    K = 2 runs (``module_for(K)`` builds the module). A few steps' work, on the device that will run the batches."""
+    peaks = []
+    for K in (1, 2):
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        module = module_for(K).to(device)
+        opt = module.configure_optimizers()
+        module.optimization_steps(opt, 2)
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+        del module, opt
+    torch.cuda.empty_cache()
+    per_run = max(1, peaks[1] - peaks[0])
+    return per_run, max(0, peaks[0] - per_run)
+
+
+def available_memory(device: torch.device) -> int:
+    """Free memory for new tensors on ``device`` (bytes): CUDA's free memory (``torch.cuda.mem_get_info``), or the
+    available RAM (psutil, else /proc/meminfo's MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise ConfigError("reconstruct.runs_per_batch=auto cannot tell the free memory here (no psutil, no /proc/meminfo): "
+                      "set reconstruct.runs_per_batch to a number")
+
+
+def auto_runs_per_batch(per_run: int, fixed: int, free: int, runs: int, fraction: float = 0.85,
+                        interrupted: int | None = None) -> int:
+    """K for ``runs_per_batch=auto``: the largest power of two (so a rerun with a little more or less free memory
+    picks the same K, and resumes the same batches) whose runs fit in ``fraction`` of ``free`` bytes, at most
+    :data:`MAX_AUTO_RUNS` and at most ``runs`` (the rank's runs; then exactly ``runs``: one batch). ``interrupted``:
+    the size of a batch a killed attempt left a checkpoint of; kept when it still fits, so that batch resumes."""
+    fits = int((free * fraction - fixed) // max(1, per_run))
+    if interrupted is not None and 1 <= interrupted <= fits:
+        return int(interrupted)
+    if fits < 1:
+        raise ConfigError(f"reconstruct.runs_per_batch=auto: one run needs ~{per_run / 2**30:.2f} GiB but "
+                          f"{free / 2**30:.2f} GiB are free; free memory, use a smaller victim or fewer candidates")
+    k = 1 << (min(fits, MAX_AUTO_RUNS).bit_length() - 1)
+    return max(1, min(k, int(runs)))
+
+
+def _interrupted_batch(run_dir: Path, rank: int, world: int) -> int | None:
+    """Size of this rank's batch whose checkpoint a killed attempt left (its folder names its first and last run)."""
+    from .training import checkpoint_dir
+
+    for folder in sorted(checkpoint_dir(run_dir, "reconstruct").glob("runs_*-*_*")):
+        try:
+            first, last = (int(v) for v in folder.name.split("_")[1].split("-"))
+        except ValueError:
+            continue
+        if first % world == rank and any(folder.glob("*.ckpt")):
+            return len([r for r in range(first, last + 1, world) if not run_path(run_dir, r).is_file()]) or None
+    return None
+
+
+def runs_per_batch(rcfg: dict, module_for: Any, objective: KKTObjective, m: int, input_dim: int, device: torch.device,
+                   run_dir: Path, rank: int, world: int) -> int:
+    """``reconstruct.runs_per_batch``, or for ``auto`` K from the device's free memory: per-run memory measured on
+    CUDA (:func:`measure_run_memory`), estimated on the CPU (:func:`run_memory_bytes`)."""
+    if rcfg["runs_per_batch"] != "auto":
+        return int(rcfg["runs_per_batch"])
+    dtype = DTYPES[rcfg["dtype"]]
+    if device.type == "cuda":
+        per_run, fixed = measure_run_memory(module_for, device)
+        how = "measured"
+    else:
+        per_run = run_memory_bytes(objective, m, input_dim, dtype)
+        fixed = sum(p.numel() * p.element_size() for p in objective.victim_params())
+        how = "estimated"
+    free = available_memory(device)
+    runs = len(range(rank, int(rcfg["num_runs"]), world))
+    K = auto_runs_per_batch(per_run, fixed, free, runs, MEMORY_FRACTION.get(device.type, 0.5),
+                            _interrupted_batch(run_dir, rank, world))
+    log.info("reconstruct.runs_per_batch=auto: K=%d on %s (%.1f MiB per run %s, %.0f MiB free)", K, device,
+             per_run / 2**20, how, free / 2**20)
+    return K
+
+
+def _device(device_kw: dict) -> torch.device:
+    return torch.device("cuda", device_kw["devices"][0]) if device_kw["accelerator"] == "cuda" else torch.device("cpu")
+
+
 def batch_name(run_ids: Sequence[int], hparams: Sequence[dict]) -> str:
-    """Checkpoint folder of one batch of runs: names its runs, so a resumed job finds the same batch."""
-    tag = fingerprint("reconstruct-batch", list(run_ids), list(hparams))
+    """Checkpoint folder of one batch of runs: names its runs, so a resumed job finds the same batch (``/2``: the
+    stacked-parameter checkpoints; folders of the earlier per-run layout are not resumed, and removed at the end)."""
+    tag = fingerprint("reconstruct-batch/2", list(run_ids), list(hparams))
     return f"runs_{run_ids[0]:05d}-{run_ids[-1]:05d}_{tag}"
 
 
@@ -485,11 +782,14 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
     objective = KKTObjective(victim, spec, plan["form"], rcfg["activation"], dtype, multipliers=rcfg["multipliers"],
                              per_candidate=bool(rcfg["lambda_per_candidate"]))
     input_mean = victim.input_offset().detach().cpu()
+    probe = lambda k: ReconstructionModule(objective, list(range(k)), [hps[0]] * k, y, victim.input_dim,  # noqa: E731
+                                           {**rcfg, "compile": False}, plan["prior"], mean_norm, dtype, input_mean=input_mean)
+    K = runs_per_batch(rcfg, probe, objective, len(y), victim.input_dim, _device(device_kw), run_dir, rank, world)
     common_meta = {"form": plan["form"], "prior": plan["prior"], "activation": rcfg["activation"], "dtype": rcfg["dtype"],
                    "multipliers": rcfg["multipliers"], "lambda_per_candidate": bool(rcfg["lambda_per_candidate"]),
                    "seed": plan["seed"], "victim_dir": str(cfg.reconstruct.victim_dir or run_dir / "classifier")}
-    log.info("reconstruct: %d runs of %d steps, K=%d per batch, form %s, prior %s", num_runs, steps,
-             int(rcfg["runs_per_batch"]), plan["form"], plan["prior"])
+    log.info("reconstruct: %d runs of %d steps, K=%d per batch, form %s, prior %s", num_runs, steps, K, plan["form"],
+             plan["prior"])
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # Our checkpoints hold the state after step N with global_step N, which is what resuming needs.
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
@@ -508,8 +808,7 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
     def run_batch(batch) -> None:
         module = ReconstructionModule(objective, batch.ids, [hps[r] for r in batch.ids], y, victim.input_dim, rcfg,
                                       plan["prior"], mean_norm, dtype, input_mean=input_mean)
-        trainer = batch.trainer(max_steps=steps, precision="32-true", log_every_n_steps=int(rcfg["log_every_n_steps"]),
-                                num_sanity_val_steps=0)
+        trainer = batch.trainer(**trainer_settings(cfg))
         trainer.fit(module, ckpt_path=batch.resume_from, weights_only=True)
         for res in module.results():
             extra = {**common_meta, "steps_planned": steps, "rank": batch.rank}
@@ -529,7 +828,7 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
             logger.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         return summary
 
-    work = ShardedWork(stage="reconstruct", what="runs", items=range(num_runs), batch_size=int(rcfg["runs_per_batch"]),
+    work = ShardedWork(stage="reconstruct", what="runs", items=range(num_runs), batch_size=K,
                        checkpoint_every=int(rcfg["checkpoint_every_n_steps"]), finished=finished,
                        batch_name=lambda ids: batch_name(ids, [hps[r] for r in ids]), run_batch=run_batch, merge=merge,
                        wait_timeout_s=float(rcfg["wait_timeout_s"]), poll_s=1.0)

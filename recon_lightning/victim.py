@@ -267,17 +267,21 @@ class VictimModule(L.LightningModule):
             raise DivergedError(f"victim training diverged ({prefix} loss {loss.item()}); lower classifier.lr")
 
     def training_step(self, batch, batch_idx):
+        from .training import InnerSteps
+
         x, y = batch
-        opt = self.optimizers()
+        opt = InnerSteps(self)
         todo = self.epochs_per_step
         if self.trainer.max_steps and self.trainer.max_steps > 0:
             todo = min(todo, self.trainer.max_steps - self.global_step)
-        for _ in range(max(1, todo)):
+        todo = max(1, todo)
+        for i in range(todo):
+            last = i == todo - 1
             logits = self.model(x)
             loss = loss_fn(logits, y, self.loss_kind)
-            opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            opt.step()
+            opt.zero_grad()
+            opt.backward(loss, last)
+            opt.step(last)
         self._log(logits, y, loss, "train")  # the last epoch's metrics (before its update), one sync per call
         return None
 

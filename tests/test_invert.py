@@ -396,3 +396,23 @@ def invert_unclip_kind(model):
     from recon_lightning.invert_unclip import pipeline_kind
 
     return pipeline_kind(model)
+
+
+def test_inversion_many_steps_per_lightning_step_equal_one(tmp_path):
+    """Direct inversion: 10 optimisation steps per Lightning step give the images of 1 per Lightning step."""
+    from recon_lightning.invert import inner_steps
+
+    bb = TinyCNN()
+    target = torch.randn(2, 32)
+    images = []
+    for log_every, ckpt in ((10, 20), (1, 0)):
+        cfg = icfg(param="pixels", scales=[0.5, 1.0], log_every_n_steps=log_every, checkpoint_every_n_steps=ckpt)
+        assert inner_steps(cfg, 30) == (10 if log_every == 10 else 1)
+        L.seed_everything(0, verbose=False)
+        module = DirectInversion(bb, target, cfg, steps=30)
+        trainer = L.Trainer(max_steps=30, max_epochs=1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                            enable_progress_bar=False)
+        trainer.fit(module, train_dataloaders=steps_loader(30 // module.steps_per_call))
+        assert trainer.global_step == 30
+        images.append(module.final_images())
+    torch.testing.assert_close(images[0], images[1], rtol=1e-5, atol=1e-6)

@@ -331,11 +331,13 @@ def test_kill_and_resume_subprocess(tmp_path):
 
 def test_killed_batch_resumes_from_its_lightning_checkpoint(tmp_path):
     """SIGKILL in the middle of a batch (no run finished, a checkpoint exists): the rerun restores the
-    Lightning checkpoint and ends with exactly the candidates of an uninterrupted job."""
+    Lightning checkpoint and ends with exactly the candidates of an uninterrupted job. Each Lightning step runs
+    10 optimisation steps (the inner loop), checkpoints come every 2nd."""
     run_dir = _victim_dir(tmp_path, D=16, H=64)
     args = ["stage=reconstruct", "logger.name=none", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
             "reconstruct.num_runs=2", "reconstruct.runs_per_batch=2", "reconstruct.steps=400", "reconstruct.lr=0.01",
-            "reconstruct.dtype=float64", "reconstruct.checkpoint_every_n_steps=20"]
+            "reconstruct.dtype=float64", "reconstruct.checkpoint_every_n_steps=20", "reconstruct.log_every_n_steps=10"]
+    assert R.inner_steps({"steps": 400, "checkpoint_every_n_steps": 20, "log_every_n_steps": 10}) == 10
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "recon_lightning.fit", f"run_dir={run_dir}", f"reconstruct.victim_dir={run_dir / 'classifier'}", *args]
     ckpts = run_dir / "reconstruct" / "checkpoints"
@@ -348,6 +350,8 @@ def test_killed_batch_resumes_from_its_lightning_checkpoint(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert any(ckpts.glob("runs_*/last.ckpt")) and not R.run_path(run_dir, 0).exists(), "the kill came too late"
+    killed_at = torch.load(next(ckpts.glob("runs_*/last.ckpt")), weights_only=True)["global_step"]
+    assert 0 < killed_at < 400 and killed_at % 20 == 0  # mid-batch, in optimisation steps
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Restored all states from the checkpoint" in out.stdout + out.stderr
