@@ -16,7 +16,7 @@ from wandb_records import logged_keys, offline_runs
 ARGS = ["backbone=dino_vits16", "backbone.model=test_vit", "backbone.pretrained=false", "data=skimage",
         "data.n_per_class=4", "data.n_test_per_class=2", "classifier.hidden=[16]", "classifier.bias=[true,false]",
         "classifier.init_scale=[1e-3,1e-3]", "trainer.max_epochs=20", "reconstruct.steps=5", "reconstruct.log_every_n_steps=1",
-        "select.num_representatives=3", "invert.num_images=2", "invert.steps=3", "+trainer.log_every_n_steps=1",
+        "select.num_representatives=3", "invert.num_images=2", "invert.steps=3", "invert.log_every_n_steps=1", "+trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger.name=wandb", "classifier.allow_unhealthy=true"]
 
 
