@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+from recon_lightning.config import shipped
 from recon_lightning.select import SelectConfig, select_candidates
 
 KNN_INDEXES = ("new", "old", "exact")
@@ -53,16 +54,13 @@ def make_candidates(n: int, d: int, seed: int = 0):
 
 def knn_config(variant: str, args, **common) -> SelectConfig:
     """SelectConfig for one ``--knn-index`` variant (``new`` takes the tuning flags)."""
-    scfg = SelectConfig(method="knn", **common)
     if variant == "old":
-        scfg.knn_reduce_dim = 0
+        knn = {"reduce_dim": 0}
     elif variant == "exact":
-        scfg.knn_exact_max = 2**62
+        knn = {"exact_max": 2**62}
     else:
-        for key in ("reduce_dim", "k_factor", "nprobe", "nlist"):
-            if getattr(args, key) is not None:
-                setattr(scfg, f"knn_{key}", getattr(args, key))
-    return scfg
+        knn = {key: getattr(args, key) for key in ("reduce_dim", "k_factor", "nprobe", "nlist") if getattr(args, key) is not None}
+    return shipped(SelectConfig, "select/default", method="knn", knn=knn, **common)
 
 
 def multi_clusters(clusters: list[dict]) -> set[frozenset]:
@@ -91,7 +89,7 @@ def main() -> None:
             runs += [("knn", v) for v in args.knn_index]
         for method, variant in runs:
             common = {"num_representatives": args.representatives}
-            scfg = knn_config(variant, args, **common) if method == "knn" else SelectConfig(method=method, **common)
+            scfg = knn_config(variant, args, **common) if method == "knn" else shipped(SelectConfig, "select/default", method=method, **common)
             t0 = time.perf_counter()
             sel, clusters = select_candidates(x, y, lam, run, run_loss, scfg, progress=args.progress)
             dt = time.perf_counter() - t0

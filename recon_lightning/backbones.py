@@ -40,15 +40,17 @@ import logging
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from torch import nn
 
+from .config import Section, rule
 from .errors import ConfigError, DataError, ModelMismatchError, ReconError
 
 log = logging.getLogger(__name__)
@@ -666,6 +668,33 @@ BUILDERS = {
     "dinov2_offline": _build_dinov2_offline,
 }
 KINDS = set(BUILDERS)
+
+
+@dataclass
+class BackboneConfig:
+    """Schema of ``backbone`` (values: configs/backbone/*.yaml). Kinds with weights add keys: their options name
+    ``schema_pretrained`` (or ``schema_dinov2_offline``) first in their defaults list."""
+
+    name: str = MISSING  # short name used in run_dir
+    kind: str = rule(choices=tuple(sorted(KINDS)))
+
+
+@dataclass
+class PretrainedBackboneConfig(BackboneConfig):
+    model: str = MISSING
+    # timm & co: true / false; open_clip: a pretrained tag or false (typed Any: OmegaConf has no Union of bool and str)
+    pretrained: Any = rule(test=lambda v: isinstance(v, (bool, str)), what="true, false or an open_clip pretrained tag")
+    checkpoint: Optional[str] = MISSING
+    init_seed: int = MISSING
+
+
+@dataclass
+class Dinov2OfflineBackboneConfig(PretrainedBackboneConfig):
+    cache_dir: Optional[str] = MISSING
+
+
+SECTION = Section("backbone", BackboneConfig, {"schema_pretrained": PretrainedBackboneConfig,
+                                               "schema_dinov2_offline": Dinov2OfflineBackboneConfig})
 
 
 def embedding_dim(cfg, input_size: tuple[int, int, int] | None = None) -> int | None:

@@ -24,10 +24,12 @@ import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, List, Optional
 
 import numpy as np
+from omegaconf import MISSING
 
+from .config import Section, auto_or_int, is_int, rule
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,49 @@ KINDS = ("digits", "skimage", "imagefolder", "text")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 AUTO_MAX_PER_CLASS = 250  # n_per_class=auto never takes more (the paper's victims train on small sets)
 CHANNELS = ("auto", 1, 3)
+
+
+def _image_size_ok(v: Any) -> bool:
+    return v is None or (is_int(v) and v >= 1) or (isinstance(v, list) and len(v) == 2 and all(is_int(x) and x >= 1 for x in v))
+
+
+@dataclass
+class DataConfig:
+    """Schema of ``data`` (values: configs/data/*.yaml); each kind's options name their schema (below, each adding
+    keys) first in their defaults list."""
+
+    name: str = MISSING
+    kind: str = rule(choices=KINDS)
+    classes: Any = MISSING  # null = all | a list of names | digits: odd_even, all or digits (checked by its loader)
+    n_per_class: Any = auto_or_int(ge=1)  # typed Any: auto or an integer (OmegaConf has no Union of str and int)
+    n_test_per_class: int = rule(ge=0)
+
+
+@dataclass
+class ImageDataConfig(DataConfig):
+    channels: Any = rule(choices=CHANNELS)  # auto | 1 | 3
+
+
+@dataclass
+class SkimageDataConfig(ImageDataConfig):
+    crop_fraction: List[float] = rule(gt=0, le=1, test=lambda v: len(v) == 2 and v[0] <= v[1],
+                                      what="[low, high] with 0 < low <= high <= 1")
+    image_size: int = rule(ge=1)
+
+
+@dataclass
+class ImageFolderDataConfig(ImageDataConfig):
+    root: str = MISSING
+    image_size: Any = rule(test=_image_size_ok, what="null, a size >= 1 or [H, W]")  # typed Any: null, int or a list
+
+
+@dataclass
+class TextDataConfig(DataConfig):
+    path: Optional[str] = MISSING
+
+
+SECTION = Section("data", DataConfig, {"schema_image": ImageDataConfig, "schema_skimage": SkimageDataConfig,
+                                       "schema_imagefolder": ImageFolderDataConfig, "schema_text": TextDataConfig})
 
 
 @dataclass
@@ -55,24 +100,9 @@ class Dataset:
 
 
 def load_dataset(cfg, seed: int = 0) -> Dataset:
-    """Build the dataset described by the ``data`` config section."""
-    kind = cfg.get("kind")
+    """Build the dataset described by the ``data`` config section (its values checked by the schema)."""
     loaders = {"digits": _digits, "skimage": _skimage, "imagefolder": _imagefolder, "text": _text}
-    if kind not in loaders:
-        raise ConfigError(f"unknown data.kind {kind!r}; choose from {sorted(KINDS)}")
-    check_sizes(cfg)
-    return loaders[kind](cfg, np.random.default_rng(seed))
-
-
-def check_sizes(cfg) -> None:
-    """``n_per_class`` is ``auto`` or >= 1, ``n_test_per_class`` >= 0, ``channels`` auto/1/3."""
-    n, n_test = cfg.get("n_per_class", "auto"), cfg.get("n_test_per_class", 0)
-    if n != "auto" and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-        raise ConfigError(f"data.n_per_class must be auto or an integer >= 1, got {n!r}")
-    if not isinstance(n_test, int) or isinstance(n_test, bool) or n_test < 0:
-        raise ConfigError(f"data.n_test_per_class must be an integer >= 0, got {n_test!r}")
-    if cfg.get("channels", "auto") not in CHANNELS:
-        raise ConfigError(f"data.channels must be auto, 1 (grayscale) or 3 (RGB), got {cfg.get('channels')!r}")
+    return loaders[cfg.kind](cfg, np.random.default_rng(seed))
 
 
 def per_class_sizes(counts: list[int], names: list[str], cfg) -> tuple[int, int]:
@@ -225,10 +255,7 @@ def _image_size(cfg, images: list[np.ndarray]) -> tuple[int, int]:
     mixed sizes without ``data.image_size`` use the most common size (logged)."""
     declared = cfg.get("image_size")
     if declared is not None:
-        h, w = (int(declared), int(declared)) if isinstance(declared, int) else (int(declared[0]), int(declared[1]))
-        if h < 1 or w < 1:
-            raise ConfigError(f"data.image_size must be positive, got {declared}")
-        return h, w
+        return (int(declared), int(declared)) if isinstance(declared, int) else (int(declared[0]), int(declared[1]))
     sizes = [img.shape[:2] for img in images]
     distinct = sorted(set(sizes), key=lambda hw: (-sizes.count(hw), hw))
     if len(distinct) > 1:
@@ -239,10 +266,7 @@ def _image_size(cfg, images: list[np.ndarray]) -> tuple[int, int]:
 
 
 def _imagefolder(cfg, rng) -> Dataset:
-    root = cfg.get("root")
-    if not root or root == "???":
-        raise ConfigError("data.root is required for data=imagefolder (a folder with one sub-folder per class)")
-    root = Path(root).expanduser()
+    root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     classes = list(cfg.classes) if cfg.get("classes") else sorted(p.name for p in root.iterdir() if p.is_dir())

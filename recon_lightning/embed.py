@@ -15,18 +15,30 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from . import backbones, data
 from .backbones import Backbone, build_backbone
+from .config import Section, rule
 from .data import Split, load_dataset
 from .errors import ConfigError, DataError
+from .stages import Stage
 from .storage import load_json, load_tensors, save_json, save_tensors
 from .training import resolve_device
 
 log = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("none", "l2")
+
+
+@dataclass
+class EmbedConfig:
+    """Schema of ``embed`` (values: configs/config.yaml)."""
+
+    batch_size: int = rule(ge=1)
+    normalize: str = rule(choices=NORMALIZATIONS)  # recorded with the embeddings; the victim sees exactly these
+    device: str = MISSING  # auto | cpu | cuda
 
 
 @dataclass
@@ -76,25 +88,8 @@ def embed_split(backbone: Backbone, split: Split, batch_size: int, device: torch
     return torch.cat(embeddings), (torch.cat(images) if images else None)
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Cheap checks of the embed/data/backbone config, run by ``fit`` before any stage starts."""
-    from .backbones import KINDS
-    from .data import KINDS as DATA_KINDS, check_sizes
-
-    if cfg.embed.normalize not in NORMALIZATIONS:
-        raise ConfigError(f"embed.normalize must be one of {NORMALIZATIONS}, got {cfg.embed.normalize!r}")
-    if int(cfg.embed.batch_size) < 1:
-        raise ConfigError(f"embed.batch_size must be >= 1, got {cfg.embed.batch_size}")
-    if cfg.backbone.get("kind") not in KINDS:
-        raise ConfigError(f"unknown backbone kind {cfg.backbone.get('kind')!r}; known: {sorted(KINDS)}")
-    if cfg.data.get("kind") not in DATA_KINDS:
-        raise ConfigError(f"unknown data.kind {cfg.data.get('kind')!r}; choose from {sorted(DATA_KINDS)}")
-    check_sizes(cfg.data)
-
-
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     out = run_dir / "embed"
-    check_config(cfg)
     dataset = load_dataset(cfg.data, seed=cfg.seed)
     backbone = build_backbone(cfg.backbone, input_size=dataset.native_size)
     if backbone.modality != dataset.modality:
@@ -159,3 +154,13 @@ def load_images(run_dir: str | Path) -> dict[str, torch.Tensor] | None:
 
 def load_samples(run_dir: str | Path) -> dict:
     return load_json(Path(run_dir) / "embed" / "samples.json", what="sample ids (embed/samples.json)")
+
+
+STAGE = Stage(
+    name="embed",
+    run=run_stage,
+    sections=[Section("embed", EmbedConfig), backbones.SECTION, data.SECTION],
+    config_keys=["backbone", "data", "embed.normalize", "seed"],
+    enabled=lambda cfg: not cfg.reconstruct.victim_dir,  # auditing a victim trained elsewhere: nothing to embed
+    outputs=["embed/*.safetensors", "embed/samples.json"],
+)

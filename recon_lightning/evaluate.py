@@ -31,17 +31,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, List, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from .config import Section, rule
 from .errors import ConfigError, DataError
 from .storage import load_json, load_png
 from .image_params import to_unit_range
 from .matching import best_matches
+from .stages import Stage
 
 log = logging.getLogger(__name__)
 
@@ -303,46 +305,20 @@ def reference_ssim_figures(train_img: torch.Tensor, cand_img: torch.Tensor, chun
 
 @dataclass
 class EvalConfig:
-    good_threshold: float = 0.9
-    thresholds: tuple = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-    curve_points: int = 101
-    precision_ks: tuple = (10, 50, 100, 500, 1000)
-    grid_pairs: int = 24
-    image_scaling: str = "minmax"
-    lpips: str = "auto"
-    text_top: int = 10
-    text_k: int = 3
-    chunk: int = 4096
-    kkt_steps: int = 300
+    """Schema of ``evaluate`` (values and meaning: configs/evaluate/default.yaml); :func:`build_report` takes it as
+    an object (``OmegaConf.to_object(cfg.evaluate)``, or :func:`recon_lightning.config.shipped` outside the pipeline)."""
 
-    @classmethod
-    def from_cfg(cls, cfg) -> "EvalConfig":
-        e = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg or {})
-        d = cls()
-        out = cls(
-            good_threshold=float(e.get("good_threshold", d.good_threshold)),
-            thresholds=tuple(float(t) for t in e.get("thresholds", d.thresholds)),
-            curve_points=int(e.get("curve_points", d.curve_points)),
-            precision_ks=tuple(int(k) for k in e.get("precision_ks", d.precision_ks)),
-            grid_pairs=int(e.get("grid_pairs", d.grid_pairs)),
-            image_scaling=str(e.get("image_scaling", d.image_scaling)),
-            lpips=str(e.get("lpips", d.lpips)),
-            text_top=int(e.get("text_top", d.text_top)),
-            text_k=int(e.get("text_k", d.text_k)),
-            chunk=int(e.get("chunk", d.chunk)),
-            kkt_steps=int(e.get("kkt_steps", d.kkt_steps)),
-        )
-        if not -1 <= out.good_threshold <= 1:
-            raise ConfigError(f"evaluate.good_threshold is a cosine and must be in [-1, 1], got {out.good_threshold}")
-        if out.curve_points < 2:
-            raise ConfigError(f"evaluate.curve_points must be >= 2, got {out.curve_points}")
-        if out.image_scaling not in ("minmax", "clip"):
-            raise ConfigError(f"evaluate.image_scaling must be minmax or clip, got {out.image_scaling!r}")
-        if out.kkt_steps < 0:
-            raise ConfigError(f"evaluate.kkt_steps must be >= 0 (0 = off), got {out.kkt_steps}")
-        if out.lpips not in ("auto", "off"):
-            raise ConfigError(f"evaluate.lpips must be auto or off, got {out.lpips!r}")
-        return out
+    good_threshold: float = rule(ge=-1, le=1)  # a cosine
+    thresholds: List[float] = rule(ge=-1, le=1)
+    curve_points: int = rule(ge=2)
+    precision_ks: List[int] = rule(ge=1)
+    grid_pairs: int = rule(ge=0)
+    image_scaling: str = rule(choices=("minmax", "clip"))
+    lpips: str = rule(choices=("auto", "off"))
+    text_top: int = rule(ge=0)
+    text_k: int = rule(ge=1)
+    chunk: int = rule(ge=1)
+    kkt_steps: int = rule(ge=0)  # 0 = off
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -866,17 +842,24 @@ def _selection_grid(info: dict, inputs: _Inputs, train_img: torch.Tensor, sel_im
         inputs.out_dir / "selection.png", nearest, sel_img[:n], caps, "Top representatives (nearest training | reconstruction)"))
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Cheap checks of evaluate.*, run by ``fit`` before any stage starts (``cfg`` is the whole config)."""
-    EvalConfig.from_cfg(cfg.get("evaluate", {}))
-
-
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     from . import report as rp
 
     run_dir = Path(run_dir)
-    ecfg = EvalConfig.from_cfg(cfg.get("evaluate", {}))
+    ecfg: EvalConfig = OmegaConf.to_object(cfg.evaluate)
     report = build_report(run_dir, ecfg)
     rp.write_report(run_dir, report)
     rp.log_report(cfg, run_dir, report)
     return {"mode": report["mode"], **{k: v for k, v in report["summary"].items() if isinstance(v, (int, float))}}
+
+
+STAGE = Stage(
+    name="evaluate",
+    run=run_stage,
+    sections=[Section("evaluate", EvalConfig)],
+    config_keys=["evaluate"],
+    # the training set, when known (evaluation mode), and every earlier stage's results
+    inputs=["embed/*.safetensors", "embed/samples.json", "classifier/model.safetensors", "classifier/victim.json",
+            "reconstruct/candidates.safetensors", "select/*", "invert/*.json", "invert/images/*.png"],
+    outputs=["report.json", "report.html", "report/*.png"],
+)

@@ -24,12 +24,15 @@ pixel grid (adversarial patterns) but to features that survive natural transform
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
+from omegaconf import MISSING
 from torch import nn
 
+from .config import rule
 from .errors import ConfigError
 
 # lucid's square root of ImageNet's colour correlation matrix (RGB), column-normalised.
@@ -187,6 +190,37 @@ class DIPParam(nn.Module):
         return _fit(x, tuple(res))
 
 
+@dataclass
+class FourierConfig:
+    """Schema of ``invert.fourier``."""
+
+    decay: float = MISSING  # spectrum scale 1/f^decay
+
+
+@dataclass
+class DipConfig:
+    """Schema of ``invert.dip``."""
+
+    channels: List[int] = rule(ge=1, test=lambda v: len(v) > 0, what="a non-empty list of widths")
+    skip: int = rule(ge=0)
+    input_channels: int = rule(ge=1)
+    input_noise: float = rule(ge=0)
+
+
+@dataclass
+class AugmentConfig:
+    """Schema of ``invert.augment`` (see :class:`Augment`)."""
+
+    copies: int = rule(ge=1)
+    crop_scale: List[float] = rule(gt=0, le=1, test=lambda v: len(v) == 2 and v[0] <= v[1],
+                                   what="[min, max] with 0 < min <= max <= 1")
+    jitter: float = rule(ge=0)
+    flip: bool = MISSING
+    rotate: float = rule(ge=0)
+    color: float = rule(ge=0)
+    noise: float = rule(ge=0)
+
+
 def build_param(kind: str, n: int, size: Sequence[int], cfg, seeds: Sequence[int] | None = None) -> nn.Module:
     """The parameterisation ``kind`` (``cfg`` = the ``invert`` config section) for ``n`` images;
     ``seeds`` (one per image) fix each pixel / Fourier image's initialisation on its own."""
@@ -215,9 +249,7 @@ class Augment(nn.Module):
 
     def __init__(self, crop_scale=(1.0, 1.0), jitter=0.0, flip=False, rotate=0.0, color=0.0, noise=0.0):
         super().__init__()
-        lo, hi = (float(v) for v in crop_scale)
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"invert.augment.crop_scale must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
+        lo, hi = (float(v) for v in crop_scale)  # 0 < lo <= hi <= 1 (AugmentConfig's rule)
         self.crop_scale, self.jitter, self.flip = (lo, hi), float(jitter), bool(flip)
         self.rotate, self.color, self.noise = float(rotate), float(color), float(noise)
 

@@ -31,26 +31,59 @@ import json
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import List, Optional
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
 from . import distributed
 from .backbones import Backbone, build_backbone, embedding_dim
+from .config import Section, rule, section
 from .errors import ConfigError, DataError, DivergedError, ModelMismatchError
-from .image_params import Augment, build_param, to_unit_range, total_variation
+from .image_params import (PARAMETERISATIONS, Augment, AugmentConfig, DipConfig, FourierConfig, build_param,
+                           to_unit_range, total_variation)
+from .invert_unclip import UnclipConfig
+from .stages import Stage
 from .storage import fingerprint, load_json, load_png, load_tensors, save_json, save_png  # noqa: F401 (load_png: API)
 from .training import resolve_device, run_on_every_rank, steps_loader
 
 log = logging.getLogger(__name__)
 
 METHODS = ("direct", "unclip")
+
+
+@dataclass
+class InvertConfig:
+    """Schema of ``invert`` (values and meaning: configs/invert/*.yaml)."""
+
+    num_images: int = MISSING  # <= 0: all
+    method: str = rule(choices=METHODS)
+    device: str = MISSING  # auto | cpu | cuda
+    seed: int = MISSING
+    param: str = rule(choices=PARAMETERISATIONS)
+    steps: int = rule(ge=1)
+    batch_size: int = rule(ge=1)
+    checkpoint_every_n_steps: int = rule(ge=0)  # 0 = off
+    log_every_n_steps: int = rule(ge=0)
+    lr: Optional[float] = rule(gt=0)  # null = per-parameterisation default
+    scales: List[float] = rule(gt=0, le=1, test=lambda v: len(v) > 0, what="a non-empty list of fractions")
+    decorrelate: bool = MISSING
+    tv_weight: float = rule(ge=0)
+    l2_weight: float = rule(ge=0)
+    augment: AugmentConfig = section(AugmentConfig)
+    fourier: FourierConfig = section(FourierConfig)
+    dip: DipConfig = section(DipConfig)
+    identity_scaling: str = rule(choices=("minmax", "clip", "auto"))
+    unclip: UnclipConfig = section(UnclipConfig)
+    text_corpus: Optional[str] = MISSING
+    top_k: int = rule(ge=1)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -171,10 +204,7 @@ class DirectInversion(L.LightningModule):
         self.tv_weight, self.l2_weight = float(cfg.tv_weight), float(cfg.l2_weight)
         self.lr = float(cfg.lr) if cfg.get("lr") is not None else {"dip": 0.002, "fourier": 0.05, "pixels": 0.05}[cfg.param]
         self.steps = int(steps)
-        scales = [float(s) for s in cfg.scales] or [1.0]
-        if any(not 0 < s <= 1 for s in scales):
-            raise ConfigError(f"invert.scales must be fractions in (0, 1], got {scales}")
-        self.scales = scales
+        self.scales = [float(s) for s in cfg.scales] or [1.0]  # fractions in (0, 1]: InvertConfig's rule
         # Many optimisation steps per Lightning step (manual optimisation; see training_step).
         self.automatic_optimization = False
         self.steps_per_call = inner_steps(cfg, self.steps)
@@ -291,8 +321,6 @@ def invert_direct(
     """
     check_dim(targets, backbone)
     steps = int(cfg.steps)
-    if steps < 1:
-        raise ConfigError(f"invert.steps must be >= 1, got {steps}")
     bs = max(1, int(cfg.batch_size))
     if trainer_factory is None:
 
@@ -376,24 +404,11 @@ def text_matches(backbone: Backbone, targets: torch.Tensor, corpus: list[str], t
 # ----------------------------------------------------------------------------- stage
 
 
-PARAMS = ("dip", "fourier", "pixels")
-
-
 def check_config(cfg: DictConfig) -> None:
-    """Cheap checks of invert.*, run by ``fit`` before any stage starts."""
-    icfg = cfg.invert
-    if icfg.method not in METHODS:
-        raise ConfigError(f"unknown invert.method {icfg.method!r}; choose from {list(METHODS)}")
-    if icfg.param not in PARAMS:
-        raise ConfigError(f"unknown invert.param {icfg.param!r}; choose from {list(PARAMS)}")
-    if int(icfg.steps) < 1 or int(icfg.batch_size) < 1:
-        raise ConfigError("invert.steps and invert.batch_size must be >= 1")
-    if int(icfg.checkpoint_every_n_steps) < 0:
-        raise ConfigError(f"invert.checkpoint_every_n_steps must be >= 0 (0 = off), got {icfg.checkpoint_every_n_steps}")
-    victim_dir = cfg.reconstruct.get("victim_dir")
+    """What the schema's rules cannot check: auditing a victim from elsewhere, the backbone named in the config must
+    make embeddings of the victim's input size, or inversion would fail only after the whole reconstruction."""
+    victim_dir = cfg.reconstruct.victim_dir
     if victim_dir and (Path(victim_dir) / "victim.json").is_file():
-        # Auditing a victim from elsewhere: the backbone named in the config must make embeddings of the
-        # victim's input size, or inversion would fail only after the whole reconstruction.
         spec = load_json(Path(victim_dir) / "victim.json", what="victim description (victim.json)")
         input_size = (spec.get("embedding") or {}).get("input_size")
         dim = embedding_dim(cfg.backbone, tuple(input_size) if input_size else None)
@@ -443,8 +458,6 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
         rows = write_images(run_dir, list(range(len(targets))), imgs, backbone, targets, cand,
                             resolve_device(icfg.device), worker_rank=0)
     else:
-        if icfg.method not in METHODS:
-            raise ConfigError(f"unknown invert.method {icfg.method!r}; choose from {list(METHODS)}")
         rows = run_on_every_rank(cfg, run_dir, "invert", _invert_on_rank, cfg, run_dir, backbone, targets, cand, meta)
         if rows is None:  # a rank other than 0
             return {}
@@ -563,3 +576,17 @@ def _invert_on_rank(rank: int, world: int, device_kw: dict, cfg: DictConfig, run
                        batch_name=lambda ids: f"targets_{ids[0]:04d}-{ids[-1]:04d}_{fingerprint('invert-batch', ids)}",
                        run_batch=run_batch, merge=merge, poll_s=0.5, on_start=start, on_end=lambda: bar.close())
     return run_shard(work, cfg, run_dir, rank, world, device_kw)
+
+
+STAGE = Stage(
+    name="invert",
+    run=run_stage,
+    sections=[Section("invert", InvertConfig)],
+    config_keys=["invert", "trainer.precision"],
+    cadence_keys=["invert.checkpoint_every_n_steps", "invert.log_every_n_steps"],
+    resumable_keys=["invert.num_images"],  # target t is the same whatever the total: only the missing ones are added
+    all_ranks=True,
+    check=check_config,
+    inputs=["select/selection.safetensors", "embed/embeddings.safetensors", "embed/images.safetensors"],
+    outputs=["invert/inversion.json", "invert/text_matches.json", "invert/images/*.png"],
+)

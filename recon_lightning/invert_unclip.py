@@ -39,14 +39,16 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from tqdm.auto import tqdm
 
 from .backbones import Backbone
+from .config import is_number, rule
 from .errors import ConfigError, DataError, ModelMismatchError
 from .training import resolve_device
 
@@ -133,6 +135,26 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype):
     return pipe.to(device), kind
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class UnclipConfig:
+    """Schema of ``invert.unclip`` (values and meaning: configs/invert/*.yaml)."""
+
+    model: str = MISSING
+    steps: int = rule(ge=1)
+    guidance: float = rule(ge=0)
+    noise_level: int = rule(ge=0)
+    prompt: str = MISSING
+    height: Optional[int] = rule(ge=1)
+    width: Optional[int] = rule(ge=1)
+    # auto | null (no rescaling) | a norm: typed Any (OmegaConf has no Union of str and float)
+    embed_norm: Any = rule(test=lambda v: v == "auto" or (is_number(v) and v > 0), what="auto, null or a number > 0")
+    dtype: str = rule(choices=("auto", *DTYPES))
+    seed: int = MISSING
+
+
 def decoder_dim(pipe, kind: str) -> int:
     if kind == "stable_unclip":
         return int(pipe.image_normalizer.mean.shape[-1])
@@ -140,13 +162,10 @@ def decoder_dim(pipe, kind: str) -> int:
 
 
 def target_norm(cfg_norm, pipe, kind: str, meta: dict) -> float | None:
-    if cfg_norm is None or str(cfg_norm).lower() in ("none", "null"):
+    if cfg_norm is None:
         return None
-    if str(cfg_norm).lower() != "auto":
-        try:
-            return float(cfg_norm)
-        except ValueError:
-            raise ConfigError(f"invert.unclip.embed_norm must be auto, none or a number, got {cfg_norm!r}") from None
+    if cfg_norm != "auto":
+        return float(cfg_norm)
     if meta.get("normalize", "none") == "none" and meta.get("mean_norm"):
         return float(meta["mean_norm"])  # the training embeddings are raw CLIP embeddings
     if kind == "stable_unclip":
@@ -162,10 +181,7 @@ def target_norm(cfg_norm, pipe, kind: str, meta: dict) -> float | None:
 def _dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-    except KeyError:
-        raise ConfigError(f"invert.unclip.dtype must be auto, float32, float16 or bfloat16, got {name!r}") from None
+    return DTYPES[name]
 
 
 @torch.no_grad()

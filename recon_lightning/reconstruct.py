@@ -23,18 +23,20 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, List, Optional, Sequence
 
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
+from .config import Section, as_range, auto_or_int, number_or_range, rule
 from .errors import ConfigError, DataError, ModelMismatchError
-from .kkt import (ACTIVATIONS, DTYPES, MATMUL_PRECISIONS, MULTIPLIERS, KKTObjective, fit_multipliers, prior_penalty,
-                  resolve_form, resolve_prior)
+from .kkt import (ACTIVATIONS, DTYPES, FORMS, MATMUL_PRECISIONS, MULTIPLIERS, PRIORS, KKTObjective, fit_multipliers,
+                  prior_penalty, resolve_form, resolve_prior)
 from .matching import best_matches
+from .stages import Stage
 from .storage import fingerprint, load_tensors, save_tensors
 from .victim import VictimMLP, check_given_victim, load_victim
 
@@ -44,21 +46,47 @@ log = logging.getLogger(__name__)
 HPARAMS = {"init_scale": "log", "lr": "log", "lambda_lr": "log", "lambda_min": "uniform", "alpha": "uniform"}
 
 
+@dataclass
+class ReconstructConfig:
+    """Schema of ``reconstruct`` (values and their meaning: configs/reconstruct/*.yaml). The sampled
+    hyperparameters hold "a number or [low, high]": typed Any (OmegaConf has no Union of a float and a list),
+    their rule checks the shape."""
+
+    victim_dir: Optional[str] = MISSING
+    embeddings_dir: Optional[str] = MISSING
+    num_runs: int = rule(ge=1)
+    runs_per_batch: Any = auto_or_int(ge=1)  # auto = as many as the free memory holds (typed Any: auto or an int)
+    steps: int = rule(ge=1)
+    multiplier: float = rule(gt=0)
+    candidates_per_class: Optional[int] = rule(ge=1)
+    form: str = rule(choices=("auto", *FORMS))
+    activation: str = rule(choices=ACTIVATIONS)
+    dtype: str = rule(choices=tuple(DTYPES))
+    optimizer: str = rule(choices=("adam", "sgd"))
+    kkt_loss: str = rule(choices=("relative", "absolute"))
+    init_scale: Any = number_or_range(gt=0)  # sampled log-uniformly: > 0
+    lr: Any = number_or_range(gt=0)
+    lambda_lr: Any = number_or_range(gt=0)  # null = the same as lr
+    lambda_min: Any = number_or_range(ge=0)  # multipliers are non-negative
+    alpha: Any = number_or_range(gt=0)  # sharpness of the smooth ReLU derivative
+    lambda_weight: float = rule(ge=0)
+    lambda_per_candidate: bool = MISSING
+    lambda_constraint: str = rule(choices=("project", "penalty"))
+    multipliers: str = rule(choices=MULTIPLIERS)
+    prior: str = rule(choices=("auto", *PRIORS))
+    prior_weight: float = rule(ge=0)
+    box: List[float] = rule(test=lambda v: len(v) == 2 and v[0] <= v[1], what="[low, high] with low <= high")
+    box_on: str = rule(choices=("embedding", "victim_input"))
+    seed: Optional[int] = MISSING  # null = the top-level seed
+    score_with_train: bool = MISSING
+    log_every_n_steps: int = rule(ge=0)  # 0 = off
+    checkpoint_every_n_steps: int = rule(ge=0)  # 0 = off
+    wait_timeout_s: float = rule(gt=0)
+    compile: Any = rule(choices=(False, True, "auto"))  # typed Any: a bool or auto
+    matmul_precision: str = rule(choices=MATMUL_PRECISIONS)
+
+
 # ----------------------------------------------------------------------------- hyperparameters
-
-
-def _range(value: Any, name: str) -> tuple[float, float]:
-    """A config value that is a number (fixed) or [low, high] (sampled) -> (low, high)."""
-    if OmegaConf.is_config(value):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value), float(value)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
-        lo, hi = float(value[0]), float(value[1])
-        if lo > hi:
-            raise ConfigError(f"reconstruct.{name}: range [{lo}, {hi}] has low > high")
-        return lo, hi
-    raise ConfigError(f"reconstruct.{name} must be a number or a [low, high] range, got {value!r}")
 
 
 def sample_hparams(rcfg: DictConfig | dict, seed: int, run_id: int) -> dict:
@@ -69,14 +97,8 @@ def sample_hparams(rcfg: DictConfig | dict, seed: int, run_id: int) -> dict:
         value = rcfg.get(name)
         if value is None and name == "lambda_lr":
             value = rcfg.get("lr")
-        lo, hi = _range(value, name)
-        if name == "alpha" and lo <= 0:
-            raise ConfigError(f"reconstruct.alpha (sharpness of the smooth ReLU derivative) must be > 0, got {value!r}")
-        if name == "lambda_min" and lo < 0:
-            raise ConfigError(f"reconstruct.lambda_min must be >= 0 (multipliers are non-negative), got {value!r}")
+        lo, hi = as_range(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
         if kind == "log":
-            if lo <= 0:
-                raise ConfigError(f"reconstruct.{name} must be > 0 (sampled log-uniformly), got {value!r}")
             out[name] = float(math.exp(rng.uniform(math.log(lo), math.log(hi)))) if hi > lo else lo
         else:
             out[name] = float(rng.uniform(lo, hi)) if hi > lo else lo
@@ -483,11 +505,11 @@ def merge_runs(run_dir: Path, num_runs: int, train_x: torch.Tensor | None, meta:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Cheap checks of reconstruct.* (values, ranges, choices), run by ``fit`` before any stage starts;
-    what depends on the victim is checked again once it is loaded. A victim from elsewhere
-    (``reconstruct.victim_dir``) is loaded now, and checked against the embeddings it is scored with."""
-    _plan(cfg, {"num_classes": 2, "n_train": 1})
-    if cfg.reconstruct.get("victim_dir"):
+    """What the schema's rules cannot check: ``trainer.precision`` against ``reconstruct.dtype``, and a victim from
+    elsewhere (``reconstruct.victim_dir``), loaded now, its size checked against the embeddings it is scored with
+    and its health judged; what depends on the victim is checked again once the stage loads it."""
+    stage_precision(cfg)
+    if cfg.reconstruct.victim_dir:
         victim, spec = load_victim(Path(cfg.reconstruct.victim_dir))
         _plan(cfg, spec)
         _train_embeddings(cfg, Path(cfg.run_dir), victim.input_dim, load=False)
@@ -496,33 +518,6 @@ def check_config(cfg: DictConfig) -> None:
 
 def _plan(cfg: DictConfig, spec: dict) -> dict:
     rcfg = OmegaConf.to_container(cfg.reconstruct, resolve=True)
-    for key in ("num_runs", "runs_per_batch", "steps"):
-        if key == "runs_per_batch" and rcfg[key] == "auto":
-            continue
-        if isinstance(rcfg[key], str) or int(rcfg[key]) < 1:
-            raise ConfigError(f"reconstruct.{key} must be >= 1{' or auto' if key == 'runs_per_batch' else ''}, got {rcfg[key]!r}")
-    for key in ("checkpoint_every_n_steps", "log_every_n_steps"):
-        if int(rcfg[key]) < 0:
-            raise ConfigError(f"reconstruct.{key} must be >= 0 (0 = off), got {rcfg[key]}")
-    if rcfg.get("matmul_precision", "highest") not in MATMUL_PRECISIONS:
-        raise ConfigError(f"reconstruct.matmul_precision must be one of {MATMUL_PRECISIONS}, got {rcfg['matmul_precision']!r}")
-    if not isinstance(rcfg.get("compile", False), bool) and rcfg.get("compile") != "auto":
-        raise ConfigError(f"reconstruct.compile must be true, false or auto, got {rcfg['compile']!r}")
-    stage_precision(cfg)
-    if rcfg["dtype"] not in DTYPES:
-        raise ConfigError(f"reconstruct.dtype must be one of {list(DTYPES)}, got {rcfg['dtype']!r}")
-    if rcfg["activation"] not in ACTIVATIONS:
-        raise ConfigError(f"reconstruct.activation must be one of {ACTIVATIONS}, got {rcfg['activation']!r}")
-    if rcfg["kkt_loss"] not in ("relative", "absolute"):
-        raise ConfigError(f"reconstruct.kkt_loss must be relative or absolute, got {rcfg['kkt_loss']!r}")
-    if rcfg["multipliers"] not in MULTIPLIERS:
-        raise ConfigError(f"reconstruct.multipliers must be one of {MULTIPLIERS}, got {rcfg['multipliers']!r}")
-    if rcfg["lambda_constraint"] not in ("project", "penalty"):
-        raise ConfigError(f"reconstruct.lambda_constraint must be project or penalty, got {rcfg['lambda_constraint']!r}")
-    if rcfg["box_on"] not in ("embedding", "victim_input"):
-        raise ConfigError(f"reconstruct.box_on must be embedding or victim_input, got {rcfg['box_on']!r}")
-    if not isinstance(rcfg["lambda_per_candidate"], bool):
-        raise ConfigError(f"reconstruct.lambda_per_candidate must be true or false, got {rcfg['lambda_per_candidate']!r}")
     C = int(spec["num_classes"])
     if rcfg.get("candidates_per_class"):
         per_class = int(rcfg["candidates_per_class"])
@@ -833,3 +828,21 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
                        batch_name=lambda ids: batch_name(ids, [hps[r] for r in ids]), run_batch=run_batch, merge=merge,
                        wait_timeout_s=float(rcfg["wait_timeout_s"]), poll_s=1.0)
     return run_shard(work, cfg, run_dir, rank, world, device_kw)
+
+
+STAGE = Stage(
+    name="reconstruct",
+    run=run_stage,
+    sections=[Section("reconstruct", ReconstructConfig)],
+    config_keys=["reconstruct", "trainer.precision", "seed"],
+    cadence_keys=["reconstruct.log_every_n_steps", "reconstruct.checkpoint_every_n_steps", "reconstruct.wait_timeout_s"],
+    # run r is the same run whatever the total: raising the count only adds the missing runs
+    resumable_keys=["reconstruct.num_runs", "reconstruct.runs_per_batch"],
+    all_ranks=True,
+    check=check_config,
+    inputs=["classifier/model.safetensors", "classifier/victim.json", "embed/embeddings.safetensors",
+            # a victim trained elsewhere, and the training set it is scored with
+            "{reconstruct.victim_dir}/model.safetensors", "{reconstruct.victim_dir}/victim.json",
+            "{reconstruct.embeddings_dir}/embed/embeddings.safetensors"],
+    outputs=["reconstruct/candidates.safetensors", "reconstruct/runs/*.safetensors"],
+)

@@ -50,14 +50,17 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .config import Section, auto_or_int, rule, section
 from .errors import ConfigError, DataError
+from .stages import Stage
 from .storage import load_json, load_tensors, save_json, save_tensors
 
 log = logging.getLogger(__name__)
@@ -67,99 +70,48 @@ SCORE_TERMS = ("size", "tightness", "runs", "lam", "loss")
 
 
 @dataclass
+class ScoreWeights:
+    """Weights of the cluster score's terms (see the module docstring)."""
+
+    size: float = rule(ge=0)
+    tightness: float = rule(ge=0)
+    runs: float = rule(ge=0)
+    lam: float = rule(ge=0)
+    loss: float = rule(ge=0)
+
+
+@dataclass
+class KmeansConfig:
+    niter: int = rule(ge=1)
+    max_points_per_centroid: int = rule(ge=1)
+
+
+@dataclass
+class KnnConfig:
+    k: int = rule(ge=1)
+    min_cosine: float = rule(ge=-1, le=1)
+    exact_max: int = rule(ge=0)
+    reduce_dim: int = rule(ge=0)  # 0 = no reduction
+    k_factor: float = rule(ge=1)
+    nlist: Any = auto_or_int(ge=1)  # typed Any: auto or an integer (OmegaConf has no Union of str and int)
+    nprobe: int = rule(ge=1)
+
+
+@dataclass
 class SelectConfig:
-    """Plain-Python view of ``cfg.select`` (so the core functions are testable without Hydra)."""
+    """Schema of ``select`` (values: configs/select/default.yaml); the core functions take it as an object
+    (``OmegaConf.to_object(cfg.select)``, or :func:`recon_lightning.config.shipped` outside the pipeline)."""
 
-    method: str = "knn"
-    num_clusters: int | str = "auto"
-    num_representatives: int = 100
-    per_class: bool = True
-    exclude_failed_runs: bool = True
-    min_cluster_size: int = 1
-    weights: dict = field(default_factory=lambda: {"size": 1.0, "tightness": 1.0, "runs": 1.0, "lam": 0.25, "loss": 0.25})
-    kmeans_niter: int = 25
-    kmeans_max_points_per_centroid: int = 256
-    knn_k: int = 10
-    knn_min_cosine: float = 0.9
-    knn_exact_max: int = 20000
-    knn_nprobe: int = 16
-    knn_nlist: int | str = "auto"
-    knn_reduce_dim: int = 64
-    knn_k_factor: float = 4.0
-    use_gpu: str | bool = "auto"
-    seed: int = 0
-
-    @classmethod
-    def from_cfg(cls, cfg: DictConfig, seed: int = 0) -> "SelectConfig":
-        s = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-        km, knn = s.get("kmeans", {}) or {}, s.get("knn", {}) or {}
-        out = cls(
-            method=s.get("method", "knn"),
-            num_clusters=s.get("num_clusters", "auto"),
-            num_representatives=int(s.get("num_representatives", 100)),
-            per_class=bool(s.get("per_class", True)),
-            exclude_failed_runs=bool(s.get("exclude_failed_runs", True)),
-            min_cluster_size=int(s.get("min_cluster_size", 1)),
-            weights={**cls().weights, **(s.get("weights") or {})},
-            kmeans_niter=int(km.get("niter", 25)),
-            kmeans_max_points_per_centroid=int(km.get("max_points_per_centroid", 256)),
-            knn_k=_number(knn.get("k", 10), int, "select.knn.k"),
-            knn_min_cosine=_number(knn.get("min_cosine", 0.9), float, "select.knn.min_cosine"),
-            knn_exact_max=_number(knn.get("exact_max", 20000), int, "select.knn.exact_max"),
-            knn_nprobe=_number(knn.get("nprobe", 16), int, "select.knn.nprobe"),
-            knn_nlist=_number(knn.get("nlist", "auto"), int, "select.knn.nlist", auto=True),
-            knn_reduce_dim=_number(knn.get("reduce_dim", 64), int, "select.knn.reduce_dim"),
-            knn_k_factor=_number(knn.get("k_factor", 4.0), float, "select.knn.k_factor"),
-            use_gpu=s.get("use_gpu", "auto"),
-            seed=int(seed),
-        )
-        out.validate()
-        return out
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"select.method must be one of {METHODS}, got {self.method!r}")
-        if not (self.num_clusters == "auto" or (isinstance(self.num_clusters, int) and self.num_clusters >= 1)):
-            raise ConfigError(f"select.num_clusters must be 'auto' or a positive integer, got {self.num_clusters!r}")
-        if self.num_representatives < 1:
-            raise ConfigError(f"select.num_representatives must be >= 1, got {self.num_representatives}")
-        unknown = set(self.weights) - set(SCORE_TERMS)
-        if unknown:
-            raise ConfigError(f"select.weights has unknown terms {sorted(unknown)}; known: {list(SCORE_TERMS)}")
-        if any(float(w) < 0 for w in self.weights.values()) or sum(float(w) for w in self.weights.values()) <= 0:
-            raise ConfigError(f"select.weights must be >= 0 and not all 0, got {self.weights}")
-        if self.knn_k < 1:
-            raise ConfigError(f"select.knn.k must be >= 1, got {self.knn_k}")
-        if not -1.0 <= self.knn_min_cosine <= 1.0:
-            raise ConfigError(f"select.knn.min_cosine must be in [-1, 1], got {self.knn_min_cosine}")
-        if not _is_int(self.knn_exact_max) or self.knn_exact_max < 0:
-            raise ConfigError(f"select.knn.exact_max must be an integer >= 0, got {self.knn_exact_max!r}")
-        if not _is_int(self.knn_nprobe) or self.knn_nprobe < 1:
-            raise ConfigError(f"select.knn.nprobe must be an integer >= 1, got {self.knn_nprobe!r}")
-        if not (self.knn_nlist == "auto" or (_is_int(self.knn_nlist) and self.knn_nlist >= 1)):
-            raise ConfigError(f"select.knn.nlist must be 'auto' or an integer >= 1, got {self.knn_nlist!r}")
-        if not _is_int(self.knn_reduce_dim) or self.knn_reduce_dim < 0:
-            raise ConfigError(f"select.knn.reduce_dim must be an integer >= 0 (0 = no reduction), got {self.knn_reduce_dim!r}")
-        if isinstance(self.knn_k_factor, bool) or not isinstance(self.knn_k_factor, (int, float)) \
-                or not self.knn_k_factor >= 1:
-            raise ConfigError(f"select.knn.k_factor must be a number >= 1, got {self.knn_k_factor!r}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _number(v, typ: type, key: str, auto: bool = False):
-    """Config value ``v`` as ``typ`` (int or float; ``'auto'`` kept when ``auto``), else ConfigError naming ``key``."""
-    if auto and v == "auto":
-        return v
-    what = ("'auto' or " if auto else "") + ("an integer" if typ is int else "a number")
-    if isinstance(v, bool) or (typ is int and isinstance(v, float) and not v.is_integer()):
-        raise ConfigError(f"{key} must be {what}, got {v!r}")
-    try:
-        return typ(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be {what}, got {v!r}") from None
+    method: str = rule(choices=METHODS)
+    num_clusters: Any = auto_or_int(ge=1)
+    num_representatives: int = rule(ge=1)
+    per_class: bool = MISSING
+    exclude_failed_runs: bool = MISSING
+    min_cluster_size: int = rule(ge=1)
+    use_gpu: Any = rule(choices=("auto", True, False))  # typed Any: auto or a bool
+    weights: ScoreWeights = section(ScoreWeights, test=lambda w: sum(w.values()) > 0, what="weights not all 0")
+    kmeans: KmeansConfig = section(KmeansConfig)
+    knn: KnnConfig = section(KnnConfig)
 
 
 # ----------------------------------------------------------------------------- faiss helpers
@@ -437,7 +389,7 @@ def _interleave(per_class: list[list[dict]]) -> list[dict]:
 
 def select_candidates(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, run: torch.Tensor,
                       run_loss: torch.Tensor, scfg: SelectConfig, keep: torch.Tensor | None = None,
-                      progress: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
+                      progress: bool = True, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Cluster and rank candidates. ``keep`` (bool mask) excludes e.g. failed runs.
 
     Returns the selection tensors (``x``, ``candidate_index``, ``score``, ``cluster_size``, ``y``;
@@ -445,7 +397,6 @@ def select_candidates(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, run: 
     """
     from tqdm.auto import tqdm
 
-    scfg.validate()
     n_all = x.shape[0]
     if x.ndim != 2 or n_all == 0:
         raise DataError(f"selection needs a non-empty (N, D) candidate array, got shape {tuple(x.shape)}")
@@ -468,12 +419,13 @@ def select_candidates(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, run: 
         xg = xn[g]
         if scfg.method == "kmeans":
             k = auto_num_clusters(len(g)) if scfg.num_clusters == "auto" else int(scfg.num_clusters)
-            labels = kmeans_labels(xg, k, niter=scfg.kmeans_niter, seed=scfg.seed, gpu=gpu,
-                                   max_points_per_centroid=scfg.kmeans_max_points_per_centroid)
+            labels = kmeans_labels(xg, k, niter=scfg.kmeans.niter, seed=seed, gpu=gpu,
+                                   max_points_per_centroid=scfg.kmeans.max_points_per_centroid)
         else:
-            labels = knn_labels(xg, k=scfg.knn_k, min_cosine=scfg.knn_min_cosine, exact_max=scfg.knn_exact_max,
-                                gpu=gpu, nprobe=scfg.knn_nprobe, nlist=scfg.knn_nlist, reduce_dim=scfg.knn_reduce_dim,
-                                k_factor=scfg.knn_k_factor, seed=scfg.seed, progress=progress)
+            knn = scfg.knn
+            labels = knn_labels(xg, k=knn.k, min_cosine=knn.min_cosine, exact_max=knn.exact_max, gpu=gpu,
+                                nprobe=knn.nprobe, nlist=knn.nlist, reduce_dim=knn.reduce_dim, k_factor=knn.k_factor,
+                                seed=seed, progress=progress)
         stats = cluster_stats(xg, labels, y_np[g], lam_np[g], run_np[g], loss_np[g])
         # cluster_stats indexes within the group (xg); map back to the original candidate array.
         for c in stats:
@@ -482,7 +434,7 @@ def select_candidates(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, run: 
         all_stats.append(stats)
     # Score over all clusters together, so the size/runs normalisation is shared across classes.
     flat = [c for stats in all_stats for c in stats]
-    score_clusters(flat, scfg.weights)
+    score_clusters(flat, asdict(scfg.weights))
     ranked_lists = [
         sorted([c for c in stats if c["size"] >= scfg.min_cluster_size], key=lambda c: -c["score"]) for stats in all_stats
     ]
@@ -527,14 +479,9 @@ def failed_runs(meta: dict) -> set[int]:
     return {int(r["run"]) for r in meta.get("runs", []) if r.get("status", "ok") != "ok"}
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Cheap checks of select.*, run by ``fit`` before any stage starts (``cfg`` is the whole config)."""
-    SelectConfig.from_cfg(cfg.select, seed=int(cfg.get("seed", 0)))
-
-
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
-    scfg = SelectConfig.from_cfg(cfg.select, seed=int(cfg.get("seed", 0)))
+    scfg: SelectConfig = OmegaConf.to_object(cfg.select)
     tensors, meta = read_candidates(run_dir)
     missing = [k for k in ("x", "y", "lam", "run", "run_loss") if k not in tensors]
     if missing:
@@ -546,12 +493,12 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
         keep &= ~torch.isin(run, torch.tensor(sorted(failed), dtype=torch.int64))
     log.info("select: %d candidates, %d from failed runs excluded", x.shape[0], int((~keep).sum()))
     selection, clusters = select_candidates(x, tensors["y"].long(), tensors["lam"].float(), run,
-                                            tensors["run_loss"].float(), scfg, keep=keep)
+                                            tensors["run_loss"].float(), scfg, keep=keep, seed=int(cfg.seed))
     out_dir = run_dir / "select"
     n_used = int(sum(c["size"] for c in clusters))
     save_tensors(out_dir / "selection.safetensors", selection,
                  {"method": scfg.method, "num_candidates": x.shape[0], "num_used": n_used,
-                  "num_clusters": len(clusters), "weights": scfg.weights, "per_class": scfg.per_class})
+                  "num_clusters": len(clusters), "weights": asdict(scfg.weights), "per_class": scfg.per_class})
     save_json(out_dir / "clusters.json", clusters_json(clusters, scfg, x.shape[0], n_used, failed))
     top = selection["score"][:1].tolist()
     return {"num_candidates": int(x.shape[0]), "num_used": n_used, "num_clusters": len(clusters),
@@ -575,7 +522,7 @@ def clusters_json(clusters: list[dict], scfg: SelectConfig, n_candidates: int, n
         e["members"] = [int(m) for m in c["members"][:max_members]]
         entries.append(e)
     return {"method": scfg.method, "num_candidates": n_candidates, "num_used": n_used,
-            "excluded_failed_runs": sorted(failed), "weights": scfg.weights, "per_class": scfg.per_class,
+            "excluded_failed_runs": sorted(failed), "weights": asdict(scfg.weights), "per_class": scfg.per_class,
             "num_clusters": len(clusters), "clusters": entries}
 
 
@@ -586,3 +533,13 @@ def load_selection(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if missing:
         raise DataError(f"selection file lacks field(s) {missing}: {Path(run_dir) / 'select' / 'selection.safetensors'}")
     return tensors, meta
+
+
+STAGE = Stage(
+    name="select",
+    run=run_stage,
+    sections=[Section("select", SelectConfig)],
+    config_keys=["select"],
+    inputs=["reconstruct/candidates.safetensors"],
+    outputs=["select/selection.safetensors", "select/clusters.json"],
+)

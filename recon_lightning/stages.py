@@ -18,6 +18,7 @@ rather than deleting them.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
+from .config import Section
 from .storage import file_hash, fingerprint, load_json, save_json
 
 log = logging.getLogger(__name__)
@@ -33,15 +35,39 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Stage:
+    """A pipeline stage as its module declares it (``STAGE`` at the end of each stage module); the runner
+    (:func:`run_stages`, and ``fit``) reads nothing else about it."""
+
     name: str
     run: Callable[[DictConfig, Path], dict | None]
-    config_keys: list[str]  # config sections whose values change this stage's outputs
+    config_keys: list[str]  # config sections / keys whose values change this stage's outputs
     all_ranks: bool = False  # True for Lightning stages that run under DDP on every rank
     enabled: Callable[[DictConfig], bool] = field(default=lambda cfg: True)
     cadence_keys: list[str] = field(default_factory=list)  # inside config_keys, but change no output
     resumable_keys: list[str] = field(default_factory=list)  # change the outputs, yet finished parts stay valid
+    # Globs of the files it reads: relative to run_dir (earlier stages' outputs, which reach the fingerprint through
+    # the chain of stages), or ``{config.key}/glob`` in a folder a config key names (hashed into the fingerprint;
+    # skipped while the key is null).
+    inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)  # globs relative to run_dir: the files DONE.json vouches for
-    inputs: Callable[[DictConfig], list[Path]] = field(default=lambda cfg: [])  # files read from outside run_dir
+    sections: list[Section] = field(default_factory=list)  # the config sections it owns, with their schemas
+    check: Callable[[DictConfig], None] = field(default=lambda cfg: None)  # checks the schema's rules cannot
+    # express (several keys together, files a key names), run by ``fit`` before the first stage starts
+
+
+def outside_inputs(cfg: DictConfig, patterns: list[str]) -> list[Path]:
+    """The files matching the ``{config.key}/glob`` entries of ``patterns`` (a null key contributes none); a
+    pattern without wildcards gives its path even when the file is missing (its appearing changes the fingerprint)."""
+    files = []
+    for pattern in patterns:
+        match = re.fullmatch(r"\{([\w.]+)\}/(.+)", pattern)
+        folder = OmegaConf.select(cfg, match.group(1), default=None) if match else None
+        if not folder:
+            continue
+        base = Path(str(folder)).expanduser()
+        rest = match.group(2)
+        files += sorted(base.glob(rest)) if any(c in rest for c in "*?[") else [base / rest]
+    return files
 
 
 def _drop(tree: dict, dotted: str) -> None:
@@ -65,7 +91,7 @@ def stage_fingerprint(cfg: DictConfig, stage: Stage, upstream: str, leave_out: l
                 parts.pop(key)
             elif dotted.startswith(key + ".") and isinstance(parts[key], dict):
                 _drop(parts[key], dotted[len(key) + 1:])
-    inputs = {str(path): file_hash(path) if path.is_file() else None for path in stage.inputs(cfg)}
+    inputs = {str(path): file_hash(path) if path.is_file() else None for path in outside_inputs(cfg, stage.inputs)}
     return fingerprint(stage.name, upstream, parts, *([inputs] if inputs else []))
 
 

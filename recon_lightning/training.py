@@ -9,19 +9,39 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .config import rule, section
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 LOGGERS = ("csv", "wandb", "tensorboard", "none")
+
+
+@dataclass
+class WandbConfig:
+    """Schema of ``logger.wandb`` (values: configs/config.yaml)."""
+
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    group: Optional[str] = MISSING
+    mode: str = rule(choices=("auto", "offline", "online"))
+
+
+@dataclass
+class LoggerConfig:
+    """Schema of ``logger`` (values: configs/config.yaml)."""
+
+    name: str = rule(choices=LOGGERS)
+    wandb: WandbConfig = section(WandbConfig)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,9 +95,7 @@ def build_logger(cfg: DictConfig, run_dir: Path, stage: str) -> Logger | bool:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         return TensorBoardLogger(save_dir=str(run_dir / stage), name="logs", version="")
-    if name == "none":
-        return False
-    raise ConfigError(f"unknown logger.name {name!r}; choose from {LOGGERS}")
+    return False  # logger.name=none
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bool, **overrides: Any) -> L.Trainer:

@@ -17,22 +17,51 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, List, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from .config import Section, is_number, rule
 from .errors import ConfigError, DivergedError, ModelMismatchError, UnhealthyVictimError
+from .stages import Stage
 from .storage import load_json, load_tensors, save_json, save_tensors
 
 log = logging.getLogger(__name__)
 
 VICTIM_FORMAT = "recon_lightning.victim/1"
+
+
+def _per_layer_values(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """One value for every layer, or a list of them (one per layer: checked against classifier.hidden by check_config)."""
+    return lambda v: ok(v) or (isinstance(v, list) and all(ok(x) for x in v))
+
+
+@dataclass
+class ClassifierConfig:
+    """Schema of ``classifier`` (values: configs/classifier/*.yaml)."""
+
+    hidden: List[int] = rule(ge=1, test=lambda v: len(v) > 0, what="a non-empty list of layer widths")
+    # bias, init_scale: one value or a list with one per layer (typed Any: OmegaConf has no Union of a value and a list)
+    bias: Any = rule(test=_per_layer_values(lambda x: isinstance(x, bool)), what="true/false or a list of them, one per layer")
+    init_scale: Any = rule(gt=0, test=_per_layer_values(lambda x: x is None or is_number(x)),
+                           what="null, a number or a list of them, one per layer")
+    optimizer: str = rule(choices=("sgd", "adam"))
+    lr: float = rule(gt=0)
+    momentum: float = rule(ge=0)
+    weight_decay: float = rule(ge=0)
+    center: bool = MISSING
+    epochs: int = rule(ge=1)
+    loss: str = rule(choices=("auto", "bce", "ce"))
+    log_every_n_epochs: int = rule(ge=1)
+    checkpoint_every_n_epochs: int = rule(ge=0)
+    allow_unhealthy: bool = MISSING
 
 
 class VictimMLP(nn.Module):
@@ -338,20 +367,16 @@ def _plot_margins(path: Path, train_margins: torch.Tensor, test_margins: torch.T
 
 
 def check_config(cfg) -> None:
-    """Cheap checks of classifier.*, run by ``fit`` before any stage starts."""
+    """What the schema's rules cannot check alone: per-layer lists against ``classifier.hidden``, and the
+    victim's length (``trainer.max_epochs``: the trainer section is open, Lightning checks the rest)."""
     c = cfg.classifier
-    if c.loss not in ("auto", "bce", "ce"):
-        raise ConfigError(f"classifier.loss must be auto, bce or ce, got {c.loss!r}")
-    if c.optimizer not in ("sgd", "adam"):
-        raise ConfigError(f"classifier.optimizer must be sgd or adam, got {c.optimizer!r}")
-    if float(c.lr) <= 0 or float(c.weight_decay) < 0 or int(cfg.trainer.max_epochs) < 1:
-        raise ConfigError("classifier.lr must be > 0, classifier.weight_decay >= 0 and trainer.max_epochs >= 1")
-    if not c.hidden or any(int(h) < 1 for h in c.hidden):
-        raise ConfigError(f"classifier.hidden must be a non-empty list of layer widths, got {c.hidden}")
     for key in ("bias", "init_scale"):
         value = c[key]
         if OmegaConf.is_list(value) and len(value) != len(c.hidden) + 1:
             raise ConfigError(f"classifier.{key} needs one entry per layer ({len(c.hidden) + 1} = len(hidden) + 1), got {len(value)}")
+    epochs = cfg.trainer.get("max_epochs")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"trainer.max_epochs (the victim's training length) must be an integer >= 1, got {epochs!r}")
 
 
 def run_stage(cfg, run_dir: Path) -> dict:
@@ -360,7 +385,6 @@ def run_stage(cfg, run_dir: Path) -> dict:
     from .training import build_logger, checkpoint_dir, checkpointing, make_trainer
 
     c = cfg.classifier
-    check_config(cfg)
     emb = load_embeddings(run_dir)
     num_classes = emb.num_classes
     loss = c.loss if c.loss != "auto" else ("bce" if num_classes == 2 else "ce")
@@ -439,5 +463,21 @@ def run_stage(cfg, run_dir: Path) -> dict:
         })
         _plot_margins(out / "margins.png", train_m, test_m)
     # Written first, so the victim and its margins plot can be inspected; the stage is not marked done.
-    check_health(health, bool(c.get("allow_unhealthy", False)), "trained in classifier/")
+    check_health(health, c.allow_unhealthy, "trained in classifier/")
     return metrics
+
+
+STAGE = Stage(
+    name="classifier",
+    run=run_stage,
+    sections=[Section("classifier", ClassifierConfig)],
+    config_keys=["classifier", "trainer.max_epochs", "trainer.precision", "seed"],
+    cadence_keys=["classifier.log_every_n_epochs", "classifier.checkpoint_every_n_epochs"],
+    # a longer schedule continues the victim from its last checkpoint (full-batch training is deterministic)
+    resumable_keys=["trainer.max_epochs", "classifier.epochs"],
+    all_ranks=True,
+    enabled=lambda cfg: not cfg.reconstruct.victim_dir,  # auditing a victim trained elsewhere
+    check=check_config,
+    inputs=["embed/embeddings.safetensors"],
+    outputs=["classifier/model.safetensors", "classifier/victim.json", "classifier/margins.png"],
+)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from recon_lightning.config import shipped
 from recon_lightning import evaluate as ev
 from recon_lightning.errors import ConfigError, DataError
 from recon_lightning.storage import load_json, save_json, save_tensors
@@ -15,7 +16,7 @@ def make_run_dir(root, n_train=12, n_noise=60, copies=(0, 1, 2, 3), with_embed=T
     """A run directory in the documented formats: 8x8 pixel "embeddings" (identity backbone),
     a random victim, candidates = noisy copies (from 3 runs each) of some training images + noise,
     and a selection made by the real select stage."""
-    from recon_lightning.select import SelectConfig, select_candidates
+    from recon_lightning.select import select_candidates
 
     g = torch.Generator().manual_seed(seed)
     imgs = (torch.rand(n_train, 1, 8, 8, generator=g) * 255).to(torch.uint8)
@@ -54,7 +55,7 @@ def make_run_dir(root, n_train=12, n_noise=60, copies=(0, 1, 2, 3), with_embed=T
 def ev_select_cfg():
     from recon_lightning.select import SelectConfig
 
-    return SelectConfig(method="knn", num_representatives=8, knn_min_cosine=0.99)
+    return shipped(SelectConfig, "select/default", method="knn", num_representatives=8, knn={"min_cosine": 0.99})
 
 
 def test_best_matches_known():
@@ -115,7 +116,7 @@ def test_pixels_detection_and_scaling():
 
 def test_evaluate_on_synthetic_run(tmp_path):
     d = make_run_dir(tmp_path)
-    report = ev.build_report(tmp_path, ev.EvalConfig(precision_ks=(1, 4, 100)), progress=False)
+    report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default", precision_ks=[1, 4, 100]), progress=False)
     assert report["mode"] == "evaluation" and report["modality"] == "image"
     rec = report["reconstruction"]
     best = torch.tensor([s["best_cosine"] for s in rec["per_sample"]], dtype=torch.float64)  # as computed (float64)
@@ -170,7 +171,7 @@ def test_the_report_matches_each_pair_of_sets_once(tmp_path, monkeypatch):
         return matching.best_matches(kind, a, b, *args, **kwargs)
 
     monkeypatch.setattr(ev, "best_matches", counted)
-    report = ev.build_report(tmp_path, ev.EvalConfig(), progress=False)
+    report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default"), progress=False)
     n_cands, n_sel = len(d["x"]), len(d["selection"]["x"])
     assert sorted(c for c in calls if c[0] == "cosine") == sorted([("cosine", 12, n_cands), ("cosine", 12, 2),
                                                                   ("cosine", n_sel, 12)])
@@ -186,7 +187,7 @@ def test_the_report_matches_each_pair_of_sets_once(tmp_path, monkeypatch):
 
 def test_attacker_mode_without_training_set(tmp_path):
     make_run_dir(tmp_path, with_embed=False)
-    report = ev.build_report(tmp_path, ev.EvalConfig(), progress=False)
+    report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default"), progress=False)
     assert report["mode"] == "attacker"
     assert "reconstruction" not in report and "selection_quality" not in report
     assert len(report["selection"]["representatives"]) == 8
@@ -194,7 +195,7 @@ def test_attacker_mode_without_training_set(tmp_path):
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="good_threshold"):
-        ev.EvalConfig.from_cfg({"good_threshold": 2})
-    with pytest.raises(ConfigError, match="image_scaling"):
-        ev.EvalConfig.from_cfg({"image_scaling": "sigmoid"})
+    with pytest.raises(ConfigError, match=r"config key 'evaluate.good_threshold' must be <= 1, got 2.0"):
+        shipped(ev.EvalConfig, "evaluate/default", good_threshold=2)
+    with pytest.raises(ConfigError, match=r"config key 'evaluate.image_scaling' must be one of \['minmax', 'clip'\]"):
+        shipped(ev.EvalConfig, "evaluate/default", image_scaling="sigmoid")

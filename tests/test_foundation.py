@@ -11,7 +11,7 @@ import torch
 from recon_lightning.data import load_dataset
 from recon_lightning.embed import load_embeddings
 from recon_lightning.errors import ConfigError, DataError, ModelMismatchError
-from recon_lightning.fit import check_known_keys, main_with_config
+from recon_lightning.fit import main_with_config
 from recon_lightning.victim import VictimMLP, load_victim, save_victim
 
 SMALL_VICTIM = ["classifier.hidden=[64]", "classifier.bias=[true,false]", "classifier.init_scale=[1e-3,null]",
@@ -128,7 +128,7 @@ def test_bad_data_inputs(make_cfg, tmp_path):
     (root / "dogs/b.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match=r"corrupt or unreadable image: .*b\.png"):
         load_dataset(make_cfg("data=imagefolder", f"data.root={root}", "data.n_test_per_class=0").data)
-    with pytest.raises(ConfigError, match="unknown backbone kind"):
+    with pytest.raises(ConfigError, match=r"config key 'backbone.kind' must be one of \[.*'timm'\], got 'nope'"):
         main_with_config(make_cfg("stage=embed", "backbone.kind=nope"))
 
 
@@ -158,24 +158,29 @@ def test_cli_reports_errors_without_traceback(tmp_path):
 
 
 def test_bad_late_stage_config_fails_before_any_work(make_cfg, tmp_path):
-    with pytest.raises(ConfigError, match="unknown invert.param 'nope'"):
+    with pytest.raises(ConfigError, match=r"config key 'invert.param' must be one of \['dip', 'fourier', 'pixels'\], got 'nope'"):
         main_with_config(make_cfg("invert.param=nope"))
-    with pytest.raises(ConfigError, match=r"reconstruct.lr: range \[1.0, 0.1\] has low > high"):
+    with pytest.raises(ConfigError, match=r"config key 'reconstruct.lr' must be .* with 0 < low <= high, got \[1, 0.1\]"):
         main_with_config(make_cfg("reconstruct.lr=[1,0.1]"))
     assert not (tmp_path / "run/embed").exists()  # nothing ran
 
 
 def test_unknown_config_keys_are_refused_with_a_suggestion(make_cfg, tmp_path):
-    # A "+key=value" override that no stage reads would otherwise be ignored silently.
+    # Hydra refuses an unknown key while composing (the schema has no such field) ...
+    with pytest.raises(ConfigError, match=r"unknown config key 'reconstruct.stpes'; did you mean 'reconstruct.steps'"):
+        make_cfg("reconstruct.stpes=5")
+    # ... but adds one given with "+key=value" even to a schema: refused before any work.
     with pytest.raises(ConfigError, match=r"unknown config key 'reconstruct.lamda_min'; did you mean 'reconstruct.lambda_min'"):
         main_with_config(make_cfg("+reconstruct.lamda_min=0.1"))
     with pytest.raises(ConfigError, match=r"unknown config key 'select.knn.kk'"):
         main_with_config(make_cfg("+select.knn.kk=3"))
     assert not (tmp_path / "run/embed").exists()  # refused before any work
-    # Keys of another option of the same group are known (backbone.model exists for timm backbones) ...
-    check_known_keys(make_cfg("backbone=dino_vits16", "backbone.model=vit_tiny_patch16_224"))
+    # A key of another option of the same group needs that option (backbone.model exists for timm backbones) ...
+    with pytest.raises(ConfigError, match=r"unknown config key 'backbone.model'"):
+        make_cfg("backbone.model=vit_tiny_patch16_224")
+    assert make_cfg("backbone=dino_vits16", "backbone.model=vit_tiny_patch16_224").backbone.model == "vit_tiny_patch16_224"
     # ... and trainer.* goes to lightning.Trainer, which checks its own arguments.
-    check_known_keys(make_cfg("+trainer.gradient_clip_val=1.0"))
+    assert make_cfg("+trainer.gradient_clip_val=1.0").trainer.gradient_clip_val == 1.0
 
 
 def test_typo_in_a_users_config_file_is_refused_on_the_cli(tmp_path):
@@ -183,23 +188,28 @@ def test_typo_in_a_users_config_file_is_refused_on_the_cli(tmp_path):
     (tmp_path / "conf/reconstruct").mkdir(parents=True)
     (tmp_path / "conf/reconstruct/mine.yaml").write_text("defaults:\n  - default\n  - _self_\nnum_runs: 8\nlambda_mn: 0.2\n")
     proc = subprocess.run([sys.executable, "-m", "recon_lightning.fit", "--config-dir", str(tmp_path / "conf"),
-                           "reconstruct=mine", f"run_dir={tmp_path}/run"], capture_output=True, text=True, timeout=120)
+                           "reconstruct=mine", f"run_dir={tmp_path}/run"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
-    assert "unknown config key 'reconstruct.lambda_mn'; did you mean 'reconstruct.lambda_min'" in proc.stderr
+    assert "error: unknown config key 'reconstruct.lambda_mn'; did you mean 'reconstruct.lambda_min'" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run/embed").exists()
 
 
 @pytest.mark.parametrize("override, message", [
-    ("reconstruct.steps=abc", "config key 'reconstruct.steps' must be a number, got 'abc'"),
-    ("classifier.lr=abc", "config key 'classifier.lr' must be a number, got 'abc'"),
-    ("seed=abc", "config key 'seed' must be a number, got 'abc'"),
-    ("reconstruct.alpha=[abc,5]", "config key 'reconstruct.alpha' must be a number, got 'abc'"),
-    ("reconstruct.score_with_train=maybe", "config key 'reconstruct.score_with_train' must be true/false, got 'maybe'"),
-    ("reconstruct.alpha=-5", r"reconstruct.alpha .*must be > 0, got -5"),
-    ("reconstruct.alpha=[0,10]", r"reconstruct.alpha .*must be > 0, got \[0, 10\]"),
-    # select and evaluate are checked on their own section (they used to receive the whole config and catch nothing)
-    ("select.num_representatives=0", "select.num_representatives"),
-    ("evaluate.good_threshold=2", r"evaluate.good_threshold is a cosine and must be in \[-1, 1\], got 2.0"),
+    # wrong types: refused by Hydra / OmegaConf while composing the config
+    ("reconstruct.steps=abc", "config key 'reconstruct.steps': Value 'abc' of type 'str' could not be converted to Integer"),
+    ("classifier.lr=abc", "config key 'classifier.lr': Value 'abc' of type 'str' could not be converted to Float"),
+    ("seed=abc", "config key 'seed': Value 'abc' of type 'str' could not be converted to Integer"),
+    ("reconstruct.score_with_train=maybe", "config key 'reconstruct.score_with_train': Value 'maybe' is not a valid bool"),
+    ("reconstruct.num_runs=1.5", "config key 'reconstruct.num_runs': Value '1.5' of type 'float' could not be converted"),
+    # values a type cannot describe: the schema's rules, checked before any stage
+    ("reconstruct.alpha=[abc,5]", r"config key 'reconstruct.alpha' must be a number > 0 or a range .*, got \['abc', 5\]"),
+    ("reconstruct.alpha=-5", r"config key 'reconstruct.alpha' must be a number > 0 .*got -5"),
+    ("reconstruct.alpha=[0,10]", r"config key 'reconstruct.alpha' must be a number > 0 .*got \[0, 10\]"),
+    ("select.num_representatives=0", "config key 'select.num_representatives' must be >= 1, got 0"),
+    ("evaluate.good_threshold=2", r"config key 'evaluate.good_threshold' must be <= 1, got 2.0"),
+    ("data.n_per_class=lots", "config key 'data.n_per_class' must be auto or an integer >= 1, got 'lots'"),
+    ("trainer.max_epochs=abc", r"trainer.max_epochs \(the victim's training length\) must be an integer >= 1, got 'abc'"),
 ])
 def test_bad_values_are_refused_before_any_stage(make_cfg, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -213,12 +223,18 @@ def test_non_numeric_value_on_the_cli_is_an_error_line_not_a_traceback(tmp_path)
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr[-2000:]
         key = override.split("=")[0]
-        assert f"error: config key '{key}' must be a number, got 'abc'" in proc.stderr and "Traceback" not in proc.stderr
+        assert f"error: config key '{key}': Value 'abc' of type 'str' could not be converted to Integer" in proc.stderr
+        assert "Traceback" not in proc.stderr
         assert not (tmp_path / "run/embed").exists()
 
 
-def test_values_of_the_right_kind_pass_the_type_check(make_cfg):
-    from recon_lightning.fit import check_types
+def test_values_of_the_right_kind_pass_the_checks(make_cfg):
+    from recon_lightning.config import check_values
 
-    check_types(make_cfg("classifier.init_scale=[1e-3,null]", "reconstruct.lr=0.01", "reconstruct.lr=[1e-4,1e-2]",
-                         "seed=3", "reconstruct.lambda_lr=null", "select.num_clusters=auto", "classifier.bias=true"))
+    # numbers or [low, high], null entries, auto, a single bool for every layer
+    cfg = make_cfg("classifier.init_scale=[1e-3,null]", "reconstruct.lr=0.01", "reconstruct.alpha=[1e-4,1e-2]",
+                   "seed=3", "reconstruct.lambda_lr=null", "select.num_clusters=auto", "classifier.bias=true",
+                   "data.n_per_class=auto", "stage=[embed,select]")
+    check_values(cfg)
+    assert cfg.reconstruct.lr == 0.01 and cfg.classifier.bias is True and cfg.seed == 3
+

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from recon_lightning import reconstruct as R
+from recon_lightning.config import check_values
 from recon_lightning.errors import ConfigError
 from recon_lightning.kkt import KKTObjective
 from recon_lightning.run_optim import RunwiseOptimizer
@@ -178,8 +179,8 @@ def test_runs_per_batch_auto_in_the_stage(tmp_path, make_cfg, monkeypatch):
     R.run_stage(cfg, run_dir)
     # ~3 runs' memory, half planned for on the CPU -> 1 run per batch
     assert [load_tensors(R.run_path(run_dir, r))[1]["status"] for r in range(5)] == ["ok"] * 5
-    with pytest.raises(ConfigError, match="runs_per_batch"):
-        R._plan(make_cfg("reconstruct.runs_per_batch=many", run_dir=run_dir), {"num_classes": 2, "n_train": 4})
+    with pytest.raises(ConfigError, match="config key 'reconstruct.runs_per_batch' must be auto or an integer >= 1"):
+        check_values(make_cfg("reconstruct.runs_per_batch=many", run_dir=run_dir))  # the schema's rule, before any stage
 
 
 def test_trainer_precision_reaches_the_reconstruct_stage(tmp_path, make_cfg):
@@ -205,9 +206,7 @@ def test_trainer_precision_reaches_the_reconstruct_stage(tmp_path, make_cfg):
         with pytest.raises(ConfigError, match="cannot apply to the reconstruct stage"):
             R.stage_precision(make_cfg(f"trainer.precision={bad}", run_dir=run_dir))
     # ... and it is part of the stage's fingerprint: changing it reruns reconstruct
-    from recon_lightning.fit import PIPELINE
-
-    assert "trainer.precision" in dict((name, keys) for name, _, keys, _ in PIPELINE)["reconstruct"]
+    assert "trainer.precision" in R.STAGE.config_keys
 
 
 def test_compiled_objective_gives_the_same_step(tmp_path, make_cfg):

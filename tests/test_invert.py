@@ -162,8 +162,11 @@ def test_each_augmentation_changes_images_per_sample_and_is_differentiable(kw):
 
 
 def test_bad_augment_config_is_config_error():
-    with pytest.raises(ConfigError, match="crop_scale"):
-        Augment(crop_scale=(0.0, 1.0))
+    from recon_lightning.config import shipped
+    from recon_lightning.invert import InvertConfig
+
+    with pytest.raises(ConfigError, match=r"config key 'invert.augment.crop_scale' must be > 0, got \[0.0, 1.0\]"):
+        shipped(InvertConfig, "invert/default", augment={"crop_scale": [0.0, 1.0]})
 
 
 # ----------------------------------------------------------------------------- the stage

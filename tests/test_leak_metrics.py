@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from recon_lightning.config import shipped
 from recon_lightning import evaluate as ev
 from recon_lightning.matching import best_matches, pairwise_scores
 from recon_lightning.storage import load_json, save_json
@@ -187,7 +188,7 @@ def test_stage_reports_leak_rate_and_reference_ssim(tmp_path):
     from test_evaluate import make_run_dir
 
     d = make_run_dir(tmp_path)  # held-out pool = training images 0 and 1 (copies); candidates copy 0..3
-    report = ev.build_report(tmp_path, ev.EvalConfig(), progress=False)
+    report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default"), progress=False)
     s, per = report["summary"], report["reconstruction"]["per_sample"]
     # Independent baseline: each training image's best cosine to the two held-out images.
     t = d["train_x"].double()
@@ -223,7 +224,7 @@ def test_stage_without_heldout_pool(tmp_path):
     tensors, meta = load_tensors(path)
     tensors["test_x"], tensors["test_y"] = tensors["test_x"][:0].contiguous(), tensors["test_y"][:0].contiguous()
     save_tensors(path, tensors, meta)
-    report = ev.build_report(tmp_path, ev.EvalConfig(), progress=False)
+    report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default"), progress=False)
     assert report["summary"]["leak_rate"] is None and report["summary"]["leak_rate_baseline_pool"] == 0
     assert any("no held-out samples" in n for n in report["notes"])
 
@@ -242,7 +243,7 @@ def test_inverted_images_get_reference_ssim(tmp_path, monkeypatch):
         Image.fromarray(d["imgs"][i, 0].numpy()).convert("RGB").save(tmp_path / path)
         entries.append({"rank": r, "candidate_index": r, "cosine": 0.9, "path": path})
     save_json(tmp_path / "invert" / "inversion.json", entries)
-    report = ev.build_report(tmp_path, ev.EvalConfig(), progress=False)
+    report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default"), progress=False)
     ref = report["images"]["reference_ssim"]
     assert ref["source"] == "inversion" and "inverted representatives only" in ref["note"]
     reps = report["selection"]["representatives"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from recon_lightning.config import shipped
 from recon_lightning.data import load_dataset
 from recon_lightning.embed import load_embeddings, load_images
 from recon_lightning.errors import DataError
@@ -213,7 +214,7 @@ def test_report_shows_victim_accuracy_first_and_who_matches_whom(tmp_path, monke
     real_grid = rp.image_pair_grid
     monkeypatch.setattr(rp, "image_pair_grid", lambda path, a, b, caps, title, **kw: captions.setdefault(path.stem, caps)
                         and real_grid(path, a, b, caps, title, **kw))
-    report = ev.build_report(tmp_path, ev.EvalConfig(kkt_steps=0))
+    report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default", kkt_steps=0))
     assert report["victim"]["train_acc"] == 1.0 and report["summary"]["victim_test_acc"] == 0.75
     page = rp.render_html(report)
     assert page.index("Victim: train accuracy <b>1</b>, test accuracy <b>0.75</b>") < page.index("<h2>Summary</h2>")
@@ -251,5 +252,5 @@ def test_user_tsv_inverted_with_bundled_corpus_says_so_in_the_report(make_cfg, t
     invert.run_stage(make_cfg(f"invert.text_corpus={own}"), run_dir)
     assert load_json(run_dir / "invert" / "text_corpus.json") == {"path": str(own), "size": 2, "bundled": False}
     shutil.rmtree(run_dir / "embed")  # the attacker's view: the report still names the corpus
-    page = rp.render_html(ev.build_report(run_dir, ev.EvalConfig()))
+    page = rp.render_html(ev.build_report(run_dir, shipped(ev.EvalConfig, "evaluate/default")))
     assert f"Corpus searched: <code>{own}</code> (2 sentences)" in page

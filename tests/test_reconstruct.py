@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from recon_lightning import reconstruct as R
+from recon_lightning.config import check_values, shipped
 from recon_lightning.errors import ConfigError, DataError, ModelMismatchError
 from recon_lightning.kkt import make_activation
 from recon_lightning.storage import load_tensors, save_tensors
@@ -166,8 +167,8 @@ def test_softplus_activation_and_hparam_sampling():
     assert all(h["lr"] == 0.01 == h["lambda_lr"] for h in hp)  # pinned value
     assert all(1e-6 <= h["init_scale"] <= 1e-1 and 0.01 <= h["lambda_min"] <= 0.5 and 10 <= h["alpha"] <= 500 for h in hp)
     assert min(h["init_scale"] for h in hp) < 1e-4 < max(h["init_scale"] for h in hp)  # log-uniform spread
-    with pytest.raises(ConfigError, match="reconstruct.alpha"):
-        R.sample_hparams({**cfg, "alpha": [1, 2, 3]}, 0, 0)
+    with pytest.raises(ConfigError, match=r"config key 'reconstruct.alpha' must be a number > 0 or a range"):
+        shipped(R.ReconstructConfig, "reconstruct/default", alpha=[1, 2, 3])  # the schema's rule, checked before any stage
 
 
 def test_recon_score_is_the_mean_best_cosine_of_the_training_samples():
@@ -287,8 +288,8 @@ def test_bad_config_errors(tmp_path, make_cfg):
         R.run_stage(_cfg(make_cfg, run_dir, "reconstruct.form=multiclass"), run_dir)
     with pytest.raises(ConfigError, match="weight_decay"):
         R.run_stage(_cfg(make_cfg, run_dir, "reconstruct.form=binary_wd"), run_dir)
-    with pytest.raises(ConfigError, match="reconstruct.lr"):
-        R.run_stage(_cfg(make_cfg, run_dir, "reconstruct.lr=[1, 2, 3]"), run_dir)
+    with pytest.raises(ConfigError, match="config key 'reconstruct.lr'"):  # the schema's rule, checked before any stage
+        check_values(_cfg(make_cfg, run_dir, "reconstruct.lr=[1, 2, 3]"))
 
 
 def _wait_for(pred, timeout):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from recon_lightning import evaluate as ev
+from recon_lightning.config import shipped
 from recon_lightning.report import REPORT_FORMAT, render_html
 from recon_lightning.storage import load_json
 from test_evaluate import make_run_dir
@@ -79,7 +80,7 @@ def test_attacker_report_lists_selection_and_inverted_images(tmp_path):
     from recon_lightning.storage import save_json
 
     save_json(tmp_path / "invert" / "inversion.json", entries)
-    report = ev.build_report(tmp_path, ev.EvalConfig(), progress=False)
+    report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default"), progress=False)
     page = render_html(report)
     srcs = img_srcs(page)
     for e in entries:

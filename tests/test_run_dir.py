@@ -181,10 +181,10 @@ def test_temp_files_of_a_killed_job_are_removed_on_start_but_not_a_sweep_trials(
 
 
 def test_trainer_precision_is_part_of_the_victims_and_inversions_fingerprints(make_cfg):
-    from recon_lightning.fit import available_stages
+    from recon_lightning.fit import PIPELINE
     from recon_lightning.stages import stage_fingerprint
 
-    stages = {s.name: s for s in available_stages()}
+    stages = {s.name: s for s in PIPELINE}
     base, other = make_cfg(), make_cfg("trainer.precision=64-true")
     for name, changes in [("embed", False), ("classifier", True), ("select", False), ("invert", True)]:
         assert (stage_fingerprint(base, stages[name], "") != stage_fingerprint(other, stages[name], "")) is changes, name

@@ -1,12 +1,10 @@
 """Selection without training data: a planted tight multi-run cluster must outrank noise."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from recon_lightning.config import shipped
 from recon_lightning.errors import ConfigError, DataError
 from recon_lightning.select import (
     SelectConfig,
@@ -23,6 +21,11 @@ from recon_lightning.select import (
     select_candidates,
 )
 from recon_lightning.storage import load_json, save_tensors
+
+
+def sel_cfg(**changes) -> SelectConfig:
+    """The shipped select config with ``changes`` (nested sections as dicts)."""
+    return shipped(SelectConfig, "select/default", **changes)
 
 
 def planted(n_noise=300, n_planted=24, d=48, n_runs=12, seed=0):
@@ -43,7 +46,7 @@ def planted(n_noise=300, n_planted=24, d=48, n_runs=12, seed=0):
 @pytest.mark.parametrize("method", ["kmeans", "knn"])
 def test_planted_cluster_ranked_first(method):
     x, y, lam, run, loss, planted_idx = planted()
-    sel, clusters = select_candidates(x, y, lam, run, loss, SelectConfig(method=method, num_representatives=10, use_gpu=False),
+    sel, clusters = select_candidates(x, y, lam, run, loss, sel_cfg(method=method, num_representatives=10, use_gpu=False),
                                       progress=False)
     assert int(sel["candidate_index"][0]) in set(planted_idx.tolist())
     top = clusters[0]
@@ -61,7 +64,7 @@ def test_planted_cluster_ranked_first(method):
 
 def test_per_class_alternates_classes():
     x, y, lam, run, loss, _ = planted()
-    sel, _ = select_candidates(x, y, lam, run, loss, SelectConfig(method="kmeans", num_representatives=6), progress=False)
+    sel, _ = select_candidates(x, y, lam, run, loss, sel_cfg(method="kmeans", num_representatives=6), progress=False)
     ys = sel["y"].tolist()
     assert sorted(ys[:2]) == [0, 1] and sorted(ys[2:4]) == [0, 1]
     # Each representative's class is the class its candidate was optimised for (clusters are per class).
@@ -111,13 +114,13 @@ def test_failed_runs_excluded_and_stage_files(tmp_path, make_cfg):
 def test_bad_input_errors():
     x, y, lam, run, loss, _ = planted(n_noise=10, n_planted=4)
     with pytest.raises(ConfigError, match="select.method"):
-        select_candidates(x, y, lam, run, loss, SelectConfig(method="dbscan"))
-    with pytest.raises(ConfigError, match="weights"):
-        select_candidates(x, y, lam, run, loss, SelectConfig(weights={"size": 1.0, "bogus": 1.0}))
+        sel_cfg(method="dbscan")
+    with pytest.raises(ConfigError, match="unknown config key 'select.weights.bogus'"):
+        sel_cfg(weights={"size": 1.0, "bogus": 1.0})
     with pytest.raises(DataError, match="no usable candidates"):
-        select_candidates(x, y, lam, run, loss, SelectConfig(), keep=torch.zeros(len(x), dtype=torch.bool))
+        select_candidates(x, y, lam, run, loss, sel_cfg(), keep=torch.zeros(len(x), dtype=torch.bool))
     with pytest.raises(DataError, match="run_loss"):
-        select_candidates(x, y, lam, run, loss[:3], SelectConfig())
+        select_candidates(x, y, lam, run, loss[:3], sel_cfg())
     with pytest.raises(DataError, match="selection"):
         load_selection("/nonexistent/run")
 
@@ -184,12 +187,11 @@ def test_select_candidates_approximate_knn_path(monkeypatch):
     seen = []
     real = select_mod.knn_index
     monkeypatch.setattr(select_mod, "knn_index", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
-    scfg = SelectConfig.from_cfg(OmegaConf.create({"knn": {"exact_max": 100, "reduce_dim": 16, "k_factor": 3,
-                                                            "nlist": 12, "nprobe": 3}}))
+    scfg = sel_cfg(knn={"exact_max": 100, "reduce_dim": 16, "k_factor": 3, "nlist": 12, "nprobe": 3})
     _, clusters = select_candidates(*args, scfg, progress=False)
     assert [(kw["exact_max"], kw["reduce_dim"], kw["k_factor"], kw["nlist"], kw["nprobe"]) for kw in seen] == \
         [(100, 16, 3.0, 12, 3)]
-    _, exact_clusters = select_candidates(*args, SelectConfig(knn_exact_max=10**9), progress=False)
+    _, exact_clusters = select_candidates(*args, sel_cfg(knn={"exact_max": 10**9}), progress=False)
     assert partition_of(clusters) == partition_of(exact_clusters)
     assert sum(c["size"] > 1 for c in clusters) == 40
 
@@ -198,13 +200,12 @@ def partition_of(clusters):
     return {frozenset(c["members"].tolist()) for c in clusters}
 
 
-def test_knn_config_keys_read_and_defaults():
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "select" / "default.yaml")
-    scfg = SelectConfig.from_cfg(cfg)
-    assert (scfg.knn_reduce_dim, scfg.knn_k_factor, scfg.knn_nlist, scfg.knn_nprobe) == (64, 4.0, "auto", 16)
-    # Command-line overrides may arrive as strings.
-    scfg = SelectConfig.from_cfg(OmegaConf.create({"knn": {"reduce_dim": "0", "k_factor": "2.5", "nlist": "32"}}))
-    assert (scfg.knn_reduce_dim, scfg.knn_k_factor, scfg.knn_nlist) == (0, 2.5, 32)
+def test_knn_config_keys_read_and_defaults(make_cfg):
+    scfg = sel_cfg()
+    assert (scfg.knn.reduce_dim, scfg.knn.k_factor, scfg.knn.nlist, scfg.knn.nprobe) == (64, 4.0, "auto", 16)
+    # Command-line overrides arrive as text: Hydra reads numbers as numbers, the schema converts to its types.
+    knn = make_cfg("select.knn.reduce_dim=0", "select.knn.k_factor=2.5", "select.knn.nlist=32").select.knn
+    assert (knn.reduce_dim, knn.k_factor, knn.nlist) == (0, 2.5, 32)
 
 
 @pytest.mark.parametrize("key,value", [
@@ -212,5 +213,5 @@ def test_knn_config_keys_read_and_defaults():
     ("nlist", 0), ("nlist", "many"), ("nprobe", 0), ("exact_max", -5), ("k", 0), ("min_cosine", 1.5),
 ])
 def test_bad_knn_config_values(key, value):
-    with pytest.raises(ConfigError, match=rf"select\.knn\.{key} must be"):
-        SelectConfig.from_cfg(OmegaConf.create({"knn": {key: value}}))
+    with pytest.raises(ConfigError, match=rf"config key 'select\.knn\.{key}'"):
+        sel_cfg(knn={key: value})
