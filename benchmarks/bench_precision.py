@@ -186,18 +186,10 @@ def _binary_scenario():
 def _multiclass_scenario():
     """tests/test_reconstruct.py::test_stage_recovers_the_training_set_of_a_multiclass_victim, the stage's run as a plain
     loop: 6 points, 3 classes, CE + weight decay, 10-60-3 victim; pass: all > 0.9 and at least 5 of 6 > 0.95."""
-    from test_reconstruct import train_to_stationarity
+    from test_reconstruct import multiclass_points, train_to_stationarity
 
     D, H, wd = 10, 60, 1e-2
-    g = torch.Generator().manual_seed(0)
-    G = torch.full((6, 6), -0.05, dtype=F64)
-    for i in range(3):
-        G[i, i + 3] = G[i + 3, i] = -0.7
-    G.fill_diagonal_(1.0)
-    q, _ = torch.linalg.qr(torch.randn(D, 6, dtype=F64, generator=g))
-    x = torch.linalg.cholesky(G) @ q.T
-    y = torch.tensor([0, 1, 2, 0, 1, 2])
-    other = torch.nn.functional.normalize(torch.randn(6, D, dtype=F64, generator=g), dim=1)
+    x, y, other = multiclass_points(D)
     torch.manual_seed(0)
     v = VictimMLP(D, [H], 3, bias=False, init_scale=[0.1, 0.1]).double()
     train_to_stationarity(v, x, y, wd)

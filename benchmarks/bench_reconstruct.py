@@ -329,16 +329,8 @@ def memory_main(args, device: torch.device) -> None:
                 if measured * K + fixed > 0.9 * free:
                     print(f"  K={K:4d}: would need ~{(measured * K + fixed) / 2**30:.1f} GiB > free {free / 2**30:.1f} GiB (skipped)")
                     continue
-                torch.cuda.empty_cache()
-                base = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                mod = module_for(K).to(device)
-                opt = mod.configure_optimizers()
-                mod.optimization_steps(opt, 2)
-                sync(device)
-                peak = torch.cuda.max_memory_allocated(device) - base
+                peak = R.peak_step_memory(module_for, K, device)
                 print(f"  K={K:4d}: peak {peak / 2**30:7.2f} GiB measured (estimate {per_run * K / 2**30:7.2f} GiB)", flush=True)
-                del mod, opt
             print(f"  runs_per_batch=auto here: K={R.auto_runs_per_batch(measured, fixed, free, 10**6)} "
                   f"({free / 2**30:.1f} of {total / 2**30:.1f} GiB free)")
         else:

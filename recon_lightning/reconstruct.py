@@ -657,22 +657,27 @@ def run_memory_bytes(objective: KKTObjective, m: int, input_dim: int, dtype: tor
     return int(floats * torch.finfo(dtype).bits // 8)
 
 
+def peak_step_memory(module_for: Any, K: int, device: torch.device) -> int:
+    """Peak CUDA memory (bytes, above what was allocated before) of building K runs (``module_for(K)``) and taking
+    two optimisation steps on ``device``."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    module = module_for(K).to(device)
+    opt = module.configure_optimizers()
+    module.optimization_steps(opt, 2)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del module, opt
+    torch.cuda.empty_cache()
+    return peak
+
+
 def measure_run_memory(module_for: Any, device: torch.device) -> tuple[int, int]:
     """(bytes per run, fixed bytes) of one optimisation step, measured on a CUDA device: peak memory of K = 1 and
     K = 2 runs (``module_for(K)`` builds the module). A few steps' work, on the device that will run the batches."""
-    peaks = []
-    for K in (1, 2):
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        module = module_for(K).to(device)
-        opt = module.configure_optimizers()
-        module.optimization_steps(opt, 2)
-        torch.cuda.synchronize(device)
-        peaks.append(torch.cuda.max_memory_allocated(device) - base)
-        del module, opt
-    torch.cuda.empty_cache()
+    peaks = [peak_step_memory(module_for, K, device) for K in (1, 2)]
     per_run = max(1, peaks[1] - peaks[0])
     return per_run, max(0, peaks[0] - per_run)
 

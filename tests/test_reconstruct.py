@@ -549,15 +549,11 @@ def test_stage_recovers_the_training_set_of_a_binary_victim_at_a_kkt_point(tmp_p
     assert other_best.max().item() < 0.9, other_best.tolist()
 
 
-def test_stage_recovers_the_training_set_of_a_multiclass_victim(tmp_path, make_cfg):
-    """Multiclass (3 classes, cross-entropy + weight decay, trained to a stationary point): the real stage's
-    multiclass_wd form (one multiplier per wrong class, exact for softmax) recovers the training points: all at
-    cosine > 0.9 and at least 5 of 6 at > 0.95 (measured: 0.935-0.998; the multiclass landscape keeps runs at
-    residuals ~3e-3 rather than 0), while a control set of random points is not matched above 0.9."""
-    D, H, wd = 10, 60, 1e-2
+def multiclass_points(D: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """6 training points in R^D, 3 classes, and 6 random control points (float64). Two unit vectors per class:
+    same-class pairs at cosine -0.7 (one ReLU unit cannot serve both), the others at -0.05 (units stay off other
+    points without sitting on a kink; see identifiable_points)."""
     g = torch.Generator().manual_seed(0)
-    # two unit vectors per class: same-class pairs at cosine -0.7 (one ReLU unit cannot serve both), the
-    # others at -0.05 (units stay off other points without sitting on a kink; see identifiable_points)
     G = torch.full((6, 6), -0.05, dtype=F64)
     for i in range(3):
         G[i, i + 3] = G[i + 3, i] = -0.7
@@ -566,6 +562,16 @@ def test_stage_recovers_the_training_set_of_a_multiclass_victim(tmp_path, make_c
     x = torch.linalg.cholesky(G) @ q.T
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     other = F.normalize(torch.randn(6, D, dtype=F64, generator=g), dim=1)
+    return x, y, other
+
+
+def test_stage_recovers_the_training_set_of_a_multiclass_victim(tmp_path, make_cfg):
+    """Multiclass (3 classes, cross-entropy + weight decay, trained to a stationary point): the real stage's
+    multiclass_wd form (one multiplier per wrong class, exact for softmax) recovers the training points: all at
+    cosine > 0.9 and at least 5 of 6 at > 0.95 (measured: 0.935-0.998; the multiclass landscape keeps runs at
+    residuals ~3e-3 rather than 0), while a control set of random points is not matched above 0.9."""
+    D, H, wd = 10, 60, 1e-2
+    x, y, other = multiclass_points(D)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     v = VictimMLP(D, [H], 3, bias=False, init_scale=[0.1, 0.1]).double()
