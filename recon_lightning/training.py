@@ -104,6 +104,13 @@ def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bo
     stage's logger from :func:`build_logger` (built once per stage, shared by its Trainers) or False."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.update(default_root_dir=str(run_dir / stage), logger=logger, enable_model_summary=False)
+    for key, value in overrides.items():
+        # A Trainer setting the stage owns (its length, its logging cadence from <stage>.log_every_n_*, ...)
+        # replaces the user's trainer.<key>; say so rather than ignore it silently. trainer.max_epochs is the
+        # victim's length by design, and trainer.precision is checked by the stages that constrain it.
+        if key in kwargs and key not in ("max_epochs", "precision", "logger", "default_root_dir") and kwargs[key] != value:
+            log.warning("stage %s sets the Trainer's %s=%r (from its own config), not trainer.%s=%r", stage, key, value,
+                        key, kwargs[key])
     kwargs.update(overrides)
     try:
         return L.Trainer(**kwargs)
