@@ -37,6 +37,7 @@ from bench_reconstruct import hardware, sync  # noqa: E402
 
 from recon_lightning import reconstruct as R  # noqa: E402
 from recon_lightning.kkt import KKTObjective  # noqa: E402
+from recon_lightning.matching import best_matches  # noqa: E402
 from recon_lightning.victim import VictimMLP  # noqa: E402
 
 F64 = torch.float64
@@ -227,8 +228,8 @@ def recovery(device: torch.device, opts: list[dict]) -> dict[str, float]:
             finally:
                 torch.set_num_threads(threads)
             cands = mod.x().detach().double().cpu()[mod.active.cpu()].reshape(-1, D)
-            best = R.match_candidates(cands, sc["x"])["train_best_cos"].double()
-            ctrl = R.match_candidates(cands, sc["other"])["train_best_cos"].max().item()
+            best = best_matches("cosine", sc["x"], cands)["best_score"]
+            ctrl = best_matches("cosine", sc["other"], cands)["best_score"].max().item()
             rel = mod.losses(create_graph=False)["kkt_rel"].detach().double().cpu()
             ok = sc["passes"](best) and ctrl < 0.9
             out[f"{o['name']} {scen_name} {str(dtype)[6:]}"] = best.min().item() if ok else -best.min().item()
@@ -246,6 +247,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, nargs="+", default=None)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--skip", nargs="*", default=[], choices=["speed", "accuracy", "recovery"])
+    p.add_argument("--only", default=None, help="comma-separated option names to measure (the first is the baseline), "
+                   "e.g. 'float32 (default),TF32 (matmul high)'")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -254,6 +257,12 @@ def main() -> None:
     torch.set_flush_denormal(True)
     print(hardware(device), flush=True)
     opts = options(device)
+    if args.only:
+        names = [n.strip() for n in args.only.split(",")]
+        unknown = [n for n in names if n not in {o["name"] for o in opts}]
+        if unknown:
+            p.error(f"--only: unknown option(s) {unknown}; known on {device.type}: {[o['name'] for o in opts]}")
+        opts = [next(o for o in opts if o["name"] == n) for n in names]
     sp = speed(args, device, opts) if "speed" not in args.skip else {}
     acc = accuracy(device, opts) if "accuracy" not in args.skip else {}
     rec = recovery(device, opts) if "recovery" not in args.skip else {}

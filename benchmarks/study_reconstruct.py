@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import time
@@ -110,6 +111,24 @@ def train_victim(c, x, y, device, epochs=None, cosine: bool = False) -> tuple[Vi
     return v, info
 
 
+def save_cached_victim(v: VictimMLP, info: dict, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.contiguous() for k, t in v.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "info.json").write_text(json.dumps(info))
+
+
+def load_cached_victim(c, x: torch.Tensor, folder: Path) -> tuple[VictimMLP, dict]:
+    """A victim trained earlier by :func:`train_victim` (e.g. on a CPU, before a short GPU lease)."""
+    from safetensors.torch import load_file
+
+    as_plain = lambda v: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v  # noqa: E731
+    v = VictimMLP(x.shape[1], list(c.hidden), 2, bias=as_plain(c.bias), init_scale=as_plain(c.init_scale), center=bool(c.center))
+    v.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return v.eval(), {**json.loads((folder / "info.json").read_text()), "cached": str(folder)}
+
+
 def cosine_fractions(x_train: torch.Tensor, cands: torch.Tensor, x_test: torch.Tensor, at: float = 0.9) -> dict:
     """Fraction of training samples with a candidate (and, the baseline, a held-out sample) at cosine >= ``at``, raw
     and after subtracting the training mean."""
@@ -174,12 +193,16 @@ def main() -> None:
     ap.add_argument("--out", default="study_reconstruct.json")
     ap.add_argument("--embeddings", default=None, metavar="RUN_DIR",
                     help="the paper's regime: a run_dir whose embed stage holds a backbone's embeddings (section paper)")
+    ap.add_argument("--rows", default=None, help="only the rows whose name contains one of these comma-separated strings")
+    ap.add_argument("--victim-epochs", type=int, default=None, help="section paper: the victims' full-batch epochs")
+    ap.add_argument("--victim-cache", default=None, metavar="DIR",
+                    help="save each trained victim here and load it from here when present (train on a CPU, reconstruct on a GPU)")
     args = ap.parse_args()
     device = torch.device("cuda" if args.scale == "gpu" and torch.cuda.is_available() else "cpu")
     big = args.scale == "gpu"
     steps, runs = (3000, 16) if big else (300, 2)
     steps, runs = args.steps or steps, args.runs or runs
-    evals = {s for s in (100, 300, 1000, 3000, 10000) if s <= steps}
+    evals = {s for s in (100, 300, 1000, 3000, 10000, 20000, 30000, 50000) if s <= steps}
     budget_end = time.time() + (args.budget_s or (600 if big else 1800))
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "scale": args.scale,
            "runs": runs, "steps": steps, "rows": []}
@@ -218,6 +241,11 @@ def main() -> None:
                  ("paper", "default victim, reference extraction (prior auto)", [], ["reconstruct=reference", "reconstruct.prior=auto"],
                   None, None)]
 
+    if args.rows:
+        plan = [row for part in args.rows.split(",") for row in plan if part in row[1]]  # in the order asked
+    if args.victim_epochs:
+        out["victim_epochs"] = args.victim_epochs
+
     victims: dict = {}
     for section, name, c_over, r_over, n_per_class, epochs in plan:
         if time.time() > budget_end:
@@ -233,10 +261,18 @@ def main() -> None:
             (x, y, xt, shape), emb = digits(n_per_class), {"backbone_name": "identity"}
         cosine = epochs == "cosine"
         epochs = None if cosine else epochs
+        if section == "paper" and args.victim_epochs:
+            epochs = args.victim_epochs
         key = (tuple(c_over), n_per_class, epochs, cosine)
+        cached = Path(args.victim_cache) / f"{hashlib.sha1(repr(key).encode()).hexdigest()[:12]}" if args.victim_cache else None
+        if key not in victims and cached and (cached / "model.safetensors").is_file():
+            victims[key] = load_cached_victim(cfg.classifier, x, cached)
+            print(f"victim {c_over or 'default'}: loaded from {cached}: {victims[key][1]}", flush=True)
         if key not in victims:
             t = time.time()
             victims[key] = train_victim(cfg.classifier, x, y, device, epochs, cosine)
+            if cached:
+                save_cached_victim(*victims[key], cached)
             print(f"victim {c_over or 'default'} n={n_per_class} epochs={epochs or cfg.classifier.epochs}: "
                   f"{victims[key][1]} ({time.time() - t:.0f}s)", flush=True)
         victim, vinfo = victims[key]

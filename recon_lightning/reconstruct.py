@@ -17,6 +17,7 @@ coordinates (a centred victim's mean added back).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -660,6 +661,7 @@ def run_memory_bytes(objective: KKTObjective, m: int, input_dim: int, dtype: tor
 def peak_step_memory(module_for: Any, K: int, device: torch.device) -> int:
     """Peak CUDA memory (bytes, above what was allocated before) of building K runs (``module_for(K)``) and taking
     two optimisation steps on ``device``."""
+    gc.collect()  # an earlier probe's module may still be alive in a reference cycle: it would count in ``base``
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)
@@ -677,6 +679,9 @@ def peak_step_memory(module_for: Any, K: int, device: torch.device) -> int:
 def measure_run_memory(module_for: Any, device: torch.device) -> tuple[int, int]:
     """(bytes per run, fixed bytes) of one optimisation step, measured on a CUDA device: peak memory of K = 1 and
     K = 2 runs (``module_for(K)`` builds the module). A few steps' work, on the device that will run the batches."""
+    # A first probe, not counted: the first step on a device allocates cuBLAS workspaces once for the process, which
+    # would make K = 1 look dearer than it is and K = 2's increment (the per-run bytes) far too small.
+    peak_step_memory(module_for, 1, device)
     peaks = [peak_step_memory(module_for, K, device) for K in (1, 2)]
     per_run = max(1, peaks[1] - peaks[0])
     return per_run, max(0, peaks[0] - per_run)
