@@ -98,6 +98,9 @@ def build_logger(cfg: DictConfig, run_dir: Path, stage: str) -> Logger | bool:
     return False  # logger.name=none
 
 
+QUIET_OVERRIDES = ("max_epochs", "precision", "logger", "default_root_dir", "accelerator", "devices", "strategy", "num_nodes")
+
+
 def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bool, **overrides: Any) -> L.Trainer:
     """A Trainer from ``cfg.trainer`` (hardware/distribution) plus the stage's own ``overrides``
     (e.g. ``max_steps``); ``trainer.max_epochs`` is the victim's training length. ``logger`` is the
@@ -107,8 +110,9 @@ def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bo
     for key, value in overrides.items():
         # A Trainer setting the stage owns (its length, its logging cadence from <stage>.log_every_n_*, ...)
         # replaces the user's trainer.<key>; say so rather than ignore it silently. trainer.max_epochs is the
-        # victim's length by design, and trainer.precision is checked by the stages that constrain it.
-        if key in kwargs and key not in ("max_epochs", "precision", "logger", "default_root_dir") and kwargs[key] != value:
+        # victim's length by design, and trainer.precision is checked by the stages that constrain it. The device keys
+        # are the sharded stages' per-rank single-device Trainers resolved from the user's own trainer.* (not replaced).
+        if key in kwargs and key not in QUIET_OVERRIDES and kwargs[key] != value:
             log.warning("stage %s sets the Trainer's %s=%r (from its own config), not trainer.%s=%r", stage, key, value,
                         key, kwargs[key])
     kwargs.update(overrides)

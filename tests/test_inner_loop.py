@@ -4,6 +4,7 @@ earlier per-run formulation, runs_per_batch=auto, and trainer.precision in the r
 from __future__ import annotations
 
 import itertools
+import logging
 
 import lightning as L
 import pytest
@@ -232,3 +233,17 @@ def test_compiled_objective_gives_the_same_step(tmp_path, make_cfg):
             pytest.skip(f"torch.compile unavailable: {err}")
         out.append(mod.x().detach().clone())
     torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-6)
+
+
+def test_make_trainer_says_when_a_stage_setting_replaces_a_trainer_key(tmp_path, make_cfg, caplog):
+    """A stage's own Trainer setting that replaces the user's trainer.<key> is logged; the per-rank device keys the
+    sharded stages resolve from the user's own trainer.accelerator / devices are not replacements and stay quiet."""
+    from recon_lightning.training import make_trainer
+
+    cfg = make_cfg("+trainer.log_every_n_steps=7", "trainer.accelerator=auto", run_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="recon_lightning.training"):
+        trainer = make_trainer(cfg, tmp_path, "reconstruct", False, log_every_n_steps=1, accelerator="cpu", devices=1)
+    assert trainer.log_every_n_steps == 1
+    said = [r.getMessage() for r in caplog.records]
+    assert any("log_every_n_steps=1" in m and "trainer.log_every_n_steps=7" in m for m in said), said
+    assert not any("accelerator" in m or "devices" in m for m in said), said
