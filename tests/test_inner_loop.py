@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import logging
 
-import lightning as L
 import pytest
 import torch
 
