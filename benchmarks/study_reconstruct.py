@@ -93,6 +93,7 @@ def train_victim(c, x, y, device, epochs=None, cosine: bool = False) -> tuple[Vi
     xd, yd = x.to(device), y.to(device)
     opt = VictimModule(v, "bce", c.optimizer, float(c.lr), float(c.momentum), float(c.weight_decay)).configure_optimizers()
     total = int(epochs or c.epochs)
+    cosine = cosine or c.get("lr_schedule") == "cosine"
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total) if cosine else None
     for _ in range(total):
         loss = loss_fn(v(xd), yd, "bce")

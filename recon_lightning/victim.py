@@ -54,6 +54,7 @@ class ClassifierConfig:
                            what="null, a number or a list of them, one per layer")
     optimizer: str = rule(choices=("sgd", "adam"))
     lr: float = rule(gt=0)
+    lr_schedule: str = rule(choices=("constant", "cosine"))
     momentum: float = rule(ge=0)
     weight_decay: float = rule(ge=0)
     center: bool = MISSING
@@ -270,15 +271,30 @@ class VictimModule(L.LightningModule):
     each is one optimiser step, so ``global_step`` still counts epochs), and the host is touched only
     once per call (metrics, the divergence check): Lightning's per-step overhead would otherwise
     dominate a small victim's epoch. The result is the same as one epoch per step.
+
+    ``lr_schedule="cosine"`` decays the learning rate to 0 over ``total_epochs`` (epoch t uses
+    lr * (1 + cos(pi t / total_epochs)) / 2, torch's CosineAnnealingLR), computed from ``global_step`` so that a
+    resumed fit continues the same schedule; the checkpoint records its length.
     """
 
     def __init__(self, model: VictimMLP, loss: str, optimizer: str, lr: float, momentum: float, weight_decay: float,
-                 epochs_per_step: int = 1):
+                 epochs_per_step: int = 1, lr_schedule: str = "constant", total_epochs: int | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.model, self.loss_kind = model, loss
         self.optimizer_name, self.lr, self.momentum, self.weight_decay = optimizer, lr, momentum, weight_decay
         self.epochs_per_step = max(1, int(epochs_per_step))
+        if lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"classifier.lr_schedule must be constant or cosine, got {lr_schedule!r}")
+        if lr_schedule == "cosine" and not total_epochs:
+            raise ValueError("lr_schedule='cosine' needs total_epochs")
+        self.lr_schedule, self.total_epochs = lr_schedule, total_epochs
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of (0-based) epoch ``epoch``."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        return self.lr * (1 + math.cos(math.pi * min(epoch, self.total_epochs) / self.total_epochs)) / 2
 
     def forward(self, x):
         return self.model(x)
@@ -306,6 +322,9 @@ class VictimModule(L.LightningModule):
         todo = max(1, todo)
         for i in range(todo):
             last = i == todo - 1
+            if self.lr_schedule != "constant":
+                for group in getattr(opt.opt, "optimizer", opt.opt).param_groups:
+                    group["lr"] = self.lr_at(self.global_step)
             logits = self.model(x)
             loss = loss_fn(logits, y, self.loss_kind)
             opt.zero_grad()
@@ -313,6 +332,10 @@ class VictimModule(L.LightningModule):
             opt.step(last)
         self._log(logits, y, loss, "train")  # the last epoch's metrics (before its update), one sync per call
         return None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # a cosine schedule's trajectory depends on its length: a resume must know which one it continues
+        checkpoint["lr_schedule"] = {"kind": self.lr_schedule, "epochs": self.total_epochs}
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -401,7 +424,8 @@ def run_stage(cfg, run_dir: Path) -> dict:
     epochs = int(cfg.trainer.max_epochs)
     # Epochs per Lightning step: the largest that keeps logging, checkpoints and the end on whole steps.
     per_step = math.gcd(math.gcd(int(c.log_every_n_epochs), int(c.checkpoint_every_n_epochs) or epochs), epochs)
-    module = VictimModule(model, loss, c.optimizer, float(c.lr), float(c.momentum), float(c.weight_decay), per_step)
+    module = VictimModule(model, loss, c.optimizer, float(c.lr), float(c.momentum), float(c.weight_decay), per_step,
+                          lr_schedule=c.lr_schedule, total_epochs=epochs)
     has_test = len(emb.test_x) > 0
     # Long schedules checkpoint periodically; a killed run resumes from the last checkpoint.
     ckpt_callback, resume_from = checkpointing(run_dir, "classifier", every_n_steps=int(c.checkpoint_every_n_epochs))
@@ -413,9 +437,15 @@ def run_stage(cfg, run_dir: Path) -> dict:
         # Full batch: one optimiser step per epoch, so the step count is the number of finished epochs.
         state = torch.load(resume_from, map_location="cpu", weights_only=True)
         done_epochs, loop_epochs = int(state.get("global_step", 0)), int(state.get("epoch", 0))
+        schedule = state.get("lr_schedule") or {"kind": "constant", "epochs": None}
         if done_epochs > int(cfg.trainer.max_epochs):
             log.info("classifier checkpoint is at epoch %d > trainer.max_epochs=%d: training from the start",
                      done_epochs, int(cfg.trainer.max_epochs))
+            resume_from, loop_epochs = None, 0
+        elif schedule["kind"] != c.lr_schedule or (c.lr_schedule == "cosine" and schedule["epochs"] != epochs):
+            # a cosine schedule of another length took other steps: continuing would not equal training this long
+            log.info("classifier checkpoint follows lr_schedule=%s over %s epochs, not %s over %d: training from the start",
+                     schedule["kind"], schedule["epochs"], c.lr_schedule, epochs)
             resume_from, loop_epochs = None, 0
     trainer = make_trainer(
         cfg, run_dir, "classifier", build_logger(cfg, run_dir, "classifier"),

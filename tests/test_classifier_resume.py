@@ -85,3 +85,51 @@ def test_longer_schedule_continues_the_victim_and_equals_training_that_long(tmp_
     fit(tmp_path / "fresh40", 40)
     torch.testing.assert_close(load_victim(run_dir / "classifier")[0](x), load_victim(tmp_path / "fresh40/classifier")[0](x),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_cosine_lr_schedule_equals_torchs_and_restarts_when_its_length_changes(tmp_path):
+    """classifier.lr_schedule=cosine: the stage's victim equals a plain full-batch loop under torch's
+    CosineAnnealingLR (an independent implementation of the schedule); a longer schedule does not continue a cosine
+    checkpoint (its steps took other learning rates) but trains from the start and equals a fresh run."""
+    import torch
+
+    from recon_lightning.embed import load_embeddings
+    from recon_lightning.victim import VictimMLP, load_victim, loss_fn
+
+    args = ["stage=classifier", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger.name=none",
+            "classifier.hidden=[32]", "classifier.bias=[true,false]", "classifier.init_scale=[1e-3,1e-3]",
+            "classifier.lr_schedule=cosine", "classifier.lr=0.3", "classifier.weight_decay=1e-2",
+            "classifier.checkpoint_every_n_epochs=20", "classifier.log_every_n_epochs=10", "classifier.allow_unhealthy=true",
+            "data.n_per_class=10", "data.n_test_per_class=5"]
+
+    def fit(run_dir, epochs):
+        proc = subprocess.run([sys.executable, "-m", "recon_lightning.fit", f"run_dir={run_dir}", *args,
+                               f"trainer.max_epochs={epochs}"], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout + proc.stderr
+
+    run_dir = tmp_path / "run"
+    fit(run_dir, 60)
+    emb = load_embeddings(run_dir)
+    x, y = emb.train_x.float(), emb.train_y.float()
+    torch.manual_seed(0)  # the stage's seed (config default) before building the model
+    plain = VictimMLP(x.shape[1], [32], 2, bias=[True, False], init_scale=[1e-3, 1e-3], center=True)
+    plain.input_mean.copy_(x.mean(0))
+    opt = torch.optim.SGD(plain.parameters(), lr=0.3, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 60)
+    for _ in range(60):
+        loss = loss_fn(plain(x), y, "bce")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    stage, _ = load_victim(run_dir / "classifier")
+    torch.testing.assert_close(stage(x), plain(x), rtol=1e-4, atol=1e-6)
+    untrained = VictimMLP(x.shape[1], [32], 2, bias=[True, False], init_scale=[1e-3, 1e-3], center=True)
+    assert not torch.allclose(stage(x), untrained(x), atol=1e-3)  # (the comparison is not of two untrained nets)
+
+    out = fit(run_dir, 100)
+    assert "Restored all states" not in out and "training from the start" in out
+    fit(tmp_path / "fresh", 100)
+    torch.testing.assert_close(load_victim(run_dir / "classifier")[0](x), load_victim(tmp_path / "fresh/classifier")[0](x),
+                               rtol=1e-4, atol=1e-6)
