@@ -260,10 +260,15 @@ def victim_pair(args, device: torch.device, tmp: Path) -> dict:
             model.input_mean.copy_(emb.train_x.float().mean(0))
         model = model.to(device)
         x, y = emb.train_x.to(device), emb.train_y.to(device)
-        opt = VictimModule(model, "bce", c.optimizer, float(c.lr), float(c.momentum), float(c.weight_decay)).configure_optimizers()
+        module = VictimModule(model, "bce", c.optimizer, float(c.lr), float(c.momentum), float(c.weight_decay),
+                              lr_schedule=c.lr_schedule, total_epochs=args.epochs)
+        opt = module.configure_optimizers()
         sync(device)
         t = time.perf_counter()
-        for _ in range(args.epochs):
+        for epoch in range(args.epochs):
+            if module.lr_schedule != "constant":  # the preset's schedule, as the stage sets it
+                for group in opt.param_groups:
+                    group["lr"] = module.lr_at(epoch)
             loss = loss_fn(model(x), y, "bce")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -285,7 +290,7 @@ def victim_pair(args, device: torch.device, tmp: Path) -> dict:
         return args.epochs / (time.perf_counter() - t)
 
     print(f"victim: {emb.dim}-{'-'.join(map(str, c.hidden))}-1 on {len(emb.train_x)} digits (classifier preset: "
-          f"{c.optimizer}, lr {c.lr}, weight decay {c.weight_decay}), {args.epochs} full-batch epochs", flush=True)
+          f"{c.optimizer}, lr {c.lr} {c.lr_schedule}, weight decay {c.weight_decay}), {args.epochs} full-batch epochs", flush=True)
     pairs = []
     for rep in range(args.repeats):
         order = [("plain", plain), ("stage", stage)] if rep % 2 == 0 else [("stage", stage), ("plain", plain)]

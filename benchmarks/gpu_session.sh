@@ -42,10 +42,10 @@ part precision 60 $py benchmarks/bench_precision.py --skip recovery $(size "" "-
     --only "float32 (default),TF32 (matmul high),bf16-mixed"
 # 4. #12: the recovery scenarios under TF32 and torch.compile (the options' verdicts need them)
 part recovery 100 $py benchmarks/bench_precision.py --skip speed accuracy --only "float32 (default),TF32 (matmul high),compile"
-# 5. #11: the paper's regime at GPU budget: DINOv2 embeddings of the digits, a weight-decay victim trained long with
-#    a cosine-decayed lr (nearer a stationary point) and the default one, 64 runs each
+# 5. #11: the paper's regime at GPU budget: DINOv2 embeddings of the digits, the default victim (weight decay 1e-2,
+#    lr cosine-decayed: nearer a stationary point) and the previous default (lr 0.5 constant), 64 runs each
 if [ -n "$embed" ]; then
-    part study 170 $py benchmarks/study_reconstruct.py --embeddings "$embed" --scale gpu --rows "${ROWS:-wd 1e-2,defaults}" \
+    part study 170 $py benchmarks/study_reconstruct.py --embeddings "$embed" --scale gpu --rows "${ROWS:-wd 1e-2,previous default victim (lr 0.5}" \
         --victim-epochs 50000 --victim-cache "$embed/victims" $(size "--runs 64 --steps 30000 --budget-s 155" "--runs 2 --steps 100") \
         --out "$out/study.json"
 fi
