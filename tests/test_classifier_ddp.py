@@ -11,7 +11,8 @@ from recon_lightning.embed import load_embeddings
 from recon_lightning.victim import load_victim
 
 # 3 classes x 7 = 21 training samples: not divisible by the 2 ranks.
-ARGS = ["stage=classifier", "trainer.max_epochs=100", "classifier.hidden=[64]", "classifier.bias=[true,false]",
+ARGS = ["stage=classifier", "trainer.max_epochs=100", "classifier.lr=0.5",  # (cosine-decayed: DDP sets the lr per step too)
+        "classifier.hidden=[64]", "classifier.bias=[true,false]",
         "classifier.init_scale=[1e-3,1e-3]", "data.classes=[3,5,8]", "data.n_per_class=7", "data.n_test_per_class=5",
         "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger.name=none"]
 
