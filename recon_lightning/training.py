@@ -6,6 +6,7 @@ strategy, precision) and ``logger.*`` apply uniformly, and metrics always land i
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import zipfile
@@ -18,6 +19,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from . import distributed
 from .config import rule, section
 from .errors import ConfigError
 
@@ -62,15 +64,21 @@ def wandb_mode(cfg: DictConfig) -> str:
     return "offline"
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, stage: str) -> Logger | bool:
+def build_logger(cfg: DictConfig, run_dir: Path, stage: str, resume_step: int | None = None) -> Logger | bool:
     """The configured Lightning logger for one stage (CSV/TensorBoard files in ``run_dir/<stage>/logs``,
     so they move aside with the stage's outputs when its config changes). Build it once per stage and pass it to
     every Trainer of the stage: with W&B, each call starts a new W&B run (and finishes the previous stage's).
     W&B runs offline unless ``logger.wandb.mode`` or a sweep agent says otherwise; sync later with
-    ``wandb sync <run_dir>/wandb/offline-run-*``."""
+    ``wandb sync <run_dir>/wandb/offline-run-*``.
+
+    ``resume_step``: a stage whose fit resumes at that step (its logged ``step``) keeps the rows of ``metrics.csv``
+    logged up to it; the CSV logger then writes every row as it is logged, so a killed fit's rows are on disk.
+    None: a new ``metrics.csv`` (Lightning's CSV logger deletes the old one when it starts)."""
     name = cfg.logger.name
     if name == "csv":
-        return CSVLogger(save_dir=str(run_dir / stage), name="logs", version="")
+        if resume_step is None:
+            return CSVLogger(save_dir=str(run_dir / stage), name="logs", version="")
+        return _resumed_csv_logger(run_dir / stage, int(resume_step))
     if name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
@@ -96,6 +104,22 @@ def build_logger(cfg: DictConfig, run_dir: Path, stage: str) -> Logger | bool:
 
         return TensorBoardLogger(save_dir=str(run_dir / stage), name="logs", version="")
     return False  # logger.name=none
+
+
+def _resumed_csv_logger(save_dir: Path, resume_step: int) -> CSVLogger:
+    """A CSV logger that writes each row as it is logged, its ``metrics.csv`` starting with the earlier rows whose
+    ``step`` is at most ``resume_step`` (those after it are logged again by the resumed fit)."""
+    logger = CSVLogger(save_dir=str(save_dir), name="logs", version="", flush_logs_every_n_steps=1)
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not distributed.is_rank_zero() or not path.is_file():
+        return logger
+    with open(path, newline="") as f:
+        kept = [row for row in csv.DictReader(f) if row.get("step") and float(row["step"]) <= resume_step]
+    writer = logger.experiment  # Lightning's writer deletes the old metrics.csv here: write the kept rows again
+    for row in kept:
+        writer.log_metrics({k: float(v) for k, v in row.items() if k != "step" and v != ""}, step=int(float(row["step"])))
+    writer.save()
+    return logger
 
 
 QUIET_OVERRIDES = ("max_epochs", "precision", "logger", "default_root_dir", "accelerator", "devices", "strategy", "num_nodes")

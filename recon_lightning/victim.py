@@ -308,6 +308,8 @@ class VictimModule(L.LightningModule):
             on_step=prefix == "train", on_epoch=prefix != "train", prog_bar=prefix == "train", batch_size=len(y),
             sync_dist=True,
         )
+        # The loggers' x axis: epochs trained (one optimiser step each), which is where a resumed run restarts
+        self.log("step", float(self.global_step), on_step=prefix == "train", on_epoch=prefix != "train", batch_size=1)
         if not torch.isfinite(loss):
             raise DivergedError(f"victim training diverged ({prefix} loss {loss.item()}); lower classifier.lr")
 
@@ -432,7 +434,8 @@ def run_stage(cfg, run_dir: Path) -> dict:
     # trainer.max_epochs is resumable: a longer schedule continues the victim trained so far (full-batch
     # training is deterministic, so this equals training that long from the start); a checkpoint past
     # a shorter schedule cannot be wound back, so training then starts over.
-    loop_epochs = 0  # Lightning epochs already run (one covers the schedule; a resumed fit may need one more)
+    # Epochs already trained, and Lightning epochs already run (one covers the schedule; a resumed fit may need one more)
+    done_epochs, loop_epochs = 0, 0
     if resume_from is not None:
         # Full batch: one optimiser step per epoch, so the step count is the number of finished epochs.
         state = torch.load(resume_from, map_location="cpu", weights_only=True)
@@ -447,8 +450,10 @@ def run_stage(cfg, run_dir: Path) -> dict:
             log.info("classifier checkpoint follows lr_schedule=%s over %s epochs, not %s over %d: training from the start",
                      schedule["kind"], schedule["epochs"], c.lr_schedule, epochs)
             resume_from, loop_epochs = None, 0
+    # metrics.csv keeps the rows of the epochs a resumed training does not redo
+    logger = build_logger(cfg, run_dir, "classifier", resume_step=done_epochs if resume_from else 0)
     trainer = make_trainer(
-        cfg, run_dir, "classifier", build_logger(cfg, run_dir, "classifier"),
+        cfg, run_dir, "classifier", logger,
         max_epochs=loop_epochs + 2,  # max_steps (= epochs: one optimiser step per epoch) ends training
         max_steps=epochs,
         val_check_interval=max(1, min(int(c.log_every_n_epochs), epochs) // per_step),

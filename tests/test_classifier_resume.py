@@ -1,5 +1,6 @@
 """Resuming the victim: a training killed with SIGKILL resumes from its last Lightning checkpoint; damaged checkpoints are skipped."""
 
+import csv
 import os
 import signal
 import subprocess
@@ -31,6 +32,10 @@ def test_killed_classifier_resumes_from_checkpoint(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
     assert load_json(run_dir / "classifier/DONE.json")["summary"]["train_acc"] == 1.0
+    # metrics.csv holds every logged epoch once: the killed attempt's rows, then the resumed training's
+    with open(run_dir / "classifier/logs/metrics.csv", newline="") as f:
+        steps = [int(float(r["step"])) for r in csv.DictReader(f) if r["train/loss"]]
+    assert steps == list(range(50, 1001, 50))
 
 
 def test_damaged_checkpoint_is_skipped_for_the_newest_valid_one(tmp_path):
@@ -142,3 +147,34 @@ def test_cosine_lr_schedule_equals_torchs_and_restarts_when_its_length_changes(t
     fit(tmp_path / "fresh", 100)
     torch.testing.assert_close(load_victim(run_dir / "classifier")[0](x), load_victim(tmp_path / "fresh/classifier")[0](x),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_a_resumed_victim_keeps_the_metrics_logged_before(make_cfg, tmp_path):
+    """classifier/logs/metrics.csv keeps the rows of the epochs trained before a resume (Lightning's CSV logger
+    deletes the file when it starts). A killed attempt's rows after its last checkpoint are dropped: the resumed
+    training logs those epochs again."""
+    from recon_lightning.fit import main_with_config
+
+    args = ["stage=classifier", "trainer.accelerator=cpu", "classifier.hidden=[32]", "classifier.bias=[true,false]",
+            "classifier.init_scale=[1e-3,1e-3]", "classifier.log_every_n_epochs=10",
+            "classifier.checkpoint_every_n_epochs=20", "data.n_per_class=10", "data.n_test_per_class=5",
+            "classifier.lr_schedule=constant"]  # a longer cosine schedule restarts instead of continuing
+    metrics = tmp_path / "run/classifier/logs/metrics.csv"
+
+    def rows():
+        with open(metrics, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def steps(kind):  # the epochs of the training rows (train/loss) or the test rows (test/loss)
+        return [int(float(r["step"])) for r in rows() if r[f"{kind}/loss"]]
+
+    main_with_config(make_cfg(*args, "trainer.max_epochs=60"))
+    first = rows()
+    assert steps("train") == steps("test") == [10, 20, 30, 40, 50, 60]  # the x axis counts epochs
+    # As if the next attempt had logged epoch 70 and been killed before its next checkpoint.
+    with open(metrics, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=list(first[0])).writerow({**first[-2], "step": "70", "train/loss": "-1"})
+    main_with_config(make_cfg(*args, "trainer.max_epochs=100"))  # continues the victim from epoch 60
+    assert rows()[:len(first)] == first  # the earlier epochs' rows are kept, unchanged
+    assert steps("train") == steps("test") == list(range(10, 101, 10))  # each epoch once: the killed row is gone
+    assert "-1" not in {r["train/loss"] for r in rows()}

@@ -40,7 +40,7 @@ def test_every_stage_logs_one_wandb_run_with_several_batches_per_rank(tmp_path):
     # embed and select log nothing; each other stage has exactly one run, grouped by run_dir
     assert sorted(runs) == ["run-classifier", "run-evaluate", "run-invert", "run-reconstruct"]
     assert {r["group"] for r in runs.values()} == {"run"}
-    assert {"train/loss", "train/acc", "epoch"} <= logged_keys(runs["run-classifier"])
+    assert {"train/loss", "train/acc", "trainer/global_step"} <= logged_keys(runs["run-classifier"])  # x axis: epochs
     rec = runs["run-reconstruct"]
     assert {"kkt_rel_median", "run_final_loss", "run_recon_score", "recon_score", "runs_ok"} <= logged_keys(rec)
     assert sorted(row["run"] for row in rec["history"] if "run_final_loss" in row) == [0, 1]  # both batches
