@@ -75,8 +75,8 @@ class PixelParam(nn.Module):
         self.decorrelate = decorrelate and c == 3
         self.logits = nn.Parameter(_randn(n, (c, h, w), seeds) * init_std)
 
-    def forward(self, res: tuple[int, int]) -> torch.Tensor:
-        t = self.logits
+    def forward(self, res: tuple[int, int], generator: torch.Generator | None = None) -> torch.Tensor:
+        t = self.logits  # deterministic: ``generator`` (the step's random draws) is not used
         if tuple(res) != tuple(t.shape[-2:]):
             # Block-average: the gradient (and Adam's update) is constant over each block.
             t = F.adaptive_avg_pool2d(t, res)
@@ -103,8 +103,8 @@ class FourierParam(nn.Module):
         self.register_buffer("fx", fx.abs().expand_as(freqs).clone(), persistent=False)
         self.spectrum = nn.Parameter(_randn(n, (c, h, w // 2 + 1, 2), seeds) * init_std)
 
-    def forward(self, res: tuple[int, int]) -> torch.Tensor:
-        spec = torch.view_as_complex(self.spectrum) * self.scale
+    def forward(self, res: tuple[int, int], generator: torch.Generator | None = None) -> torch.Tensor:
+        spec = torch.view_as_complex(self.spectrum) * self.scale  # deterministic: ``generator`` is not used
         if tuple(res) != (self.h, self.w):
             # Coarse stage: only frequencies a res-sized image could represent.
             keep = (self.fy <= 0.5 * res[0] / self.h) & (self.fx <= 0.5 * res[1] / self.w)
@@ -170,11 +170,12 @@ class DIPParam(nn.Module):
             self.up.append(nn.Sequential(_Block(deeper + skip, out, g), _Block(out, out, g, k=1)))
         self.head = _gconv(channels[0], c, g, k=1)
 
-    def forward(self, res: tuple[int, int]) -> torch.Tensor:
+    def forward(self, res: tuple[int, int], generator: torch.Generator | None = None) -> torch.Tensor:
+        """The images at resolution ``res``; in training, the input noise is drawn from ``generator`` (the step's)."""
         g = self.n
         z = self.z
         if self.training and self.input_noise > 0:
-            z = z + torch.randn_like(z) * self.input_noise
+            z = z + torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype) * self.input_noise
         # Work at a size the hourglass can halve ``depth`` times, then resize to ``res``.
         m = 2**self.depth
         work = (max(m, math.ceil(res[0] / m) * m), max(m, math.ceil(res[1] / m) * m))
@@ -261,12 +262,13 @@ class Augment(nn.Module):
     def geometric(self) -> bool:
         return self.crop_scale != (1.0, 1.0) or self.jitter > 0 or self.flip or self.rotate > 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Augmented ``x``, every random draw from ``generator`` (on x's device; None: torch's global one)."""
         b, c = x.shape[:2]
         dev, dt = x.device, x.dtype
 
         def u(lo, hi, *shape):
-            return torch.rand(b, *shape, device=dev, dtype=dt) * (hi - lo) + lo
+            return torch.rand(b, *shape, generator=generator, device=dev, dtype=dt) * (hi - lo) + lo
 
         if self.geometric:
             # Side fraction of the crop; a crop of side s can sit anywhere within the image.
@@ -274,7 +276,7 @@ class Augment(nn.Module):
             tx = u(-1, 1) * (1 - side) + u(-1, 1) * 2 * self.jitter
             ty = u(-1, 1) * (1 - side) + u(-1, 1) * 2 * self.jitter
             ang = u(-1, 1) * math.radians(self.rotate)
-            sx = side * (torch.where(torch.rand(b, device=dev) < 0.5, -1.0, 1.0).to(dt) if self.flip else 1.0)
+            sx = side * (torch.where(torch.rand(b, generator=generator, device=dev) < 0.5, -1.0, 1.0).to(dt) if self.flip else 1.0)
             cos, sin = torch.cos(ang), torch.sin(ang)
             theta = torch.stack(
                 [torch.stack([sx * cos, -side * sin, tx], 1), torch.stack([sx * sin, side * cos, ty], 1)], 1
@@ -284,7 +286,7 @@ class Augment(nn.Module):
         if self.color > 0:
             x = x * u(1 - self.color, 1 + self.color, c, 1, 1) + u(-self.color, self.color, c, 1, 1)
         if self.noise > 0:
-            x = x + torch.randn_like(x) * self.noise
+            x = x + torch.randn(x.shape, generator=generator, device=dev, dtype=dt) * self.noise
         return x
 
 

@@ -185,7 +185,9 @@ class DirectInversion(L.LightningModule):
     """The parameters are a batch of images; the loss pulls their embeddings onto ``targets``.
 
     ``target_ids`` (the targets' ranks in the selection) seed each pixel / Fourier image's start,
-    so an image does not depend on the batch or DDP rank it is optimised in.
+    so an image does not depend on the batch or DDP rank it is optimised in. The random draws of optimisation
+    step s (augmentations, DIP's input noise) come from a generator seeded by (``invert.seed``, the batch's
+    targets, s): a batch resumed from its checkpoint draws what an uninterrupted one drew.
     """
 
     def __init__(self, backbone: Backbone, targets: torch.Tensor, cfg: DictConfig, steps: int,
@@ -197,8 +199,9 @@ class DirectInversion(L.LightningModule):
         self.size = tuple(backbone.input_size)
         self.register_buffer("targets", targets.float().clone())
         self.target_ids = list(range(len(targets))) if target_ids is None else [int(t) for t in target_ids]
+        self.seed = int(cfg.seed)
         self.image = build_param(cfg.param, len(targets), self.size, cfg,
-                                 seeds=[int(cfg.seed) + t for t in self.target_ids])
+                                 seeds=[self.seed + t for t in self.target_ids])
         self.augment = Augment.from_config(cfg.augment)
         self.copies = max(1, int(cfg.augment.copies))
         self.tv_weight, self.l2_weight = float(cfg.tv_weight), float(cfg.l2_weight)
@@ -242,16 +245,23 @@ class DirectInversion(L.LightningModule):
         _, h, w = self.size
         return max(4, round(h * s)), max(4, round(w * s))
 
-    def render(self, res: tuple[int, int] | None = None) -> torch.Tensor:
-        x = self.image(res or tuple(self.size[1:]))
+    def step_generator(self, step: int) -> torch.Generator:
+        """The random draws of optimisation step ``step``, on the images' device: a function of the step, not of
+        the draws before it, so nothing about them needs to be checkpointed."""
+        seed = int(fingerprint("invert-step", self.seed, self.target_ids, int(step))[:15], 16)
+        return torch.Generator(device=self.targets.device).manual_seed(seed)
+
+    def render(self, res: tuple[int, int] | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = self.image(res or tuple(self.size[1:]), generator=generator)
         if tuple(x.shape[-2:]) != tuple(self.size[1:]):
             x = F.interpolate(x, size=self.size[1:], mode="bilinear", align_corners=False)
         return x
 
     def loss(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The objective at optimisation step ``step`` (its coarse-to-fine resolution): (loss, cosine per image)."""
-        x = self.render(self.resolution(step))
-        xa = self.augment(x.repeat(self.copies, 1, 1, 1))
+        gen = self.step_generator(step)
+        x = self.render(self.resolution(step), generator=gen)
+        xa = self.augment(x.repeat(self.copies, 1, 1, 1), generator=gen)
         emb = self.backbone.embed_pixels(xa)
         cos = F.cosine_similarity(emb.float(), self.targets.repeat(self.copies, 1), dim=1)
         cos = cos.view(self.copies, -1).mean(0)
@@ -304,7 +314,7 @@ def invert_batch(backbone: Backbone, targets: torch.Tensor, cfg: DictConfig, tar
     """One Lightning fit: images (B, C, H, W) in [0, 1] for ``targets`` (B, D); resumes ``ckpt_path`` if given."""
     steps = int(cfg.steps)
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen backbone, on purpose
-    L.seed_everything(int(cfg.seed) + int(target_ids[0]), verbose=False)  # augmentations / DIP noise
+    L.seed_everything(int(cfg.seed) + int(target_ids[0]), verbose=False)  # DIP's initial weights
     module = DirectInversion(backbone, targets, cfg, steps, target_ids)
     trainer.fit(module, train_dataloaders=steps_loader(-(-steps // module.steps_per_call)), ckpt_path=ckpt_path,
                 weights_only=True)

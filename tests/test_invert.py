@@ -419,3 +419,27 @@ def test_inversion_many_steps_per_lightning_step_equal_one(tmp_path):
         assert trainer.global_step == 30
         images.append(module.final_images())
     torch.testing.assert_close(images[0], images[1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_inversion_with_the_default_augmentations_equals_an_uninterrupted_one(tmp_path):
+    """The augmentations' (and DIP's input noise) randomness at step s is drawn from a seed of (invert.seed, the
+    batch's targets, s), so a batch resumed from its checkpoint draws what the uninterrupted fit drew."""
+    from recon_lightning.invert import invert_batch
+    from recon_lightning.training import checkpointing
+
+    bb, targets = TinyCNN(), torch.randn(2, 32, generator=torch.Generator().manual_seed(1))
+
+    def trainer(name, max_steps):
+        callback, _ = checkpointing(tmp_path, "invert", 4, name=name)
+        return L.Trainer(max_steps=max_steps, max_epochs=1, logger=False, callbacks=[callback], enable_model_summary=False,
+                         enable_progress_bar=False)
+
+    for param in ("fourier", "dip"):
+        cfg = icfg(param=param, steps=8, checkpoint_every_n_steps=4, log_every_n_steps=4, scales=[1.0],
+                   dip={"channels": [4, 8], "skip": 2, "input_channels": 4, "input_noise": 0.05})
+        assert cfg.augment.copies > 1 and cfg.augment.flip and cfg.augment.noise > 0  # the shipped augmentations
+        whole = invert_batch(bb, targets, cfg, [0, 1], trainer(f"whole_{param}", 8))
+        invert_batch(bb, targets, cfg, [0, 1], trainer(f"killed_{param}", 4))  # stops after its step-4 checkpoint
+        ckpt = tmp_path / f"invert/checkpoints/killed_{param}/last.ckpt"
+        resumed = invert_batch(bb, targets, cfg, [0, 1], trainer(f"resumed_{param}", 8), ckpt_path=str(ckpt))
+        torch.testing.assert_close(resumed, whole, rtol=0, atol=1e-6, msg=param)

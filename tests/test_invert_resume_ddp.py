@@ -1,7 +1,8 @@
 """The inversion stage as a long job: a batch killed with SIGKILL resumes from its Lightning
 checkpoint (finished batches are not redone), and 2 CPU processes (DDP launcher, gloo) shard the
-targets disjointly and give the same images as one process. Augmentations are off so that the
-optimisation is deterministic and results can be compared exactly."""
+targets disjointly and give the same images as one process. The resume test runs the default augmentations
+(their draws at step s are seeded by the step); the tests that batch targets differently turn them off (a
+batch's draws depend on its targets)."""
 
 import json
 import os
@@ -19,10 +20,10 @@ ARGS = ["backbone=dino_vits16", "backbone.model=test_vit", "backbone.pretrained=
         "data.n_per_class=4", "data.n_test_per_class=2", "classifier.hidden=[16]", "classifier.bias=[true,false]",
         "classifier.init_scale=[1e-3,1e-3]", "classifier.center=false", "trainer.max_epochs=50", "reconstruct.num_runs=1",
         "reconstruct.runs_per_batch=1", "reconstruct.steps=5", "select.num_representatives=5", "invert.num_images=5",
-        "invert.batch_size=2", "invert.param=fourier", "invert.augment.copies=1", "invert.augment.crop_scale=[1,1]",
-        "invert.augment.jitter=0", "invert.augment.flip=false", "invert.augment.rotate=0", "invert.augment.color=0",
-        "invert.augment.noise=0", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger.name=none",
-        "classifier.allow_unhealthy=true"]  # a barely trained victim on purpose: these tests check resuming
+        "invert.batch_size=2", "invert.param=fourier", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+        "logger.name=none", "classifier.allow_unhealthy=true"]  # a barely trained victim on purpose: these tests check resuming
+NO_AUGMENT = ["invert.augment.copies=1", "invert.augment.crop_scale=[1,1]", "invert.augment.jitter=0",
+              "invert.augment.flip=false", "invert.augment.rotate=0", "invert.augment.color=0", "invert.augment.noise=0"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -82,7 +83,7 @@ def test_killed_inversion_resumes_its_batch_and_keeps_finished_ones(selected, tm
     assert not list(ckpts.glob("targets_*")), "finished batches' checkpoints are removed"
     rows, imgs = images(run_dir)
     assert [r["rank"] for r in rows] == [0, 1, 2, 3, 4]
-    # The same job, never interrupted, gives the same images.
+    # The same job, never interrupted, gives the same images (with the default augmentations).
     clean = copy_of(selected, tmp_path / "clean")
     fit(clean, *extra)
     rows_clean, imgs_clean = images(clean)
@@ -94,36 +95,38 @@ def test_killed_inversion_resumes_its_batch_and_keeps_finished_ones(selected, tm
 def test_more_images_keep_the_finished_ones(selected, tmp_path):
     # invert.num_images is "resumable": raising it optimises only the new targets.
     run_dir = copy_of(selected, tmp_path / "run")
-    fit(run_dir, "stage=invert", "invert.steps=10", "invert.num_images=3")
+    fit(run_dir, *NO_AUGMENT, "stage=invert", "invert.steps=10", "invert.num_images=3")
     mtimes = {p.name: p.stat().st_mtime_ns for p in (run_dir / "invert/images").glob("*.png")}
     assert len(mtimes) == 3
-    fit(run_dir, "stage=invert", "invert.steps=10", "invert.num_images=5")
+    fit(run_dir, *NO_AUGMENT, "stage=invert", "invert.steps=10", "invert.num_images=5")
     assert {n: (run_dir / "invert/images" / n).stat().st_mtime_ns for n in mtimes} == mtimes
     assert not list(tmp_path.glob("run/invert.stale-*"))
     rows, imgs = images(run_dir)
     assert [r["rank"] for r in rows] == [0, 1, 2, 3, 4]
-    # The same as inverting all five at once (batches differ; every image has its own parameters and seed).
+    # The same as inverting all five at once (batches differ; every image has its own parameters and seed; a
+    # batch's augmentations depend on its targets, so they are off).
     clean = copy_of(selected, tmp_path / "clean")
-    fit(clean, "stage=invert", "invert.steps=10", "invert.num_images=5")
+    fit(clean, *NO_AUGMENT, "stage=invert", "invert.steps=10", "invert.num_images=5")
     rows_clean, imgs_clean = images(clean)
     for a, b in zip(imgs, imgs_clean):
         assert np.abs(a - b).max() <= 1
     # A key that changes the images (the steps) does not reuse them: the old outputs are moved aside.
-    fit(run_dir, "stage=invert", "invert.steps=12", "invert.num_images=5")
+    fit(run_dir, *NO_AUGMENT, "stage=invert", "invert.steps=12", "invert.num_images=5")
     assert len(list(tmp_path.glob("run/invert.stale-*"))) == 1
 
 
 def test_ddp_inversion_shards_targets_and_equals_one_process(selected, tmp_path):
     ddp = copy_of(selected, tmp_path / "ddp")
     # Checkpoints every 2 steps: each rank writes (and then removes) its own batches' checkpoints.
-    fit(ddp, "stage=invert", "invert.steps=6", "invert.checkpoint_every_n_steps=2", "trainer.devices=2", "trainer.strategy=ddp")
+    fit(ddp, "stage=invert", "invert.steps=6", "invert.checkpoint_every_n_steps=2", "trainer.devices=2", "trainer.strategy=ddp",
+        *NO_AUGMENT)  # the ranks batch the targets differently
     assert not list((ddp / "invert/checkpoints").glob("targets_*"))
     rows, imgs = images(ddp)
     assert [r["rank"] for r in rows] == [0, 1, 2, 3, 4]  # every target exactly once
     assert [r["worker_rank"] for r in rows] == [0, 1, 0, 1, 0]  # target t on rank t % 2
     assert len(list((ddp / "invert/images").glob("*.png"))) == 5
     single = copy_of(selected, tmp_path / "single")
-    fit(single, "stage=invert", "invert.steps=6")
+    fit(single, "stage=invert", "invert.steps=6", *NO_AUGMENT)
     rows1, imgs1 = images(single)
     assert {r["worker_rank"] for r in rows1} == {0}
     for a, b in zip(imgs, imgs1):  # batched differently ([0,2] vs [0,1]): same images
@@ -133,7 +136,7 @@ def test_ddp_inversion_shards_targets_and_equals_one_process(selected, tmp_path)
 
 def test_a_deleted_or_damaged_image_is_made_again_and_only_it(selected, tmp_path):
     run_dir = copy_of(selected, tmp_path / "run")
-    extra = ["stage=invert", "invert.steps=10", "invert.batch_size=1"]
+    extra = ["stage=invert", "invert.steps=10", "invert.batch_size=1", *NO_AUGMENT]
     fit(run_dir, *extra)
     _, before = images(run_dir)
     assert len(before) >= 2
@@ -145,6 +148,6 @@ def test_a_deleted_or_damaged_image_is_made_again_and_only_it(selected, tmp_path
         fit(run_dir, *extra)
         rows, after = images(run_dir)
         assert [r["rank"] for r in rows] == list(range(len(before)))
-        for a, b in zip(after, before):  # the remade image equals the lost one (augmentations off: deterministic)
+        for a, b in zip(after, before):  # the remade image equals the lost one
             assert np.abs(a - b).max() <= 1
         assert {n for n in mtimes if (pngs / n).stat().st_mtime_ns != mtimes[n]} == {name}  # only it was made again
