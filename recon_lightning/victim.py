@@ -29,7 +29,7 @@ from omegaconf import MISSING, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from .config import Section, is_number, rule
-from .errors import ConfigError, DivergedError, ModelMismatchError, UnhealthyVictimError
+from .errors import ConfigError, DataError, DivergedError, ModelMismatchError, UnhealthyVictimError
 from .stages import Stage
 from .storage import load_json, load_tensors, save_json, save_tensors
 
@@ -150,7 +150,8 @@ def load_victim(directory: str | Path, expected_input_dim: int | None = None) ->
     """Load a victim saved by :func:`save_victim` (no pickled code is executed).
 
     Raises :class:`ModelMismatchError` if the weights do not fit the declared architecture or
-    the model's input size differs from ``expected_input_dim`` (the embedding size).
+    the model's input size differs from ``expected_input_dim`` (the embedding size), and :class:`DataError` if
+    they hold NaN/inf.
     """
     directory = Path(directory)
     spec = load_json(directory / "victim.json", what="victim description (victim.json)")
@@ -169,6 +170,12 @@ def load_victim(directory: str | Path, expected_input_dim: int | None = None) ->
             raise ModelMismatchError(
                 f"victim weight {key} has shape {tuple(tensor.shape)} but victim.json implies {tuple(expected[key].shape)}"
             )
+    bad = {key: int((~torch.isfinite(t)).sum()) for key, t in state.items() if t.is_floating_point()}
+    bad = {key: n for key, n in bad.items() if n}
+    if bad:
+        where = ", ".join(f"{n} value{'s' if n > 1 else ''} in {key}" for key, n in bad.items())
+        raise DataError(f"victim weights in {directory / 'model.safetensors'} hold NaN/inf ({where}): the victim's training "
+                        f"diverged or the file is damaged; retrain it (a lower classifier.lr) or replace the file")
     model.load_state_dict(state)
     if expected_input_dim is not None and expected_input_dim != model.input_dim:
         raise ModelMismatchError(

@@ -114,6 +114,19 @@ def test_corrupt_victim_file_is_a_clear_error(tmp_path):
         load_victim(tmp_path)
 
 
+def test_victim_with_nan_weights_is_a_clear_error_naming_the_file(make_cfg, tmp_path):
+    victim = VictimMLP(16, [8], 2)
+    with torch.no_grad():
+        victim.layers[1].weight[0, 3] = float("nan")
+    save_victim(tmp_path / "victim", victim, {"loss": "bce", "n_train": 4})
+    with pytest.raises(DataError, match=r"victim weights .*victim/model\.safetensors hold NaN/inf \(1 value in layers\.1\.weight\)"):
+        load_victim(tmp_path / "victim")
+    # auditing it: refused before any stage runs, not blamed on reconstruct.lr after the reconstruction
+    with pytest.raises(DataError, match="NaN/inf"):
+        main_with_config(make_cfg("stage=reconstruct", f"reconstruct.victim_dir={tmp_path / 'victim'}"))
+    assert not (tmp_path / "run" / "reconstruct").exists()
+
+
 def test_bad_data_inputs(make_cfg, tmp_path):
     with pytest.raises(DataError, match="image folder not found"):
         load_dataset(make_cfg("data=imagefolder", f"data.root={tmp_path}/nope").data)
