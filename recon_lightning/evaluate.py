@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import Section, rule
 from .errors import ConfigError, DataError
-from .storage import load_json, load_png
+from .storage import load_json, load_png, load_tensor_meta
 from .image_params import to_unit_range
 from .matching import best_matches
 from .stages import Stage
@@ -375,6 +375,12 @@ def _victim_summary(run_dir: Path) -> dict | None:
             "margin_min": metrics.get("train_margin_min"), "problems": (spec.get("health") or {}).get("problems", [])}
 
 
+def _run_records(run_dir: Path) -> list[dict]:
+    """Every reconstruction run's record (``run, status, error, final_loss, ...``) from the candidates' metadata."""
+    path = run_dir / "reconstruct" / "candidates.safetensors"
+    return load_tensor_meta(path, what="reconstruction candidates").get("runs", []) if path.is_file() else []
+
+
 def _inversion(run_dir: Path) -> list[dict] | None:
     path = run_dir / "invert" / "inversion.json"
     return load_json(path, what="inversion results") if path.is_file() else None
@@ -396,6 +402,7 @@ class _Inputs:
     sel_meta: dict
     reps: list[dict]  # one row per representative, best first; the steps below add their columns
     victim: dict | None
+    runs: list[dict]  # every reconstruction run's record, failed ones included
     inversion: list[dict] | None
     text_matches: list[dict] | None
     text_corpus: dict | None
@@ -482,7 +489,8 @@ def _gather_inputs(run_dir: Path, ecfg: EvalConfig) -> _Inputs:
     corpus_path = run_dir / "invert" / "text_corpus.json"
     text_corpus = load_json(corpus_path, what="text corpus record") if text_matches is not None and corpus_path.is_file() else None
     return _Inputs(run_dir=run_dir, out_dir=out_dir, ecfg=ecfg, sel=sel, sel_meta=sel_meta, reps=reps,
-                   victim=_victim_summary(run_dir), inversion=_inversion(run_dir), text_matches=text_matches,
+                   victim=_victim_summary(run_dir), runs=_run_records(run_dir), inversion=_inversion(run_dir),
+                   text_matches=text_matches,
                    text_corpus=text_corpus)
 
 
@@ -506,6 +514,10 @@ def _attacker_view(inputs: _Inputs) -> dict:
         report["victim"] = inputs.victim
         report["summary"].update({f"victim_{k}": inputs.victim[k] for k in ("train_acc", "test_acc")
                                   if inputs.victim.get(k) is not None})
+    if inputs.runs:
+        failed = [{k: r.get(k) for k in ("run", "final_loss", "error")} for r in inputs.runs if r.get("status") != "ok"]
+        report["runs"] = {"total": len(inputs.runs), "ok": len(inputs.runs) - len(failed), "failed": failed}
+        report["summary"].update(runs_ok=report["runs"]["ok"], runs_failed=len(failed))
     report["figures"]["selection_scores"] = _rel(inputs.run_dir, rp.plot_scores(inputs.out_dir / "selection_scores.png",
                                                                                 inputs.sel["score"]))
     if inputs.inversion is not None:
@@ -721,6 +733,12 @@ def _notes(report: dict) -> list[str]:
     notes = [f"the victim cannot be a reconstruction target: {p}" for p in (report.get("victim") or {}).get("problems", [])]
     if (report.get("text_corpus") or {}).get("note"):
         notes.append(report["text_corpus"]["note"])
+    runs = report.get("runs")
+    if runs and runs["failed"]:
+        first = "; ".join(f"run {r['run']}: {r['error']}" for r in runs["failed"][:3])
+        more = f"; and {len(runs['failed']) - 3} more" if len(runs["failed"]) > 3 else ""
+        notes.append(f"{len(runs['failed'])} of {runs['total']} reconstruction runs failed and their candidates were left "
+                     f"out (listed under 'Failed reconstruction runs'): {first}{more}")
     if report["mode"] != "evaluation":
         notes.append("training set unknown (no run_dir/embed): attacker mode, evaluation figures omitted")
         return notes

@@ -312,6 +312,20 @@ def prior_penalty(x: torch.Tensor, prior: str, mean_norm: float | None, box_low:
     raise ConfigError(f"unknown prior {prior!r}; choose from {PRIORS}")
 
 
+def prior_excess(x: torch.Tensor, prior: str, mean_norm: float | None, box_low: float, box_high: float) -> torch.Tensor:
+    """How far each run's farthest candidate lies outside the prior's range, in units of the range's own size (K,):
+    box, the largest distance of a coordinate outside [low, high] over high - low; sphere / norm, the largest norm
+    above the radius (1 / ``mean_norm``) over the radius; 0 inside the range, and for prior ``none``."""
+    if prior == "box":
+        width = (box_high - box_low) or 1.0
+        outside = torch.maximum(box_low - x, x - box_high).clamp_min(0.0)
+        return outside.flatten(1).max(1).values / width
+    if prior in ("sphere", "norm"):
+        radius = 1.0 if prior == "sphere" else float(mean_norm or 1.0)
+        return (x.norm(dim=-1).max(1).values / radius - 1.0).clamp_min(0.0)
+    return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+
+
 def fit_multipliers(objective: KKTObjective, x: torch.Tensor, y: torch.Tensor, steps: int = 300,
                     lr: float = 0.05) -> float:
     """The relative KKT residual of points ``x`` (m, D, victim coordinates) with labels ``y``, minimised over

@@ -7,8 +7,8 @@ optimisers, run files, merging and scoring.
 
 Many independent runs (different seeds and hyperparameters) are optimised at once as one
 (K, m, D) tensor program. Each run has its own optimiser parameter group (own learning rate) and
-is masked out if its loss turns NaN/inf. Finished runs are written to
-``reconstruct/runs/run_XXXXX.safetensors`` before the next batch starts, and the running batch
+is masked out if its loss turns NaN/inf (one that ends finite but diverged is failed at the end). Finished runs
+are written to ``reconstruct/runs/run_XXXXX.safetensors`` before the next batch starts, and the running batch
 keeps a Lightning checkpoint (``reconstruct/checkpoints/runs_*/last.ckpt``), so a killed job
 resumes where it stopped; under DDP run ``r`` goes to rank ``r % world_size``. Rank 0 merges all
 runs into ``reconstruct/candidates.safetensors``. Candidates are always written in embedding
@@ -35,13 +35,22 @@ from torch import nn
 from .config import Section, as_range, auto_or_int, number_or_range, rule
 from .errors import ConfigError, DataError, ModelMismatchError
 from .kkt import (ACTIVATIONS, DTYPES, FORMS, MATMUL_PRECISIONS, MULTIPLIERS, PRIORS, KKTObjective, fit_multipliers,
-                  prior_penalty, resolve_form, resolve_prior)
+                  prior_excess, prior_penalty, resolve_form, resolve_prior)
 from .matching import best_matches
 from .stages import Stage
 from .storage import fingerprint, load_tensors, save_tensors
 from .victim import VictimMLP, check_given_victim, load_victim
 
 log = logging.getLogger(__name__)
+
+# A run that ends finite has still diverged (ReconstructionModule.diverged) when its relative KKT loss ends at or above
+# both the trivial solution's (all multipliers zero: exactly 1) and its own starting loss; when every multiplier ended
+# at zero (the candidates explain nothing of the victim); or, with the prior in force (prior_weight > 0), when a
+# candidate lies farther outside the prior's range than PRIOR_TOLERANCE times the range's size (kkt.prior_excess:
+# box [0, 1] allows coordinates in [-1, 2]; sphere / norm allow norms up to twice the prior's). A run whose loss fell
+# but not yet below 1 has not diverged: it is kept, with its final loss (too few reconstruct.steps).
+TRIVIAL_LOSS = 1.0
+PRIOR_TOLERANCE = 1.0
 
 # name -> how a [low, high] range is sampled
 HPARAMS = {"init_scale": "log", "lr": "log", "lambda_lr": "log", "lambda_min": "uniform", "alpha": "uniform"}
@@ -156,15 +165,10 @@ class ReconstructionModule(L.LightningModule):
         # prior and everything written out use embedding coordinates, x + input_mean.
         mean = torch.zeros(input_dim, dtype=dtype) if input_mean is None else input_mean.detach().to(dtype)
         self.register_buffer("input_mean", mean.clone(), persistent=False)
-        lam_shape = objective.lambda_shape(m)
-        xs, lams = [], []
-        for h in self.hp:
-            # Own generator per run: a run's init does not depend on which batch it is in.
-            g = torch.Generator().manual_seed(h["init_seed"])
-            xs.append(torch.randn(m, input_dim, generator=g, dtype=torch.float64) * h["init_scale"])
-            lams.append(torch.rand(lam_shape, generator=g, dtype=torch.float64))
-        self.candidates = nn.Parameter(torch.stack(xs).to(dtype))
-        self.multipliers = nn.Parameter(torch.stack(lams).to(dtype))
+        self.input_dim = int(input_dim)
+        x0, lam0 = self.initial_state()
+        self.candidates = nn.Parameter(x0.to(dtype))
+        self.multipliers = nn.Parameter(lam0.to(dtype))
         self.register_buffer("active", torch.ones(K, dtype=torch.bool), persistent=False)
         # The step at which each run's loss became non-finite (-1: healthy); written on the device.
         self.register_buffer("failed_at", torch.full((K,), -1, dtype=torch.long), persistent=False)
@@ -172,6 +176,17 @@ class ReconstructionModule(L.LightningModule):
         self.last_rel = torch.full((K,), float("nan"))
         self._plain_steps = 0
         self._terms_fn = None  # chosen at the first step, on the device: see compiled()
+
+    def initial_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every run's starting candidates (K, m, D) and multipliers (float64, on the CPU): each run from its own
+        generator (its ``init_seed``), so a run's start does not depend on its batch, and can be made again."""
+        m, lam_shape = len(self.y), self.objective.lambda_shape(len(self.y))
+        xs, lams = [], []
+        for h in self.hp:
+            g = torch.Generator().manual_seed(h["init_seed"])
+            xs.append(torch.randn(m, self.input_dim, generator=g, dtype=torch.float64) * h["init_scale"])
+            lams.append(torch.rand(lam_shape, generator=g, dtype=torch.float64))
+        return torch.stack(xs), torch.stack(lams)
 
     def on_fit_start(self) -> None:
         # reconstruct.matmul_precision (high: TF32 on CUDA) for this fit only; on_fit_end restores the setting.
@@ -203,14 +218,18 @@ class ReconstructionModule(L.LightningModule):
     def lam(self) -> torch.Tensor:
         return self.multipliers
 
+    def prior_coords(self, x: torch.Tensor) -> torch.Tensor:
+        """Candidates ``x`` in the coordinates the prior bounds: embedding coordinates, or (``box_on=victim_input``, the
+        reference) the victim's centred inputs."""
+        on_input = self.prior == "box" and self.rcfg.get("box_on", "embedding") == "victim_input"
+        return x if on_input else x + self.input_mean
+
     def _terms(self, x: torch.Tensor, lam: torch.Tensor) -> dict[str, torch.Tensor]:
         y = self.y.expand(len(x), -1)
         kkt_abs, kkt_rel = self.objective.kkt(x, lam, y, self.alpha)
         lam_pen = self.objective.lambda_penalty(lam, y, self.lambda_min)
         low, high = self.rcfg["box"]
-        # The box bounds embedding coordinates, or (box_on=victim_input, the reference) the centred inputs.
-        on_input = self.prior == "box" and self.rcfg.get("box_on", "embedding") == "victim_input"
-        prior = prior_penalty(x if on_input else x + self.input_mean, self.prior, self.mean_norm, float(low), float(high))
+        prior = prior_penalty(self.prior_coords(x), self.prior, self.mean_norm, float(low), float(high))
         kkt = kkt_rel if self.rcfg["kkt_loss"] == "relative" else kkt_abs
         total = kkt + float(self.rcfg["lambda_weight"]) * lam_pen + float(self.rcfg["prior_weight"]) * prior
         return {"total": total, "kkt_abs": kkt_abs, "kkt_rel": kkt_rel, "lambda_penalty": lam_pen, "prior": prior}
@@ -342,8 +361,37 @@ class ReconstructionModule(L.LightningModule):
         return steps_loader(-(-int(self.rcfg["steps"]) // self.steps_per_call))  # one item per Lightning step
 
     @torch.no_grad()
+    def diverged(self, kkt_rel: torch.Tensor) -> dict[int, str]:
+        """The runs (index: reason) whose final state is finite but diverged (see :data:`TRIVIAL_LOSS`): a relative
+        KKT loss ``kkt_rel`` (K,) at or above both the trivial solution's and the run's start, every multiplier at zero,
+        or, with the prior in force, candidates that left the prior's range (:data:`PRIOR_TOLERANCE`)."""
+        x0, lam0 = (t.to(self.candidates) for t in self.initial_state())
+        start = self._terms(x0, lam0)["kkt_rel"].cpu().tolist()
+        zero = (self.lam().detach().flatten(1) == 0).all(1).cpu().tolist()
+        low, high = (float(v) for v in self.rcfg["box"])
+        excess = [0.0] * len(kkt_rel)
+        if float(self.rcfg["prior_weight"]) > 0:
+            excess = prior_excess(self.prior_coords(self.x().detach()), self.prior, self.mean_norm, low, high).tolist()
+        span = {"box": f"[{low:g}, {high:g}]", "sphere": "norm 1", "norm": f"norm {float(self.mean_norm or 1.0):.3g}"}
+        reasons = {}
+        for k, rel in enumerate(kkt_rel.cpu().tolist()):
+            why = []
+            if rel >= max(TRIVIAL_LOSS, start[k]):
+                why.append(f"relative KKT loss {rel:.3g} ended at or above the trivial solution's 1 (all multipliers "
+                           f"zero) and its start {start[k]:.3g}")
+            elif zero[k]:
+                why.append("every multiplier ended at zero: the candidates explain nothing of the victim")
+            if excess[k] > PRIOR_TOLERANCE:
+                why.append(f"candidates left the {self.prior} prior's range ({span.get(self.prior)}) by up to "
+                           f"{excess[k]:.3g} times its size")
+            if why:
+                reasons[k] = f"diverged: {'; '.join(why)}; lower reconstruct.lr"
+        return reasons
+
+    @torch.no_grad()
     def results(self) -> list[dict]:
-        """Final state of every run: candidates, multipliers, losses recomputed at that state."""
+        """Final state of every run: candidates, multipliers, losses recomputed at that state; runs whose loss became
+        non-finite, or that diverged without (:meth:`diverged`), are failed with their reason."""
         self.sync_failures()
         terms = self.losses(create_graph=False)
         bad = (~torch.isfinite(terms["total"]) | ~torch.isfinite(terms["kkt_rel"])).cpu()
@@ -352,6 +400,10 @@ class ReconstructionModule(L.LightningModule):
             self.errors[k] = f"final loss became non-finite (NaN/inf) at step {self.steps_done()}"
             log.warning("run %d: %s", self.run_ids[k], self.errors[k])
         active &= ~bad
+        for k, reason in self.diverged(terms["kkt_rel"]).items():
+            if active[k]:
+                self.errors[k], active[k] = reason, False
+                log.warning("run %d: %s", self.run_ids[k], reason)
         self.active.copy_(active)
         x, lam = self.x().detach() + self.input_mean, self.lam().detach()
         lam_sum = self.objective.multiplier_sum(lam, self.y.expand(len(x), -1))
@@ -481,7 +533,10 @@ def merge_runs(run_dir: Path, num_runs: int, train_x: torch.Tensor | None, meta:
         parts["norm"].append(t["x"].norm(dim=1))
     ok = [rec for rec in records if rec["status"] == "ok"]
     if not ok:
-        raise DataError(f"all {num_runs} reconstruction runs failed (see {runs_dir(run_dir)}); try smaller reconstruct.lr")
+        shown = "; ".join(f"run {rec['run']}: {rec['error']}" for rec in records[:2])
+        more = f"; and {len(records) - 2} more" if len(records) > 2 else ""
+        raise DataError(f"all {num_runs} reconstruction runs failed ({shown}{more}); each run's error is in its file in "
+                        f"{runs_dir(run_dir)}")
     tensors = {k: torch.cat(v) for k, v in parts.items()}
     summary = {"runs_ok": len(ok), "runs_failed": len(records) - len(ok), "candidates": len(tensors["x"]),
                "best_loss": min(rec["final_loss"] for rec in ok),

@@ -67,6 +67,9 @@ key                                                meaning
 ``reconstruction.distinct_best_candidates``        eval: how many different candidates are best matches
 ``reconstruction.label_agreement``                 eval: fraction of training samples whose best candidate has their class
 ``text_corpus``                                    ``path, size, bundled`` of the corpus searched to invert text
+``runs``                                           the reconstruction runs: ``total, ok, failed[]`` (``run, final_loss,
+                                                   error``: why it failed; its candidates are left out of every figure);
+                                                   also ``summary.runs_ok`` / ``runs_failed``
 ``figures`` / ``grids``                            ``{name: PNG path relative to run_dir}``
 ``notes``                                          human-readable remarks (what was omitted and why)
 =================================================  ===========================================================
@@ -315,6 +318,14 @@ def render_html(report: dict) -> str:
         for row in att:
             for m in row.get("matches", []):
                 parts.append(f"<tr><td>{row.get('rank')}</td><td>{_fmt(m.get('cosine'))}</td><td style='text-align:left'>{e(str(m.get('text')))}</td></tr>")
+        parts.append("</table>")
+    failed = (report.get("runs") or {}).get("failed")
+    if failed:
+        parts.append(f"<h2>Failed reconstruction runs</h2><p>{len(failed)} of {report['runs']['total']} runs failed; "
+                     "their candidates are left out of everything above and below.</p><table><tr><th>run</th>"
+                     "<th>relative KKT loss</th><th style='text-align:left'>why it failed</th></tr>")
+        parts += [f"<tr><td>{_fmt(r.get('run'))}</td><td>{_fmt(r.get('final_loss'))}</td>"
+                  f"<td style='text-align:left'>{e(str(r.get('error')))}</td></tr>" for r in failed]
         parts.append("</table>")
     reps = (report.get("selection") or {}).get("representatives", [])
     if reps:

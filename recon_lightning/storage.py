@@ -96,19 +96,26 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 def load_tensors(path: str | os.PathLike, what: str = "tensor file") -> tuple[dict[str, torch.Tensor], dict]:
     """Load a safetensors file written by :func:`save_tensors`; clear errors for missing/corrupt files."""
+    meta = load_tensor_meta(path, what)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DataError(f"{what} is corrupt or not a safetensors file: {path}: {err}") from None
+    return tensors, meta
+
+
+def load_tensor_meta(path: str | os.PathLike, what: str = "tensor file") -> dict:
+    """The JSON metadata of a file written by :func:`save_tensors`, without reading its tensors."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
     try:
-        tensors = load_file(str(path))
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("meta", "{}")
-        meta = json.loads(raw)
+            return json.loads((f.metadata() or {}).get("meta", "{}"))
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
         raise DataError(f"{what} is corrupt or not a safetensors file: {path}: {err}") from None
-    return tensors, meta
 
 
 def save_png(img: torch.Tensor, path: str | os.PathLike) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from recon_lightning import reconstruct as R
 from recon_lightning.config import check_values, shipped
 from recon_lightning.errors import ConfigError, DataError, ModelMismatchError
 from recon_lightning.kkt import make_activation
-from recon_lightning.storage import load_tensors, save_tensors
+from recon_lightning.storage import load_json, load_tensors, save_json, save_tensors
 from recon_lightning.victim import VictimMLP, save_victim
 
 REPO = Path(__file__).resolve().parent.parent
@@ -258,6 +260,69 @@ def test_nan_run_is_recorded_failed_others_finish(tmp_path, make_cfg, monkeypatc
     mtimes = [R.run_path(run_dir, r).stat().st_mtime_ns for r in range(4)]
     assert R.run_stage(cfg, run_dir)["runs_failed"] == 1
     assert [R.run_path(run_dir, r).stat().st_mtime_ns for r in range(4)] == mtimes
+
+
+def _with_lr(monkeypatch, runs: dict[int, float]):
+    """Runs ``runs`` get the learning rate given (the others keep their sampled one)."""
+    real = R.sample_hparams
+    monkeypatch.setattr(R, "sample_hparams", lambda rcfg, seed, r: {**real(rcfg, seed, r), **(
+        {"lr": runs[r], "lambda_lr": runs[r]} if r in runs else {})})
+
+
+def test_diverged_runs_are_failed_with_their_reason_not_ok(tmp_path, make_cfg, monkeypatch):
+    """reconstruct.lr=1e3 ends finite but meaningless: relative KKT losses ~1e10 (lambda=0 scores 1), or multipliers
+    all projected to zero with candidates thousands of box widths outside the prior's [0, 1]. Such runs are failed,
+    with the reason; the others are ok, even those whose loss fell but not yet below 1 (too few steps)."""
+    run_dir = _victim_dir(tmp_path)
+    victim_json = run_dir / "classifier" / "victim.json"
+    spec = load_json(victim_json)
+    save_json(victim_json, {**spec, "embedding": {"backbone_name": "identity", "normalize": "none"}})  # prior: box
+    _with_lr(monkeypatch, {1: 1e3})
+
+    def records():
+        return [load_tensors(R.run_path(run_dir, r))[1] for r in range(4)]
+
+    def stage(*overrides):
+        shutil.rmtree(run_dir / "reconstruct", ignore_errors=True)
+        summary = R.run_stage(_cfg(make_cfg, run_dir, *overrides), run_dir)
+        assert [m["status"] for m in records()] == ["ok", "failed", "ok", "ok"] and summary["runs_failed"] == 1
+        assert 1 not in R.load_candidates(run_dir).run.tolist()
+        return records()[1]["error"]
+
+    # Multipliers kept >= 0 by a penalty only: run 1's loss ends far above the trivial solution's 1 and its start.
+    error = stage("reconstruct.lambda_constraint=penalty", "reconstruct.prior=none")
+    assert re.fullmatch(r"diverged: relative KKT loss (\S+) ended at or above the trivial solution's 1 \(all multipliers "
+                        r"zero\) and its start \S+; lower reconstruct.lr", error)
+    assert float(re.search(r"loss (\S+) ended", error).group(1)) > 1e6
+    # Projected multipliers: run 1 ends with every multiplier at zero ...
+    assert stage("reconstruct.prior=none") == ("diverged: every multiplier ended at zero: the candidates explain nothing "
+                                               "of the victim; lower reconstruct.lr")
+    # ... and, with the box prior in force, candidates far outside it.
+    assert re.search(r"; candidates left the box prior's range \(\[0, 1\]\) by up to \S+ times its size; lower "
+                     r"reconstruct.lr$", stage())
+    # A run that is still above 1 but below its start is not diverged: kept, with its loss.
+    _with_lr(monkeypatch, {1: 1e3, 2: 1e-5})
+    stage("reconstruct.prior=none")
+    assert records()[2]["final_loss"] > 1
+
+    # Every run diverged: the error says why, naming the runs' reasons.
+    shutil.rmtree(run_dir / "reconstruct")
+    _with_lr(monkeypatch, {r: 1e3 for r in range(4)})
+    with pytest.raises(DataError, match=r"all 4 reconstruction runs failed \(run 0: diverged: .*; and 2 more\)"):
+        R.run_stage(_cfg(make_cfg, run_dir), run_dir)
+
+
+def test_a_run_outside_the_prior_by_less_than_its_range_is_ok():
+    """The prior's range with its tolerance: box [0, 1] allows up to one box width outside (coordinates in [-1, 2]);
+    sphere / norm allow norms up to twice the prior's."""
+    from recon_lightning.kkt import prior_excess
+
+    x = torch.tensor([[[0.5, 1.9], [-0.9, 0.0]], [[0.5, 2.2], [0.0, 0.0]]])  # (K=2 runs, m=2, D=2)
+    assert prior_excess(x, "box", None, 0.0, 1.0).tolist() == pytest.approx([0.9, 1.2])
+    assert prior_excess(x, "box", None, 0.0, 2.0).tolist() == pytest.approx([0.45, 0.1])
+    assert prior_excess(x, "sphere", None, 0.0, 1.0).tolist() == pytest.approx([math.hypot(0.5, 1.9) - 1, math.hypot(0.5, 2.2) - 1])
+    assert prior_excess(x, "norm", 2.0, 0.0, 1.0).tolist() == pytest.approx([0.0, math.hypot(0.5, 2.2) / 2 - 1])
+    assert prior_excess(x, "none", None, 0.0, 1.0).tolist() == [0.0, 0.0]
 
 
 def test_scoring_against_training_set(tmp_path, make_cfg):

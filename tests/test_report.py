@@ -1,6 +1,7 @@
 """The report files: JSON keys, every image the HTML references exists, logger output, and
 the page actually shows its plots in a headless browser."""
 
+import html
 import html.parser
 import shutil
 import subprocess
@@ -89,6 +90,26 @@ def test_attacker_report_lists_selection_and_inverted_images(tmp_path):
     for src in srcs:
         assert (tmp_path / src).is_file()
     assert "Ranked selection" in page and "attacker" in page
+
+
+def test_failed_runs_are_listed_in_report_json_and_html(tmp_path):
+    """A run that failed (here: diverged) is listed with its reason, not dropped silently."""
+    from recon_lightning.report import write_report
+    from recon_lightning.storage import load_tensors, save_tensors
+
+    make_run_dir(tmp_path, with_embed=False)
+    path = tmp_path / "reconstruct" / "candidates.safetensors"
+    tensors, meta = load_tensors(path)
+    why = "relative KKT loss 2.3e+10 ended at or above 1, the trivial solution's (all multipliers zero): diverged"
+    save_tensors(path, tensors, {**meta, "runs": [*meta["runs"], {"run": 3, "status": "failed", "final_loss": 2.3e10,
+                                                                  "error": why}]})
+    write_report(tmp_path, ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default"), progress=False))
+    report = load_json(tmp_path / "report.json")
+    assert report["runs"] == {"total": 4, "ok": 3, "failed": [{"run": 3, "final_loss": 2.3e10, "error": why}]}
+    assert report["summary"]["runs_ok"] == 3 and report["summary"]["runs_failed"] == 1
+    assert any("1 of 4 reconstruction runs failed" in note and why in note for note in report["notes"])
+    page = (tmp_path / "report.html").read_text()
+    assert "Failed reconstruction runs" in page and html.escape(why) in page
 
 
 def _pixel_counts(png: Path) -> tuple[int, int]:

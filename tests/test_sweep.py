@@ -157,6 +157,8 @@ def test_two_wandb_agent_trials_at_once_each_get_their_own_run_dir_and_run(tmp_p
     _tiny_victim(base)
     spec = yaml.safe_load((REPO / "sweeps" / "reconstruct.yaml").read_text())
     spec["parameters"]["reconstruct.steps"] = {"value": 5}
+    # the default's lr range: the sweep's reaches 1, whose 5-step run ends above its start (failed: diverged)
+    spec["parameters"]["reconstruct.lr"] = {"distribution": "log_uniform_values", "min": 1e-3, "max": 3e-2}
     confs = S.configurations(spec, 2, seed=1)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     procs = []
