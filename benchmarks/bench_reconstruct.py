@@ -266,9 +266,7 @@ def victim_pair(args, device: torch.device, tmp: Path) -> dict:
         sync(device)
         t = time.perf_counter()
         for epoch in range(args.epochs):
-            if module.lr_schedule != "constant":  # the preset's schedule, as the stage sets it
-                for group in opt.param_groups:
-                    group["lr"] = module.lr_at(epoch)
+            module.set_lr(opt, epoch)  # the preset's schedule, as the stage sets it
             loss = loss_fn(model(x), y, "bce")
             opt.zero_grad(set_to_none=True)
             loss.backward()

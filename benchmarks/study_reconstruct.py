@@ -46,7 +46,7 @@ from recon_lightning.data import load_dataset
 from recon_lightning.evaluate import leak_figures, reference_ssim_figures
 from recon_lightning.fit import load_config
 from recon_lightning.kkt import KKTObjective, resolve_form
-from recon_lightning.victim import VictimMLP, VictimModule, loss_fn, margins
+from recon_lightning.victim import VictimMLP, VictimModule, load_victim, loss_fn, margins, save_victim
 
 PREVIOUS_DEFAULTS = ["classifier.lr_schedule=constant", "classifier.center=false", "classifier.hidden=[1000,1000]",
                      "classifier.bias=[true,false,false]",
@@ -112,24 +112,6 @@ def train_victim(c, x, y, device, epochs=None, cosine: bool = False) -> tuple[Vi
                 "margin_min": float(m.min())}
     info["stationarity"] = stationarity(v, x, y, float(c.weight_decay))
     return v, info
-
-
-def save_cached_victim(v: VictimMLP, info: dict, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: t.contiguous() for k, t in v.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "info.json").write_text(json.dumps(info))
-
-
-def load_cached_victim(c, x: torch.Tensor, folder: Path) -> tuple[VictimMLP, dict]:
-    """A victim trained earlier by :func:`train_victim` (e.g. on a CPU, before a short GPU lease)."""
-    from safetensors.torch import load_file
-
-    as_plain = lambda v: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v  # noqa: E731
-    v = VictimMLP(x.shape[1], list(c.hidden), 2, bias=as_plain(c.bias), init_scale=as_plain(c.init_scale), center=bool(c.center))
-    v.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return v.eval(), {**json.loads((folder / "info.json").read_text()), "cached": str(folder)}
 
 
 def cosine_fractions(x_train: torch.Tensor, cands: torch.Tensor, x_test: torch.Tensor, at: float = 0.9) -> dict:
@@ -270,14 +252,15 @@ def main() -> None:
             epochs = args.victim_epochs
         key = (tuple(c_over), n_per_class, epochs, cosine)
         cached = Path(args.victim_cache) / f"{hashlib.sha1(repr(key).encode()).hexdigest()[:12]}" if args.victim_cache else None
-        if key not in victims and cached and (cached / "model.safetensors").is_file():
-            victims[key] = load_cached_victim(cfg.classifier, x, cached)
+        if key not in victims and cached and (cached / "victim.json").is_file():  # trained earlier, e.g. on a CPU
+            v, spec = load_victim(cached)
+            victims[key] = v.eval(), {**spec["study"], "cached": str(cached)}
             print(f"victim {c_over or 'default'}: loaded from {cached}: {victims[key][1]}", flush=True)
         if key not in victims:
             t = time.time()
             victims[key] = train_victim(cfg.classifier, x, y, device, epochs, cosine)
             if cached:
-                save_cached_victim(*victims[key], cached)
+                save_victim(cached, victims[key][0], {"study": victims[key][1]})
             print(f"victim {c_over or 'default'} n={n_per_class} epochs={epochs or cfg.classifier.epochs}: "
                   f"{victims[key][1]} ({time.time() - t:.0f}s)", flush=True)
         victim, vinfo = victims[key]

@@ -303,6 +303,12 @@ class VictimModule(L.LightningModule):
             return self.lr
         return self.lr * (1 + math.cos(math.pi * min(epoch, self.total_epochs) / self.total_epochs)) / 2
 
+    def set_lr(self, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+        """Give ``optimizer`` the schedule's learning rate of ``epoch`` (nothing to do for a constant one)."""
+        if self.lr_schedule != "constant":
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr_at(epoch)
+
     def forward(self, x):
         return self.model(x)
 
@@ -331,9 +337,7 @@ class VictimModule(L.LightningModule):
         todo = max(1, todo)
         for i in range(todo):
             last = i == todo - 1
-            if self.lr_schedule != "constant":
-                for group in getattr(opt.opt, "optimizer", opt.opt).param_groups:
-                    group["lr"] = self.lr_at(self.global_step)
+            self.set_lr(getattr(opt.opt, "optimizer", opt.opt), self.global_step)
             logits = self.model(x)
             loss = loss_fn(logits, y, self.loss_kind)
             opt.zero_grad()

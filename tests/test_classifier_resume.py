@@ -12,6 +12,14 @@ import pytest
 from recon_lightning.storage import load_json
 
 
+def fit_victim(run_dir, args, epochs) -> str:
+    """``python -m recon_lightning.fit run_dir=... *args trainer.max_epochs=epochs``; its output (it must succeed)."""
+    proc = subprocess.run([sys.executable, "-m", "recon_lightning.fit", f"run_dir={run_dir}", *args,
+                           f"trainer.max_epochs={epochs}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout + proc.stderr
+
+
 def test_killed_classifier_resumes_from_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "recon_lightning.fit", "stage=classifier", f"run_dir={run_dir}",
@@ -70,10 +78,7 @@ def test_longer_schedule_continues_the_victim_and_equals_training_that_long(tmp_
             "classifier.lr_schedule=constant", "classifier.lr=0.5", "classifier.weight_decay=1e-3"]
 
     def fit(run_dir, epochs):
-        proc = subprocess.run([sys.executable, "-m", "recon_lightning.fit", f"run_dir={run_dir}", *args,
-                               f"trainer.max_epochs={epochs}"], capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return proc.stdout + proc.stderr
+        return fit_victim(run_dir, args, epochs)
 
     run_dir = tmp_path / "run"
     fit(run_dir, 60)
@@ -112,10 +117,7 @@ def test_cosine_lr_schedule_equals_torchs_and_restarts_when_its_length_changes(t
             "data.n_per_class=10", "data.n_test_per_class=5"]
 
     def fit(run_dir, epochs):
-        proc = subprocess.run([sys.executable, "-m", "recon_lightning.fit", f"run_dir={run_dir}", *args,
-                               f"trainer.max_epochs={epochs}"], capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return proc.stdout + proc.stderr
+        return fit_victim(run_dir, args, epochs)
 
     run_dir = tmp_path / "run"
     fit(run_dir, 60)
