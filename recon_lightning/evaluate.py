@@ -364,6 +364,41 @@ def _victim_kkt(model, spec: dict, train_x: torch.Tensor, train_y: torch.Tensor,
             "explains_candidates_better": cand_res is not None and cand_res < truth["residual"]}
 
 
+# A sample counts as lying on a victim hyperplane within this distance, relative to kkt.hyperplane_scale (the
+# hyperplanes' median distance from the input origin): 3e-4 pixels on the default digits, where 67 % of the training
+# digits and 1 % of the held-out digits lie on one (docs/results.md, "The victim's kinks").
+MEMBERSHIP_RADIUS = 1e-3
+
+
+def hyperplane_membership(model, train_x: torch.Tensor, heldout_x: torch.Tensor | None) -> dict:
+    """Membership evidence read off the victim's first layer alone: how many of its ReLU hyperplanes pass through
+    each training sample, against the held-out samples. A weight-decay ReLU victim ends with its hyperplanes *on*
+    training samples (kkt.first_layer_hyperplanes), so a sample on many of them was very likely trained on.
+    ``auc``: the probability that a training sample lies on more hyperplanes than a held-out one (ties count
+    half; 0.5 = no signal, 1 = every training sample above every held-out one)."""
+    from .kkt import first_layer_hyperplanes, hyperplane_scale, hyperplanes_near
+
+    if len(model.layers) < 2:
+        return {"available": False, "note": "the victim has no hidden layer: no ReLU hyperplanes"}
+    first, nxt = model.layers[0], model.layers[1]
+    with torch.no_grad():
+        normals, offsets = first_layer_hyperplanes(first.weight.double(), None if first.bias is None else first.bias.double(),
+                                                   nxt.weight.double())
+        radius = MEMBERSHIP_RADIUS * hyperplane_scale(offsets)
+        shift = model.input_offset().double()
+        train = hyperplanes_near(train_x.double() - shift, normals, offsets, radius)
+        out = {"available": True, "num_hyperplanes": int(len(offsets)), "radius": radius,
+               "train_median": float(train.double().median()), "train_frac_on_any": float((train > 0).double().mean()),
+               "train_counts": train.tolist()}
+        if heldout_x is not None and len(heldout_x):
+            held = hyperplanes_near(heldout_x.double() - shift, normals, offsets, radius)
+            out["heldout_counts"] = held.tolist()
+            above = (train[:, None] > held[None, :]).double().mean() + 0.5 * (train[:, None] == held[None, :]).double().mean()
+            out.update(heldout_median=float(held.double().median()), heldout_frac_on_any=float((held > 0).double().mean()),
+                       auc=float(above))
+    return out
+
+
 def _victim_summary(run_dir: Path) -> dict | None:
     """The victim's training figures from ``classifier/victim.json`` (shown on the report's first lines)."""
     path = run_dir / "classifier" / "victim.json"
@@ -669,8 +704,8 @@ def _selection_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
 
 
 def _victim_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
-    """The victim on its training set: its KKT residual there (beside the best run's candidates') and
-    reconstructability versus its margin."""
+    """The victim on its training set: its KKT residual there (beside the best run's candidates'), the
+    hyperplane membership evidence (training against held-out samples) and reconstructability versus its margin."""
     from . import report as rp
 
     victim_dir = inputs.run_dir / "classifier"
@@ -687,9 +722,21 @@ def _victim_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
         report["victim_kkt"] = _victim_kkt(model, spec, ev.train_x, ev.train_y, ev.cands, ev.keep, ev.cands_meta,
                                            inputs.ecfg.kkt_steps)
         s["kkt_residual_at_train"] = report["victim_kkt"]["residual_at_train"]
+    planes = hyperplane_membership(model, ev.train_x, ev.heldout_x)
+    report["hyperplane_membership"] = {k: v for k, v in planes.items() if not k.endswith("_counts")}
+    if planes["available"]:
+        report["figures"]["hyperplane_membership"] = _rel(inputs.run_dir, rp.plot_hyperplane_membership(
+            inputs.out_dir / "hyperplane_membership.png", planes["train_counts"], planes.get("heldout_counts"),
+            planes.get("auc")))
+        s["frac_train_on_victim_hyperplane"] = planes["train_frac_on_any"]
+        if "auc" in planes:
+            s["frac_heldout_on_victim_hyperplane"] = planes["heldout_frac_on_any"]
+            s["hyperplane_membership_auc"] = planes["auc"]
     rho, p = spearman(m, ev.best_cos)
-    for row, margin in zip(report["reconstruction"]["per_sample"], m.tolist()):
+    for i, (row, margin) in enumerate(zip(report["reconstruction"]["per_sample"], m.tolist())):
         row["margin"] = float(margin)
+        if planes["available"]:
+            row["victim_hyperplanes_through"] = int(planes["train_counts"][i])
     report["margin"] = {"available": True, "spearman_rho": rho, "spearman_p": p, "n": len(ev.train_x)}
     report["figures"]["margin_scatter"] = _rel(inputs.run_dir, rp.plot_margin_scatter(
         inputs.out_dir / "margin_scatter.png", m, ev.best_cos, rho))

@@ -34,7 +34,8 @@ from torch import nn
 
 from .config import Section, as_range, auto_or_int, number_or_range, rule
 from .errors import ConfigError, DataError, ModelMismatchError
-from .kkt import (ACTIVATIONS, DTYPES, FORMS, MATMUL_PRECISIONS, MULTIPLIERS, PRIORS, KKTObjective, fit_multipliers,
+from .kkt import (ACTIVATIONS, DTYPES, FORMS, MATMUL_PRECISIONS, MULTIPLIERS, PRIORS, KKTObjective, first_layer_hyperplanes,
+                  fit_multipliers, hyperplane_penalty, hyperplane_scale,
                   prior_excess, prior_penalty, resolve_form, resolve_prior)
 from .matching import best_matches
 from .stages import Stage
@@ -85,6 +86,8 @@ class ReconstructConfig:
     multipliers: str = rule(choices=MULTIPLIERS)
     prior: str = rule(choices=("auto", *PRIORS))
     prior_weight: float = rule(ge=0)
+    hyperplane_weight: float = rule(ge=0)
+    hyperplane_tau: float = rule(gt=0)
     box: List[float] = rule(test=lambda v: len(v) == 2 and v[0] <= v[1], what="[low, high] with low <= high")
     box_on: str = rule(choices=("embedding", "victim_input"))
     seed: Optional[int] = MISSING  # null = the top-level seed
@@ -166,6 +169,14 @@ class ReconstructionModule(L.LightningModule):
         mean = torch.zeros(input_dim, dtype=dtype) if input_mean is None else input_mean.detach().to(dtype)
         self.register_buffer("input_mean", mean.clone(), persistent=False)
         self.input_dim = int(input_dim)
+        # The victim's first-layer ReLU hyperplanes, which its training samples lie on (kkt.first_layer_hyperplanes);
+        # tau is relative to their median distance from the input origin, a scale of the data read off the weights.
+        self.hyperplane_weight = float(rcfg.get("hyperplane_weight", 0.0))
+        normals, offsets = first_layer_hyperplanes(objective.w0, getattr(objective, "b0", None),
+                                                   getattr(objective, "w1", None))
+        self.register_buffer("plane_normals", normals.to(dtype), persistent=False)
+        self.register_buffer("plane_offsets", offsets.to(dtype), persistent=False)
+        self.plane_tau = float(rcfg.get("hyperplane_tau", 0.1)) * hyperplane_scale(offsets)
         x0, lam0 = self.initial_state()
         self.candidates = nn.Parameter(x0.to(dtype))
         self.multipliers = nn.Parameter(lam0.to(dtype))
@@ -232,7 +243,11 @@ class ReconstructionModule(L.LightningModule):
         prior = prior_penalty(self.prior_coords(x), self.prior, self.mean_norm, float(low), float(high))
         kkt = kkt_rel if self.rcfg["kkt_loss"] == "relative" else kkt_abs
         total = kkt + float(self.rcfg["lambda_weight"]) * lam_pen + float(self.rcfg["prior_weight"]) * prior
-        return {"total": total, "kkt_abs": kkt_abs, "kkt_rel": kkt_rel, "lambda_penalty": lam_pen, "prior": prior}
+        terms = {"kkt_abs": kkt_abs, "kkt_rel": kkt_rel, "lambda_penalty": lam_pen, "prior": prior}
+        if self.hyperplane_weight > 0:
+            terms["hyperplanes"] = hyperplane_penalty(x, self.plane_normals, self.plane_offsets, self.plane_tau)
+            total = total + self.hyperplane_weight * terms["hyperplanes"]
+        return {"total": total, **terms}
 
     def compiled(self) -> bool:
         """Whether the objective runs through ``torch.compile`` (``reconstruct.compile``: true, false (default), or

@@ -55,6 +55,12 @@ key                                                meaning
 ``selection_quality``                              eval: ``good_threshold, k, precision_selected, precision_random,
                                                    precision_by_run_loss, distinct_train_at_k, base_rate``
 ``margin``                                         eval: ``{available, spearman_rho, spearman_p, n}``
+``hyperplane_membership``                          eval: ``available, num_hyperplanes, radius, train_median, train_frac_on_any,
+                                                   heldout_median, heldout_frac_on_any, auc``: how many of the victim's
+                                                   first-layer ReLU hyperplanes pass within ``radius`` of each sample
+                                                   (``reconstruction.per_sample[].victim_hyperplanes_through``); also
+                                                   ``summary.frac_train_on_victim_hyperplane``,
+                                                   ``frac_heldout_on_victim_hyperplane``, ``hyperplane_membership_auc``
 ``images``                                         eval, images: ``source`` (``reshape``/``inversion``/null),
                                                    ``ssim_best_matches[_mean]``, ``ssim_selection_mean``,
                                                    ``lpips_available``, ``lpips_note`` (why LPIPS is absent)
@@ -82,6 +88,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .storage import atomic_path, save_json
@@ -156,6 +163,25 @@ def plot_margin_scatter(path: Path, margin: torch.Tensor, best_cos: torch.Tensor
     ax.set_xlabel("victim margin on the training sample")
     ax.set_ylabel("cosine of its best candidate")
     ax.set_title("Reconstructability vs margin" + (f" (Spearman rho = {rho:.3f})" if rho is not None else ""))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_hyperplane_membership(path: Path, train_counts: list[int], heldout_counts: list[int] | None,
+                               auc: float | None) -> Path:
+    """Histogram of how many of the victim's ReLU hyperplanes pass through each training / held-out sample."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    top = max(train_counts + (heldout_counts or []) + [1])
+    bins = np.arange(-0.5, top + 1.5, max(1, (top + 1) // 30))
+    ax.hist(train_counts, bins=bins, alpha=0.6, color="C3", label="training samples", density=True)
+    if heldout_counts:
+        ax.hist(heldout_counts, bins=bins, alpha=0.6, color="C0", label="held-out samples", density=True)
+    ax.set_xlabel("victim hyperplanes through the sample")
+    ax.set_ylabel("fraction of samples")
+    ax.set_title("Membership from the weights" + (f" (AUC = {auc:.3f})" if auc is not None else ""))
+    ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
@@ -254,6 +280,10 @@ def headline_html(report: dict) -> str:
     if s.get("frac_train_ssim_gt_0.4") is not None:
         text += (f" &nbsp;|&nbsp; <b>SSIM &gt; 0.4: {_fmt(s['frac_train_ssim_gt_0.4'])}</b> of training images"
                  f" (one-to-one {_fmt(s.get('frac_train_ssim_gt_0.4_one_to_one'))})")
+    if s.get("hyperplane_membership_auc") is not None:
+        text += (f"<br>Membership from the weights alone: <b>{_fmt(s['frac_train_on_victim_hyperplane'])}</b> of training "
+                 f"samples lie on one of the victim's ReLU hyperplanes, against {_fmt(s['frac_heldout_on_victim_hyperplane'])} "
+                 f"of held-out samples (AUC {_fmt(s['hyperplane_membership_auc'])})")
     return f"<p class='headline' style='font-size:16px'>{text}</p>"
 
 

@@ -113,6 +113,12 @@ def test_many_steps_per_lightning_step_give_the_same_candidates(tmp_path, make_c
     obj = KKTObjective(victim, spec, plan["form"], rcfg["activation"], F64, per_candidate=True)
     y = R.candidate_labels(2, plan["per_class"])
     mean = victim.input_offset().double()
+    # The pull onto the victim's live first-layer hyperplanes (reconstruct.hyperplane_weight), by hand.
+    w, b, nxt = (victim.layers[0].weight.detach().double(), victim.layers[0].bias.detach().double(),
+                 victim.layers[1].weight.detach().double())
+    live = w.norm(dim=1) * nxt.norm(dim=0) > (w.norm(dim=1) * nxt.norm(dim=0)).max() * 1e-2
+    w_norm = w[live].norm(dim=1)
+    tau = float(rcfg["hyperplane_tau"]) * float((b[live] / w_norm).abs().median())
     for r in range(3):
         h = plan["hparams"][r]
         g = torch.Generator().manual_seed(h["init_seed"])
@@ -124,7 +130,9 @@ def test_many_steps_per_lightning_step_give_the_same_candidates(tmp_path, make_c
             _, rel = obj.kkt_autograd(x[None], lam[None], y[None], alpha)
             pen = obj.lambda_penalty(lam[None], y[None], lmin)
             prior = R.prior_penalty((x + mean)[None], plan["prior"], None, 0.0, 1.0)
-            loss = (rel + float(rcfg["lambda_weight"]) * pen + float(rcfg["prior_weight"]) * prior).sum()
+            planes = torch.log1p(((x @ w[live].T + b[live]) / w_norm / tau) ** 2).mean()
+            loss = (rel + float(rcfg["lambda_weight"]) * pen + float(rcfg["prior_weight"]) * prior).sum() \
+                + float(rcfg["hyperplane_weight"]) * planes
             opt.zero_grad()
             loss.backward()
             opt.step()

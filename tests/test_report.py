@@ -51,7 +51,8 @@ def test_report_files_and_html_references(evaluated_run):
     assert report["format"] == REPORT_FORMAT and report["mode"] == "evaluation"
     for key in ("summary", "selection", "reconstruction", "selection_quality", "margin", "images", "figures", "grids"):
         assert key in report
-    assert set(report["figures"]) == {"selection_scores", "fraction_curve", "precision_at_k", "margin_scatter"}
+    assert set(report["figures"]) == {"selection_scores", "fraction_curve", "precision_at_k", "margin_scatter",
+                                      "hyperplane_membership"}
     assert summary["best_cosine_mean"] == pytest.approx(report["summary"]["best_cosine_mean"])
     srcs = img_srcs((run / "report.html").read_text())
     assert len(srcs) == len(report["figures"]) + len(report["grids"])
