@@ -174,10 +174,11 @@ def plot_hyperplane_membership(path: Path, train_counts: list[int], heldout_coun
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     top = max(train_counts + (heldout_counts or []) + [1])
-    bins = np.arange(-0.5, top + 1.5, max(1, (top + 1) // 30))
-    ax.hist(train_counts, bins=bins, alpha=0.6, color="C3", label="training samples", density=True)
-    if heldout_counts:
-        ax.hist(heldout_counts, bins=bins, alpha=0.6, color="C0", label="held-out samples", density=True)
+    width = max(1, (top + 1) // 30)
+    bins = np.concatenate([[-0.5, 0.5], np.arange(0.5 + width, top + width + 0.5, width)])  # "on none" alone first
+    for counts, color, label in ((train_counts, "C3", "training samples"), (heldout_counts, "C0", "held-out samples")):
+        if counts:
+            ax.hist(counts, bins=bins, alpha=0.6, color=color, label=label, weights=np.full(len(counts), 1.0 / len(counts)))
     ax.set_xlabel("victim hyperplanes through the sample")
     ax.set_ylabel("fraction of samples")
     ax.set_title("Membership from the weights" + (f" (AUC = {auc:.3f})" if auc is not None else ""))
