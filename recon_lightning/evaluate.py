@@ -370,6 +370,16 @@ def _victim_kkt(model, spec: dict, train_x: torch.Tensor, train_y: torch.Tensor,
 MEMBERSHIP_RADIUS = 1e-3
 
 
+def rank_auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """P(a positive scores above a negative), ties counting half (the Mann-Whitney U statistic over n_pos * n_neg),
+    from average ranks: no n_pos x n_neg comparison matrix."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(torch.cat([positive, negative]).double().numpy())
+    n_pos, n_neg = len(positive), len(negative)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def hyperplane_membership(model, train_x: torch.Tensor, heldout_x: torch.Tensor | None) -> dict:
     """Membership evidence read off the victim's first layer alone: how many of its ReLU hyperplanes pass through
     each training sample, against the held-out samples. A weight-decay ReLU victim ends with its hyperplanes *on*
@@ -393,9 +403,8 @@ def hyperplane_membership(model, train_x: torch.Tensor, heldout_x: torch.Tensor 
         if heldout_x is not None and len(heldout_x):
             held = hyperplanes_near(heldout_x.double() - shift, normals, offsets, radius)
             out["heldout_counts"] = held.tolist()
-            above = (train[:, None] > held[None, :]).double().mean() + 0.5 * (train[:, None] == held[None, :]).double().mean()
             out.update(heldout_median=float(held.double().median()), heldout_frac_on_any=float((held > 0).double().mean()),
-                       auc=float(above))
+                       auc=rank_auc(train, held))
     return out
 
 

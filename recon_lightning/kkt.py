@@ -317,14 +317,18 @@ def first_layer_hyperplanes(weight: torch.Tensor, bias: torch.Tensor | None, nex
 
 
 def hyperplane_scale(offsets: torch.Tensor) -> float:
-    """The hyperplanes' median distance from the input origin: a length scale of the data read off the weights."""
+    """The hyperplanes' median distance from the input origin: a length scale of the data read off the weights
+    (1 when they all pass through the origin, a first layer without bias: then distances are absolute)."""
     scale = float(offsets.detach().abs().median()) if len(offsets) else 0.0
     return scale if scale > 0 else 1.0
 
 
-def hyperplanes_near(x: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor, radius: float) -> torch.Tensor:
-    """How many of the hyperplanes pass within ``radius`` of each row of x (N, D): (N,) integers."""
-    return ((x @ normals.T + offsets).abs() < radius).sum(1)
+def hyperplanes_near(x: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor, radius: float,
+                     chunk: int = 4096) -> torch.Tensor:
+    """How many of the hyperplanes pass within ``radius`` of each row of x (N, D): (N,) integers (rows in chunks, so
+    the N x H distances never exist at once)."""
+    return torch.cat([((part @ normals.T + offsets).abs() < radius).sum(1) for part in x.split(chunk)]) if len(x) \
+        else torch.zeros(0, dtype=torch.long)
 
 
 def hyperplane_penalty(x: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor, tau: float) -> torch.Tensor:

@@ -60,7 +60,7 @@ def test_hyperplane_penalty_is_the_mean_log_distance_and_pulls_points_onto_plane
     d = [0.0, 3 / math.sqrt(2), 1.0, 0.0]
     expected = sum(math.log1p((di / tau) ** 2) for di in d) / 4
     pen = hyperplane_penalty(x, normals, offsets, tau)
-    assert pen.shape == (1,) and abs(float(pen) - expected) < 1e-12
+    assert pen.shape == (1,) and abs(float(pen.detach()) - expected) < 1e-12
     pen.sum().backward()
     # The gradient at (0, 0) points away from x = 1 only (it already lies on x + y = 0): descending it moves the
     # point towards the plane x = 1, along +x.
@@ -152,3 +152,11 @@ def test_the_report_carries_the_membership_figures_and_plot(tmp_path):
     assert [p["victim_hyperplanes_through"] for p in report["reconstruction"]["per_sample"]] == direct["train_counts"]
     assert "train_counts" not in report["hyperplane_membership"]
     assert (tmp_path / report["figures"]["hyperplane_membership"]).is_file()
+
+
+def test_rank_auc_equals_the_pairwise_count():
+    g = torch.Generator().manual_seed(4)
+    pos, neg = torch.randint(0, 5, (37,), generator=g), torch.randint(0, 4, (23,), generator=g)
+    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p in pos.tolist() for n in neg.tolist()]
+    assert abs(ev.rank_auc(pos, neg) - sum(pairs) / len(pairs)) < 1e-12
+    assert ev.rank_auc(torch.tensor([3, 4]), torch.tensor([0, 1, 2])) == 1.0
