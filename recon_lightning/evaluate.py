@@ -365,7 +365,7 @@ def _victim_kkt(model, spec: dict, train_x: torch.Tensor, train_y: torch.Tensor,
 
 
 # A sample counts as lying on a victim hyperplane within this distance, relative to kkt.hyperplane_scale (the
-# hyperplanes' median distance from the input origin): 3e-4 pixels on the default digits, where 67 % of the training
+# hyperplanes' median distance from the input origin): 3e-4 pixels on the default digits, where 66 % of the training
 # digits and 1 % of the held-out digits lie on one (docs/results.md, "The victim's kinks").
 MEMBERSHIP_RADIUS = 1e-3
 

@@ -171,12 +171,14 @@ class ReconstructionModule(L.LightningModule):
         self.input_dim = int(input_dim)
         # The victim's first-layer ReLU hyperplanes, which its training samples lie on (kkt.first_layer_hyperplanes);
         # tau is relative to their median distance from the input origin, a scale of the data read off the weights.
+        # (A hand-built rcfg without the key, as some tests pass, has the pull off.)
         self.hyperplane_weight = float(rcfg.get("hyperplane_weight", 0.0))
-        normals, offsets = first_layer_hyperplanes(objective.w0, getattr(objective, "b0", None),
-                                                   getattr(objective, "w1", None))
-        self.register_buffer("plane_normals", normals.to(dtype), persistent=False)
-        self.register_buffer("plane_offsets", offsets.to(dtype), persistent=False)
-        self.plane_tau = float(rcfg.get("hyperplane_tau", 0.1)) * hyperplane_scale(offsets)
+        if self.hyperplane_weight > 0:
+            normals, offsets = first_layer_hyperplanes(objective.w0, getattr(objective, "b0", None),
+                                                       getattr(objective, "w1", None))
+            self.register_buffer("plane_normals", normals.to(dtype), persistent=False)
+            self.register_buffer("plane_offsets", offsets.to(dtype), persistent=False)
+            self.plane_tau = float(rcfg["hyperplane_tau"]) * hyperplane_scale(offsets)
         x0, lam0 = self.initial_state()
         self.candidates = nn.Parameter(x0.to(dtype))
         self.multipliers = nn.Parameter(lam0.to(dtype))
