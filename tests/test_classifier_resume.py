@@ -108,7 +108,9 @@ def test_cosine_lr_schedule_equals_torchs_and_restarts_when_its_length_changes(t
     import torch
 
     from recon_lightning.embed import load_embeddings
-    from recon_lightning.victim import VictimMLP, load_victim, loss_fn
+    from plain_victim import train_plain_victim
+
+    from recon_lightning.victim import VictimMLP, load_victim
 
     args = ["stage=classifier", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger.name=none",
             "classifier.hidden=[32]", "classifier.bias=[true,false]", "classifier.init_scale=[null,null]",
@@ -125,19 +127,7 @@ def test_cosine_lr_schedule_equals_torchs_and_restarts_when_its_length_changes(t
     x, y = emb.train_x.float(), emb.train_y.float()
 
     def plain(cosine: bool) -> VictimMLP:
-        torch.manual_seed(0)  # the stage's seed (config default) before building the model
-        model = VictimMLP(x.shape[1], [32], 2, bias=[True, False], init_scale=[None, None], center=True)
-        model.input_mean.copy_(x.mean(0))
-        opt = torch.optim.SGD(model.parameters(), lr=0.3, weight_decay=1e-2)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 60)
-        for _ in range(60):
-            loss = loss_fn(model(x), y, "bce")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if cosine:
-                sched.step()
-        return model
+        return train_plain_victim(x, y, hidden=32, lr=0.3, weight_decay=1e-2, epochs=60, cosine=cosine)
 
     stage, _ = load_victim(run_dir / "classifier")
     torch.testing.assert_close(stage(x), plain(cosine=True)(x), rtol=1e-4, atol=1e-6)

@@ -12,7 +12,7 @@ from recon_lightning import evaluate as ev
 from recon_lightning import reconstruct as R
 from recon_lightning.config import shipped
 from recon_lightning.kkt import KKTObjective, first_layer_hyperplanes, hyperplane_penalty, hyperplane_scale
-from recon_lightning.victim import VictimMLP, loss_fn
+from recon_lightning.victim import VictimMLP
 
 F64 = torch.float64
 
@@ -114,18 +114,10 @@ def test_a_weight_decay_relu_victim_puts_its_hyperplanes_on_its_training_digits(
     d = load_digits()
     x = torch.tensor(d.data / 16.0, dtype=torch.float32)
     y = torch.tensor(d.target % 2, dtype=torch.float32)
+    from plain_victim import train_plain_victim
+
     train, train_y, held = x[:60], y[:60], x[60:260]
-    torch.manual_seed(0)
-    v = VictimMLP(64, [200], 2, bias=[True, False], center=True)
-    v.input_mean.copy_(train.mean(0))
-    opt = torch.optim.SGD(v.parameters(), lr=0.15, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 4000)
-    for _ in range(4000):
-        loss = loss_fn(v(train), train_y, "bce")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+    v = train_plain_victim(train, train_y, hidden=200, lr=0.15, weight_decay=1e-2, epochs=4000)
     out = ev.hyperplane_membership(v, train, held)
     # Measured with seeds 0 and 1 (and 300 units): 58-67 % of the training digits on a hyperplane, 6-10 % of the
     # held-out digits, AUC 0.78-0.81.
