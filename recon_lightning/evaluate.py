@@ -300,6 +300,20 @@ def reference_ssim_figures(train_img: torch.Tensor, cand_img: torch.Tensor, chun
     }
 
 
+def pool_matched_ssim(train_img: torch.Tensor, cand_img: torch.Tensor, heldout_img: torch.Tensor, chunk: int = 4096,
+                      repeats: int = 5, seed: int = 0) -> dict:
+    """``frac_train_ssim_gt_0.4`` with a null beside it: the candidates subsampled to the held-out pool's size (the
+    mean over ``repeats`` draws), and the held-out images themselves as the candidates. With more candidates than
+    unseen images the fraction grows whatever they are, so only equal pools compare."""
+    size = min(len(cand_img), len(heldout_img))
+    gen = torch.Generator().manual_seed(seed)
+    draws = [cand_img[torch.randperm(len(cand_img), generator=gen)[:size]] for _ in range(repeats if len(cand_img) > size else 1)]
+    held = heldout_img[torch.randperm(len(heldout_img), generator=gen)[:size]]
+    fracs = [reference_ssim_figures(train_img, d, chunk)["frac_train_ssim_gt_0.4"] for d in draws]
+    return {"pool_size": size, "repeats": len(draws), "frac_train_ssim_gt_0.4_pool_matched": float(np.mean(fracs)),
+            "frac_train_ssim_gt_0.4_heldout": reference_ssim_figures(train_img, held, chunk)["frac_train_ssim_gt_0.4"]}
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -341,27 +355,28 @@ def _eligible_candidates(run_dir: Path):
     return tensors, keep, meta
 
 
-def _victim_kkt(model, spec: dict, train_x: torch.Tensor, train_y: torch.Tensor, cands: dict, keep: torch.Tensor,
-                cands_meta: dict, steps: int) -> dict:
-    """The victim's KKT residual at its true training points beside the best reconstruction run's candidates,
-    both scored the same way (exact ReLU derivative, multipliers refitted: :func:`reconstruct.kkt_residual_at`),
-    so "the candidates explain the victim better than the training set" compares like with like."""
+def _victim_kkt(model, spec: dict, train_x: torch.Tensor, train_y: torch.Tensor, heldout_x: torch.Tensor | None,
+                heldout_y: torch.Tensor | None, cands_meta: dict, steps: int) -> dict:
+    """The victim's KKT residual at its true training points beside the residual at as many held-out points
+    (the point count alone moves the residual, so only equal counts compare), both scored the same way (exact
+    ReLU derivative, multipliers refitted: :func:`reconstruct.kkt_residual_at`). Near 0 at the training set and
+    far higher at unseen data: the victim is near a KKT point of its training set, which reconstruction inverts;
+    near 1 at the training set: the condition does not hold there and nothing can be reconstructed from it."""
     from .reconstruct import kkt_residual_at
 
     form = cands_meta.get("form") or "auto"
     multipliers = cands_meta.get("multipliers") or "runner_up"
     truth = kkt_residual_at(model, spec, train_x, train_y, form=form, steps=steps, multipliers=multipliers)
-    ok = [r for r in cands_meta.get("runs", []) if r.get("status") == "ok" and r.get("final_loss") is not None]
-    best_run = min(ok, key=lambda r: r["final_loss"])["run"] if ok else None
-    cand_res = None
-    if best_run is not None:
-        mine = keep & (cands["run"].long() == int(best_run))
-        if bool(mine.any()):
-            cand_res = kkt_residual_at(model, spec, cands["x"][mine].float(), cands["y"][mine].long(), form=form,
-                                       steps=steps, multipliers=multipliers)["residual"]
-    return {"form": truth["form"], "residual_at_train": truth["residual"], "steps": truth["steps"],
-            "best_run": best_run, "candidates_residual": cand_res,
-            "explains_candidates_better": cand_res is not None and cand_res < truth["residual"]}
+    out = {"form": truth["form"], "residual_at_train": truth["residual"], "steps": truth["steps"],
+           "num_points": len(train_x), "residual_at_heldout": None}
+    n = len(train_x)
+    if heldout_x is not None and len(heldout_x) >= n:
+        # the first n held-out samples of each class in the training set's class proportions
+        pick = torch.cat([torch.nonzero(heldout_y == c).squeeze(1)[: int((train_y == c).sum())] for c in train_y.unique()])
+        if len(pick) == n:
+            out["residual_at_heldout"] = kkt_residual_at(model, spec, heldout_x[pick], heldout_y[pick], form=form,
+                                                         steps=steps, multipliers=multipliers)["residual"]
+    return out
 
 
 # A sample counts as lying on a victim hyperplane within this distance, relative to kkt.hyperplane_scale (the
@@ -471,6 +486,13 @@ class _Evaluation:
     cand: dict  # training samples x usable candidates (cosine; best each way and one-to-one)
     heldout: dict | None  # training samples x held-out samples (cosine), None without a test split
     sel: dict  # representatives x training samples (cosine; top evaluate.text_k for text)
+    victim: Any  # (model, spec) from run_dir/classifier, or None
+    offset: torch.Tensor  # the mean the victim subtracts from its inputs (zeros without a centred victim)
+    public_x: torch.Tensor | None  # the public split (seen by no stage that touches the victim), when embedded
+
+    def frame(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the victim's frame (its input mean subtracted), where the null-controlled figures are taken."""
+        return x - self.offset
 
     @property
     def best_cos(self) -> torch.Tensor:
@@ -504,9 +526,11 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
         ev = _evaluation_inputs(inputs)
         report.update(mode="evaluation", modality=ev.modality)
         _reconstruction_figures(report, inputs, ev)
-        _leak_rate(report, ev)
+        _membership_figures(report, inputs, ev)
+        _leak_rate(report, inputs, ev)
         _fraction_curve(report, inputs, ev)
         _selection_figures(report, inputs, ev)
+        _attribution_figures(report, inputs, ev)
         _victim_figures(report, inputs, ev)
         if ev.modality == "text":
             _text_figures(report, inputs, ev)
@@ -608,12 +632,20 @@ def _evaluation_inputs(inputs: _Inputs) -> _Evaluation:
     heldout_x = emb.test_x.float() if len(emb.test_x) else None
     modality = emb.meta.get("modality", "image")
     chunk = inputs.ecfg.chunk
+    victim = None
+    if (inputs.run_dir / "classifier" / "victim.json").is_file():
+        from .victim import load_victim
+
+        victim = load_victim(inputs.run_dir / "classifier", expected_input_dim=train_x.shape[1])
+    offset = victim[0].input_offset().detach().float() if victim else torch.zeros(train_x.shape[1])
+    public_x = emb.public_x.float() if emb.public_x is not None and len(emb.public_x) else None
     return _Evaluation(
         emb=emb, modality=modality, train_x=train_x, train_y=train_y, heldout_x=heldout_x, cands=cands, keep=keep,
         cands_meta=cands_meta, cand_idx=cand_idx, cand_x=cand_x, cand_y=cands["y"].long()[cand_idx],
         cand=best_matches("cosine", train_x, cand_x, chunk, one_to_one=True),
         heldout=None if heldout_x is None else best_matches("cosine", train_x, heldout_x, chunk),
-        sel=best_matches("cosine", sel_x, train_x, chunk, top=inputs.ecfg.text_k if modality == "text" else 1))
+        sel=best_matches("cosine", sel_x, train_x, chunk, top=inputs.ecfg.text_k if modality == "text" else 1),
+        victim=victim, offset=offset, public_x=public_x)
 
 
 def _reconstruction_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
@@ -648,16 +680,63 @@ def _reconstruction_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> N
         }
 
 
-def _leak_rate(report: dict, ev: _Evaluation) -> None:
-    """``report["leak"]``, the per-sample baseline / leak flags and the summary's leak_rate keys (the headline)."""
+def _membership_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
+    """``report["membership"]``: the ROC of training samples (members) against held-out samples (non-members), each
+    scored by its highest cosine to the candidates, in the victim's frame (the headline) and raw; with a public
+    split, the same ROC with public samples as the candidates, the control that must score at chance."""
+    from . import report as rp
+    from .membership import membership_roc
+
+    if ev.heldout_x is None:
+        report["membership"] = {"available": False, "note": "no held-out samples: no membership figures"}
+        return
+    chunk = inputs.ecfg.chunk
+    frames = {"victim_frame": ev.frame, "raw": lambda x: x}
+    out: dict = {"available": True, "frame": "victim_frame", "centred": bool(ev.offset.abs().sum() > 0)}
+    for name, frame in frames.items():
+        out[name] = membership_roc(frame(ev.train_x), frame(ev.heldout_x), frame(ev.cand_x), chunk)
+    if ev.public_x is not None:
+        size = min(len(ev.public_x), len(ev.cand_x))
+        pool = ev.public_x[torch.randperm(len(ev.public_x), generator=torch.Generator().manual_seed(0))[:size]]
+        out["control_public"] = membership_roc(ev.frame(ev.train_x), ev.frame(ev.heldout_x), ev.frame(pool), chunk)
+    for row, score in zip(report["reconstruction"]["per_sample"], out["victim_frame"]["member_scores"]):
+        row["membership_score"] = score
+    for name in out:
+        if isinstance(out[name], dict):
+            out[name].pop("member_scores"), out[name].pop("nonmember_scores")
+    report["membership"] = out
+    main, control = out["victim_frame"], out.get("control_public")
+    report["figures"]["membership_roc"] = _rel(inputs.run_dir, rp.plot_membership_roc(
+        inputs.out_dir / "membership_roc.png", main, out["raw"], control))
+    s = report["summary"]
+    for prefix, figs in (("membership", main), ("membership_raw", out["raw"]), ("control_membership", control)):
+        if figs is None:
+            continue
+        s[f"{prefix}_auc"] = figs["auc"]
+        s[f"{prefix}_auc_ci95"] = figs["auc_ci95"]
+        for f, key in (("0.01", "1pct"), ("0.05", "5pct")):
+            s[f"{prefix}_tpr_at_{key}_fpr"] = figs["tpr_at_fpr"][f]["tpr"]
+            s[f"{prefix}_tpr_at_{key}_fpr_ci95"] = figs["tpr_at_fpr"][f]["ci95"]
+
+
+def _leak_rate(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
+    """``report["leak"]``: the per-sample baseline / leak flags, the leak rate against the whole held-out pool (whose
+    chance level grows with the number of candidates, so it stays out of the summary) and the pool-matched leak rate
+    (candidates subsampled to the held-out pool's size: chance 0.5 whatever their number), which the summary shows."""
+    from .membership import pool_matched_leak_rate
+
     leak = leak_figures(ev.train_x, ev.cand_x, ev.heldout_x, cand_match=ev.cand, heldout_match=ev.heldout)
     for row, extra in zip(report["reconstruction"]["per_sample"], leak.pop("per_sample")):
         if extra["one_to_one_candidate"] >= 0:  # back to the index among all candidates
             extra["one_to_one_candidate"] = int(ev.cand_idx[extra["one_to_one_candidate"]])
         row.update(extra)
     report["leak"] = leak
-    report["summary"].update(leak_rate=leak["leak_rate"], leak_rate_one_to_one=leak["leak_rate_one_to_one"],
-                             leak_rate_baseline_pool=leak["baseline_pool"])
+    if ev.heldout_x is None:
+        return
+    matched = pool_matched_leak_rate(ev.frame(ev.train_x), ev.frame(ev.cand_x), ev.frame(ev.heldout_x), chunk=inputs.ecfg.chunk)
+    leak["pool_matched"] = matched
+    report["summary"].update(leak_rate_pool_matched=matched["leak_rate"], leak_rate_pool_matched_chance=matched["chance"],
+                             leak_rate_pool_size=matched["pool_size"])
 
 
 def _fraction_curve(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
@@ -712,25 +791,60 @@ def _selection_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
         s[f"precision_by_run_loss_at_{k}"] = b
 
 
+def _attribution_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
+    """``report["attribution"]``: how many of the top-k representatives are nearest (victim's frame) to a training
+    sample rather than a held-out one, against chance n_train / (n_train + n_heldout), and how many distinct training
+    samples they show; for the selection's own ranking and, when the selection recorded it, the cluster-score
+    baseline's."""
+    from .membership import attribution
+
+    if ev.heldout_x is None:
+        return
+    from .report import GRID_K
+
+    ks = sorted(set(inputs.ecfg.precision_ks) | {GRID_K})
+    train_f, held_f = ev.frame(ev.train_x), ev.frame(ev.heldout_x)
+    rankings = {"selection": inputs.sel["x"].float()}
+    if "baseline_x" in inputs.sel:
+        rankings["baseline"] = inputs.sel["baseline_x"].float()
+    out = {"score": inputs.sel_meta.get("score", "cluster"), "chance": None}
+    for name, sel_x in rankings.items():
+        figs = attribution(ev.frame(sel_x), train_f, held_f, ks, inputs.ecfg.chunk)
+        out["chance"] = figs["chance"]
+        out[name] = {"at_k": figs["at_k"]}
+        if name == "selection":
+            for rep, is_train, j, c in zip(inputs.reps, figs["nearest_is_train"], figs["nearest_index"], figs["nearest_cosine"]):
+                rep.update(attributed_to_train=bool(is_train), nearest_member_or_heldout=int(j), nearest_member_or_heldout_cosine=c)
+    report["attribution"] = out
+    s = report["summary"]
+    s["selection_attribution_chance"] = out["chance"]
+    for name, prefix in (("selection", "selection"), ("baseline", "baseline_selection")):
+        for k, row in (out.get(name) or {}).get("at_k", {}).items():
+            s[f"{prefix}_attribution_at_{k}"] = row["attributed"]
+            s[f"{prefix}_distinct_train_at_{k}"] = row["distinct_train"]
+            s[f"{prefix}_attribution_p_at_{k}"] = row["p_value"]
+
+
 def _victim_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
     """The victim on its training set: its KKT residual there (beside the best run's candidates'), the
     hyperplane membership evidence (training against held-out samples) and reconstructability versus its margin."""
     from . import report as rp
 
-    victim_dir = inputs.run_dir / "classifier"
-    if not (victim_dir / "victim.json").is_file():
+    if ev.victim is None:
         report["margin"] = {"available": False}
         return
-    from .victim import load_victim, margins
+    from .victim import margins
 
-    model, spec = load_victim(victim_dir, expected_input_dim=ev.train_x.shape[1])
+    model, spec = ev.victim
     with torch.no_grad():
         m = margins(model(ev.train_x), ev.train_y)
     s = report["summary"]
     if inputs.ecfg.kkt_steps > 0:
-        report["victim_kkt"] = _victim_kkt(model, spec, ev.train_x, ev.train_y, ev.cands, ev.keep, ev.cands_meta,
+        heldout_y = ev.emb.test_y.long() if ev.heldout_x is not None else None
+        report["victim_kkt"] = _victim_kkt(model, spec, ev.train_x, ev.train_y, ev.heldout_x, heldout_y, ev.cands_meta,
                                            inputs.ecfg.kkt_steps)
         s["kkt_residual_at_train"] = report["victim_kkt"]["residual_at_train"]
+        s["kkt_residual_at_heldout"] = report["victim_kkt"]["residual_at_heldout"]
     planes = hyperplane_membership(model, ev.train_x, ev.heldout_x)
     report["hyperplane_membership"] = {k: v for k, v in planes.items() if not k.endswith("_counts")}
     if planes["available"]:
@@ -775,13 +889,20 @@ def _image_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
     info = _image_info(inputs, ev, load_images(inputs.run_dir))
     report["images"] = info
     s = report["summary"]
-    for key in ("ssim_reference_mean", "frac_train_ssim_gt_0.4", "frac_train_ssim_gt_0.4_one_to_one"):
-        if (info.get("reference_ssim") or {}).get(key) is not None:
-            s[key] = info["reference_ssim"][key]
+    for key in ("frac_train_ssim_gt_0.4_pool_matched", "frac_train_ssim_gt_0.4_heldout"):
+        if (info.get("pool_matched_ssim") or {}).get(key) is not None:
+            s[key] = info["pool_matched_ssim"][key]
     for key in ("ssim_best_matches_mean", "ssim_selection_mean", "lpips_best_matches_mean"):
         if info.get(key) is not None:
             s[key] = info[key]
     report["grids"].update(info.pop("grids"))
+
+
+KKT_RESIDUAL_HOPELESS = 0.5  # above this the stationarity condition explains less than half of the victim's weights
+
+
+def _fmt_or_na(v) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
 
 
 def _notes(report: dict) -> list[str]:
@@ -807,14 +928,12 @@ def _notes(report: dict) -> list[str]:
     if report["leak"].get("note"):
         notes.append(report["leak"]["note"])
     kkt = report.get("victim_kkt")
-    if kkt and kkt["explains_candidates_better"]:
+    if kkt and kkt["residual_at_train"] > KKT_RESIDUAL_HOPELESS:
         notes.append(
-            f"other points fit the victim better than its training set: its KKT residual at the true training points "
-            f"is {kkt['residual_at_train']:.3g}, higher than the best reconstruction run's "
-            f"{kkt['candidates_residual']:.3g} (both scored with the exact ReLU derivative and "
-            f"refitted multipliers); either the victim is far from a KKT point of its "
-            f"training set (train it longer) or the KKT conditions do not single the training set out (few, "
-            f"low-dimensional samples); a low reconstruction rate here is weak evidence of no leakage")
+            f"the victim is far from a KKT point of its training set: its KKT residual there is "
+            f"{kkt['residual_at_train']:.3g} (0 = the condition holds exactly, 1 = it explains nothing; "
+            f"{_fmt_or_na(kkt['residual_at_heldout'])} at as many held-out samples), so reconstruction has little to "
+            f"invert and a low leak figure here is weak evidence of no leakage (train the victim longer)")
     if not report["margin"]["available"]:
         notes.append("no victim in run_dir/classifier: margin analysis omitted")
     return notes
@@ -848,7 +967,7 @@ def _image_info(inputs: _Inputs, ev: _Evaluation, images: dict | None) -> dict:
     reps, sel_near, sel_cos = inputs.reps, ev.sel["best_index"], ev.sel["best_score"]
     if embeddings_are_pixels(ev.emb.train_x, images["train"]):
         info["source"] = "reshape"
-        sel_img = _reshaped_candidate_figures(info, inputs, ev, train_img, use_lpips)
+        sel_img = _reshaped_candidate_figures(info, inputs, ev, train_img, use_lpips, images)
     elif inputs.inversion:
         info["source"] = "inversion"
         by_rank = {int(e["rank"]): e for e in inputs.inversion}
@@ -868,7 +987,7 @@ def _image_info(inputs: _Inputs, ev: _Evaluation, images: dict | None) -> dict:
 
 
 def _reshaped_candidate_figures(info: dict, inputs: _Inputs, ev: _Evaluation, train_img: torch.Tensor,
-                                use_lpips: bool) -> torch.Tensor:
+                                use_lpips: bool, images: dict) -> torch.Tensor:
     """Pixel embeddings: every training sample against its best candidate seen as an image (SSIM over all of
     them, the reference's NCC / SSIM metrics, the best-match grid); returns the representatives as images."""
     from . import report as rp
@@ -881,6 +1000,9 @@ def _reshaped_candidate_figures(info: dict, inputs: _Inputs, ev: _Evaluation, tr
     info["ssim_best_matches_mean"] = float(ssim.mean())
     info["ssim_best_matches"] = ssim.tolist()
     info["reference_ssim"] = {"source": "reshape", **reference_ssim_figures(train_img, ev.cand_x.reshape(-1, *shape), ecfg.chunk)}
+    if images.get("test") is not None and len(images["test"]):
+        info["pool_matched_ssim"] = pool_matched_ssim(train_img, ev.cand_x.reshape(-1, *shape), images["test"].float() / 255.0,
+                                                      ecfg.chunk)
     if use_lpips:
         info["lpips_best_matches_mean"] = float(lpips_pairs(train_img, recon).mean())
     order = torch.argsort(best_cos, descending=True)[: ecfg.grid_pairs]

@@ -14,14 +14,31 @@ key                                                meaning
 ``modality``                                       ``"image"`` / ``"text"`` (eval), ``null`` in attacker mode
 ``summary``                                        flat ``{name: number}``: what is logged to the logger
 ``summary.num_representatives``                    representatives in the selection
-``summary.leak_rate``                              eval, the headline: fraction of training samples whose best candidate
-                                                   is closer (cosine) than the nearest held-out sample (``emb.test_x``);
-                                                   null when there is no held-out sample
-``summary.leak_rate_one_to_one``                   eval: the same with candidates assigned one-to-one (Hungarian)
-``summary.leak_rate_baseline_pool``                eval: number of held-out samples in the baseline
-``summary.frac_train_ssim_gt_0.4`` (``_one_to_one``)  eval, images: fraction of training images whose NCC-nearest
-                                                   reconstruction has reference SSIM > 0.4 (one-to-one: Hungarian on NCC)
-``summary.ssim_reference_mean``                    eval, images: mean reference SSIM (window 3) of those pairs
+``summary.membership_auc`` (``_ci95``)             eval, the headline: ROC AUC of training samples (members) against held-out
+                                                   samples (non-members), each scored by its highest cosine to any
+                                                   candidate in the victim's frame (inputs minus the victim's input mean);
+                                                   chance 0.5 whatever the number of candidates; bootstrap 95 % interval
+``summary.membership_tpr_at_1pct_fpr`` / ``5pct``  eval: TPR of that test at 1 % / 5 % FPR (chance: 0.01 / 0.05), ``_ci95``
+``summary.membership_raw_*``                       eval: the same with raw cosines (secondary)
+``summary.control_membership_*``                   eval, with a public split: the same test with *public* samples (never seen
+                                                   by the victim) as the candidates: the null, at chance by construction
+``summary.selection_attribution_at_<k>``           eval: fraction of the top-k representatives whose nearest neighbour in
+                                                   training ∪ held-out (victim's frame) is a training sample; ``k`` in
+                                                   ``evaluate.precision_ks`` and 24 (the grid)
+``summary.selection_distinct_train_at_<k>``        eval: distinct training samples those attributed representatives show
+``summary.selection_attribution_p_at_<k>``         eval: one-sided binomial p-value of that attribution against chance
+``summary.selection_attribution_chance``           eval: chance attribution, n_train / (n_train + n_heldout)
+``summary.baseline_selection_*``                   eval: the same for the cluster-score ranking, when a learned score chose
+``summary.leak_rate_pool_matched``                 eval: fraction of training samples whose best candidate beats their best
+                                                   held-out sample, candidates subsampled to the held-out pool's size
+                                                   (``leak_rate_pool_size``), averaged over draws; chance 0.5
+                                                   (``leak_rate_pool_matched_chance``)
+``summary.frac_train_ssim_gt_0.4_pool_matched``    eval, pixel embeddings: fraction of training images whose NCC-nearest
+                                                   candidate has reference SSIM > 0.4, candidates subsampled to the held-out
+                                                   pool's size; ``frac_train_ssim_gt_0.4_heldout``: the same with the
+                                                   held-out images as the candidates (its null)
+``summary.kkt_residual_at_train`` / ``_heldout``   eval: the victim's KKT residual at its training set and at as many held-out
+                                                   samples (``victim_kkt``)
 ``summary.frac_train_cos_ge_<t>``                  eval: fraction of training samples with a candidate at cosine >= t
 ``summary.best_cosine_mean`` / ``_median``         eval: over training samples, cosine of their best candidate
 ``summary.precision_selected_at_<k>``              eval: precision@k of the ranked representatives
@@ -47,9 +64,21 @@ key                                                meaning
                                                    one_to_one_cosine, leaked_one_to_one``
 ``leak``                                           eval: ``leak_rate, leak_rate_one_to_one, baseline_pool, num_leaked,
                                                    num_leaked_one_to_one, num_train, num_candidates, tolerance`` (``note``
-                                                   when there is no held-out pool)
+                                                   when there is no held-out pool): the best of *all* candidates against
+                                                   the best held-out sample, whose chance level grows with the number of
+                                                   candidates (not a headline figure); ``pool_matched`` (the summary's)
+``membership``                                     eval: ``victim_frame``, ``raw``, ``control_public``: each ``auc, auc_ci95,
+                                                   tpr_at_fpr{"0.01","0.05": {tpr, ci95, chance}}, curve{fpr, tpr},
+                                                   num_members, num_nonmembers, num_candidates``
+``attribution``                                    eval: ``score`` (the selection's), ``chance``, ``selection`` / ``baseline``:
+                                                   ``at_k{k: {attributed, distinct_train, chance, p_value}}``; each
+                                                   representative gets ``attributed_to_train``, ``nearest_member_or_heldout``
+``victim_kkt``                                     eval: ``residual_at_train, residual_at_heldout`` (as many held-out samples,
+                                                   class-balanced like the training set), ``num_points, form, steps``
 ``images.reference_ssim``                          eval, images: ``source`` (``reshape``: all candidates; ``inversion``:
-                                                   the inverted PNGs only), the summary's SSIM keys, ``per_sample[]``
+                                                   the inverted PNGs only), ``ssim_reference_mean``,
+                                                   ``frac_train_ssim_gt_0.4`` (``_one_to_one``) over all of them (pool-
+                                                   dependent), ``per_sample[]``
                                                    ``ncc_candidate, ncc_distance, ssim, one_to_one_candidate,
                                                    ssim_one_to_one``
 ``selection_quality``                              eval: ``good_threshold, k, precision_selected, precision_random,
@@ -61,6 +90,7 @@ key                                                meaning
                                                    (``reconstruction.per_sample[].victim_hyperplanes_through``); also
                                                    ``summary.frac_train_on_victim_hyperplane``,
                                                    ``frac_heldout_on_victim_hyperplane``, ``hyperplane_membership_auc``
+``images.pool_matched_ssim``                        eval, pixel embeddings: the summary's pool-matched SSIM keys, ``pool_size``
 ``images``                                         eval, images: ``source`` (``reshape``/``inversion``/null),
                                                    ``ssim_best_matches[_mean]``, ``ssim_selection_mean``,
                                                    ``lpips_available``, ``lpips_note`` (why LPIPS is absent)
@@ -188,6 +218,31 @@ def plot_hyperplane_membership(path: Path, train_counts: list[int], heldout_coun
     return _save(fig, path)
 
 
+def plot_membership_roc(path: Path, main: dict, raw: dict | None = None, control: dict | None = None) -> Path:
+    """ROC of members against non-members on a log-scale FPR axis (the membership-inference convention), with the
+    chance diagonal; ``raw`` and the public-sample ``control`` drawn beside the victim-frame curve."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    floor = 1.0 / max(main["num_nonmembers"], 1) / 2
+    for figs, label, style in ((main, "victim frame", "-"), (raw, "raw cosine", "--"),
+                               (control, "control: public samples as candidates", ":")):
+        if figs is None:
+            continue
+        fpr = np.maximum(np.asarray(figs["curve"]["fpr"]), floor)
+        ax.plot(fpr, figs["curve"]["tpr"], style, drawstyle="steps-post",
+                label=f"{label} (AUC {figs['auc']:.2f}, TPR@1% {figs['tpr_at_fpr']['0.01']['tpr']:.2f})")
+    grid = np.logspace(np.log10(floor), 0, 50)
+    ax.plot(grid, grid, color="gray", lw=0.8, label="chance")
+    ax.set_xscale("log")
+    ax.set_xlim(floor, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("false positive rate (held-out samples called members)")
+    ax.set_ylabel("true positive rate (training samples found)")
+    ax.set_title("Membership from the reconstruction")
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, path)
+
+
 def plot_scores(path: Path, scores: torch.Tensor) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3))
@@ -263,29 +318,56 @@ def _img(src: str, alt: str, width: str = "") -> str:
     return f'<img src="{html.escape(src, quote=True)}" alt="{html.escape(alt, quote=True)}"{style}>'
 
 
-HEADLINE_KEYS = ("leak_rate", "leak_rate_baseline_pool", "leak_rate_one_to_one", "frac_train_ssim_gt_0.4",
-                 "frac_train_ssim_gt_0.4_one_to_one")
+HEADLINE_KEYS = ("membership_auc", "membership_auc_ci95", "membership_tpr_at_1pct_fpr", "membership_tpr_at_1pct_fpr_ci95",
+                 "membership_tpr_at_5pct_fpr", "control_membership_auc", "control_membership_tpr_at_1pct_fpr",
+                 "selection_attribution_at_24", "selection_distinct_train_at_24", "selection_attribution_chance",
+                 "selection_attribution_p_at_24", "leak_rate_pool_matched", "leak_rate_pool_matched_chance",
+                 "frac_train_ssim_gt_0.4_pool_matched", "frac_train_ssim_gt_0.4_heldout")
+
+
+GRID_K = 24  # representatives in the report's grid: the headline's attribution is at this k
+
+
+def _ci(s: dict, key: str) -> str:
+    ci = s.get(f"{key}_ci95")
+    return f" [95 % CI {_fmt(ci[0])}–{_fmt(ci[1])}]" if ci else ""
 
 
 def headline_html(report: dict) -> str:
-    """The summary's first line: the leak rate against the held-out pool, with the SSIM > 0.4 fraction beside it."""
-    s, leak = report.get("summary", {}), report.get("leak") or {}
-    if "leak_rate" not in s:
-        return ""
-    if s["leak_rate"] is None:
-        text = "<b>Leak rate: not computed</b> (no held-out samples to compare with)"
-    else:
-        text = (f"<b>Leak rate {_fmt(s['leak_rate'])}</b>: {_fmt(leak.get('num_leaked'))} of {_fmt(leak.get('num_train'))} "
-                f"training samples have a candidate closer (cosine) than the nearest of "
-                f"<b>{_fmt(s.get('leak_rate_baseline_pool'))} held-out samples</b>; one-to-one {_fmt(s.get('leak_rate_one_to_one'))}")
-    if s.get("frac_train_ssim_gt_0.4") is not None:
-        text += (f" &nbsp;|&nbsp; <b>SSIM &gt; 0.4: {_fmt(s['frac_train_ssim_gt_0.4'])}</b> of training images"
-                 f" (one-to-one {_fmt(s.get('frac_train_ssim_gt_0.4_one_to_one'))})")
+    """The summary's first lines: membership from the reconstruction (members against non-members through the same
+    candidates, chance beside every figure), what the selection shows, and the pool-matched leak figures."""
+    s = report.get("summary", {})
+    if "membership_auc" not in s:
+        note = (report.get("membership") or {}).get("note")
+        return f"<p class='headline'><b>Membership figures: not computed</b> ({html.escape(note)})</p>" if note else ""
+    lines = [f"<b>Membership AUC {_fmt(s['membership_auc'])}</b>{_ci(s, 'membership_auc')} (chance 0.5); "
+             f"<b>TPR at 1 % FPR {_fmt(s['membership_tpr_at_1pct_fpr'])}</b>{_ci(s, 'membership_tpr_at_1pct_fpr')} "
+             f"(chance 0.01), at 5 % FPR {_fmt(s.get('membership_tpr_at_5pct_fpr'))} (chance 0.05): training samples "
+             f"against held-out samples, each scored by its closest candidate"]
+    if "control_membership_auc" in s:
+        lines.append(f"Control, public samples the victim never saw as the candidates: AUC "
+                     f"{_fmt(s['control_membership_auc'])}, TPR at 1 % FPR {_fmt(s['control_membership_tpr_at_1pct_fpr'])}")
+    k = min(GRID_K, int(s.get("num_representatives", GRID_K)))
+    if f"selection_attribution_at_{k}" in s:
+        lines.append(f"<b>Selection: {_fmt(s[f'selection_attribution_at_{k}'])} of the top {k}</b> representatives are "
+                     f"nearest to a training sample (chance {_fmt(s['selection_attribution_chance'])}, p = "
+                     f"{_fmt(s.get(f'selection_attribution_p_at_{k}'))}), showing "
+                     f"<b>{_fmt(s.get(f'selection_distinct_train_at_{k}'))} distinct training samples</b>")
+        if f"baseline_selection_attribution_at_{k}" in s:
+            lines[-1] += (f"; the cluster score's top {k}: {_fmt(s[f'baseline_selection_attribution_at_{k}'])}, "
+                          f"{_fmt(s.get(f'baseline_selection_distinct_train_at_{k}'))} distinct")
+    if s.get("leak_rate_pool_matched") is not None:
+        text = (f"Pool-matched leak rate {_fmt(s['leak_rate_pool_matched'])} (chance 0.5; candidates subsampled to the "
+                f"{_fmt(s.get('leak_rate_pool_size'))} held-out samples)")
+        if s.get("frac_train_ssim_gt_0.4_pool_matched") is not None:
+            text += (f"; SSIM &gt; 0.4 for {_fmt(s['frac_train_ssim_gt_0.4_pool_matched'])} of training images, against "
+                     f"{_fmt(s.get('frac_train_ssim_gt_0.4_heldout'))} with held-out images as the candidates")
+        lines.append(text)
     if s.get("hyperplane_membership_auc") is not None:
-        text += (f"<br>Membership from the weights alone: <b>{_fmt(s['frac_train_on_victim_hyperplane'])}</b> of training "
-                 f"samples lie on one of the victim's ReLU hyperplanes, against {_fmt(s['frac_heldout_on_victim_hyperplane'])} "
-                 f"of held-out samples (AUC {_fmt(s['hyperplane_membership_auc'])})")
-    return f"<p class='headline' style='font-size:16px'>{text}</p>"
+        lines.append(f"Membership from the weights alone: {_fmt(s['frac_train_on_victim_hyperplane'])} of training "
+                     f"samples lie on one of the victim's ReLU hyperplanes, against {_fmt(s['frac_heldout_on_victim_hyperplane'])} "
+                     f"of held-out samples (AUC {_fmt(s['hyperplane_membership_auc'])})")
+    return "<p class='headline' style='font-size:16px'>" + "<br>".join(lines) + "</p>"
 
 
 def _headline_first(summary: dict) -> dict:
@@ -393,10 +475,12 @@ def write_report(run_dir: Path, report: dict) -> tuple[Path, Path]:
 def log_report(cfg, run_dir: Path, report: dict) -> None:
     """Send the report's scalars (all loggers) and images/tables (W&B) to the configured logger."""
     summary = report.get("summary", {})
-    if "leak_rate" in summary:  # the headline, also in the console / log file
-        log.info("leak_rate=%s (held-out pool %s, one-to-one %s), frac_train_ssim_gt_0.4=%s (one-to-one %s)",
-                 *(_fmt(summary.get(k)) for k in ("leak_rate", "leak_rate_baseline_pool", "leak_rate_one_to_one",
-                                                  "frac_train_ssim_gt_0.4", "frac_train_ssim_gt_0.4_one_to_one")))
+    if "membership_auc" in summary:  # the headline, also in the console / log file
+        log.info("membership_auc=%s (chance 0.5), tpr_at_1pct_fpr=%s (chance 0.01), selection_attribution_at_24=%s "
+                 "(chance %s, %s distinct training samples), leak_rate_pool_matched=%s (chance 0.5)",
+                 *(_fmt(summary.get(k)) for k in ("membership_auc", "membership_tpr_at_1pct_fpr", "selection_attribution_at_24",
+                                                  "selection_attribution_chance", "selection_distinct_train_at_24",
+                                                  "leak_rate_pool_matched")))
     from .training import build_logger
 
     logger = build_logger(cfg, Path(run_dir), "evaluate")

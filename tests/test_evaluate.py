@@ -141,14 +141,13 @@ def test_evaluate_on_synthetic_run(tmp_path):
     m = margins(model(d["train_x"]), d["train_y"]).detach()
     assert [s["margin"] for s in rec["per_sample"]] == pytest.approx(m.tolist(), abs=1e-5)
     assert report["margin"]["spearman_rho"] == pytest.approx(ev.spearman(m, best)[0])
-    # KKT diagnostic: a random victim is not explained by its "training set"; the best run's candidates are
-    # scored the same way (the run with the lowest final loss), and the note follows the comparison.
+    # KKT diagnostic: a random victim is not explained by its "training set" (a residual near 1), and the report says
+    # that nothing can then be reconstructed; two held-out samples are fewer than the twelve training samples, so
+    # there is no equal-count comparison.
     kkt = report["victim_kkt"]
-    assert kkt["residual_at_train"] > 0.3 and kkt["best_run"] == 0 and kkt["candidates_residual"] > 0.3
-    assert kkt["explains_candidates_better"] == (kkt["candidates_residual"] < kkt["residual_at_train"])
+    assert kkt["residual_at_train"] > 0.5 and kkt["residual_at_heldout"] is None and kkt["num_points"] == 12
     assert report["summary"]["kkt_residual_at_train"] == kkt["residual_at_train"]
-    noted = any("other points fit the victim better than its training set" in n for n in report["notes"])
-    assert noted == kkt["explains_candidates_better"]
+    assert any("far from a KKT point of its training set" in n for n in report["notes"])
     # Images: exact copies reconstruct to SSIM 1.
     imgs = report["images"]
     assert imgs["source"] == "reshape"

@@ -199,9 +199,12 @@ def test_stage_reports_leak_rate_and_reference_ssim(tmp_path):
     assert [per[i]["leaked"] for i in range(4)] == [False, False, True, True]
     assert all(p["leaked"] == (p["best_cosine"] > p["heldout_best_cosine"] + 1e-6) for p in per
                if abs(p["best_cosine"] - p["heldout_best_cosine"]) > 1e-6)
-    assert s["leak_rate"] == pytest.approx(sum(p["leaked"] for p in per) / 12)
-    assert s["leak_rate_one_to_one"] == pytest.approx(sum(p["leaked_one_to_one"] for p in per) / 12)
-    assert s["leak_rate_one_to_one"] <= s["leak_rate"] and s["leak_rate_baseline_pool"] == 2
+    leak = report["leak"]  # against the whole held-out pool: not a summary figure (its null grows with the candidates)
+    assert leak["leak_rate"] == pytest.approx(sum(p["leaked"] for p in per) / 12)
+    assert leak["leak_rate_one_to_one"] == pytest.approx(sum(p["leaked_one_to_one"] for p in per) / 12)
+    assert leak["leak_rate_one_to_one"] <= leak["leak_rate"] and leak["baseline_pool"] == 2
+    assert not {"leak_rate", "leak_rate_one_to_one", "frac_train_ssim_gt_0.4"} & set(s)
+    assert leak["pool_matched"]["pool_size"] == 2 and s["leak_rate_pool_matched_chance"] == 0.5
     # One-to-one candidates are distinct indices among all candidates.
     o2o = [p["one_to_one_candidate"] for p in per]
     assert len(set(o2o)) == 12 and all(0 <= c < len(d["x"]) for c in o2o)
@@ -211,8 +214,16 @@ def test_stage_reports_leak_rate_and_reference_ssim(tmp_path):
     for i in d["copies"]:
         assert ref["per_sample"][i]["ssim"] == pytest.approx(1.0, abs=1e-6)
         assert ref["per_sample"][i]["ncc_candidate"] // 3 == d["copies"].index(i)
-    assert s["frac_train_ssim_gt_0.4"] == pytest.approx(sum(q["ssim"] > 0.4 for q in ref["per_sample"]) / 12)
-    assert s["frac_train_ssim_gt_0.4"] >= 4 / 12 and s["frac_train_ssim_gt_0.4_one_to_one"] >= 4 / 12
+    assert ref["frac_train_ssim_gt_0.4"] == pytest.approx(sum(q["ssim"] > 0.4 for q in ref["per_sample"]) / 12)
+    assert ref["frac_train_ssim_gt_0.4"] >= 4 / 12 and ref["frac_train_ssim_gt_0.4_one_to_one"] >= 4 / 12
+    # The null beside it: the held-out images (copies of training images 0 and 1) as the candidates. Recomputed here:
+    # each training image's NCC-nearest held-out image (centred, normalised dot product) and its SSIM.
+    train_img, held_img = d["imgs"].double() / 255, d["imgs"][[0, 1]].double() / 255
+    centred = lambda v: (v - v.mean(1, keepdim=True)) / (v - v.mean(1, keepdim=True)).norm(dim=1, keepdim=True)  # noqa: E731
+    nearest = (centred(train_img.flatten(1)) @ centred(held_img.flatten(1)).T).argmax(1)
+    ssim = ev.ssim_reference(train_img.float(), held_img[nearest].float())
+    assert nearest[:2].tolist() == [0, 1] and ssim[:2].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert s["frac_train_ssim_gt_0.4_heldout"] == pytest.approx(float((ssim > 0.4).double().mean()))
 
 
 def test_stage_without_heldout_pool(tmp_path):
@@ -225,7 +236,9 @@ def test_stage_without_heldout_pool(tmp_path):
     tensors["test_x"], tensors["test_y"] = tensors["test_x"][:0].contiguous(), tensors["test_y"][:0].contiguous()
     save_tensors(path, tensors, meta)
     report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default"), progress=False)
-    assert report["summary"]["leak_rate"] is None and report["summary"]["leak_rate_baseline_pool"] == 0
+    assert report["leak"]["leak_rate"] is None and report["leak"]["baseline_pool"] == 0
+    assert report["membership"]["available"] is False and "membership_auc" not in report["summary"]
+    assert "leak_rate_pool_matched" not in report["summary"]
     assert any("no held-out samples" in n for n in report["notes"])
 
 
@@ -251,4 +264,5 @@ def test_inverted_images_get_reference_ssim(tmp_path, monkeypatch):
     assert [reps[r]["ssim_reference"] for r in range(3)] == pytest.approx([1.0] * 3, abs=1e-6)
     for i in planted:
         assert ref["per_sample"][i]["ssim"] == pytest.approx(1.0, abs=1e-6)
-    assert report["summary"]["frac_train_ssim_gt_0.4"] >= 3 / 12
+    assert ref["frac_train_ssim_gt_0.4"] >= 3 / 12
+    assert "frac_train_ssim_gt_0.4_pool_matched" not in report["summary"]  # inverted representatives: no pool to match

@@ -52,7 +52,7 @@ def test_report_files_and_html_references(evaluated_run):
     for key in ("summary", "selection", "reconstruction", "selection_quality", "margin", "images", "figures", "grids"):
         assert key in report
     assert set(report["figures"]) == {"selection_scores", "fraction_curve", "precision_at_k", "margin_scatter",
-                                      "hyperplane_membership"}
+                                      "hyperplane_membership", "membership_roc"}
     assert summary["best_cosine_mean"] == pytest.approx(report["summary"]["best_cosine_mean"])
     srcs = img_srcs((run / "report.html").read_text())
     assert len(srcs) == len(report["figures"]) + len(report["grids"])
@@ -162,7 +162,7 @@ def test_wandb_offline_gets_images_and_table(evaluated_run, monkeypatch):
     assert list(media.rglob("selection_table*.table.json"))
 
 
-def test_leak_rate_is_the_summary_headline_and_is_logged(evaluated_run, caplog):
+def test_membership_figures_are_the_summary_headline_and_are_logged(evaluated_run, caplog):
     import logging
     import re
 
@@ -175,24 +175,31 @@ def test_leak_rate_is_the_summary_headline_and_is_logged(evaluated_run, caplog):
     s = report["summary"]
     page = (run / "report.html").read_text()
     section = page.split("<h2>Summary</h2>", 1)[1]
-    # The first line of the summary: the leak rate, the held-out pool's size, the SSIM > 0.4 fraction beside it.
+    # The first lines: membership AUC and TPR at 1 % FPR with their chance levels, the selection's attribution at the
+    # grid's k (8 representatives here) against its chance, then the pool-matched leak rate.
     headline = section.split("<table>", 1)[0]
-    assert f"Leak rate {s['leak_rate']:.4g}" in headline
-    assert f"{s['leak_rate_baseline_pool']} held-out samples" in headline
-    assert f"SSIM &gt; 0.4: {s['frac_train_ssim_gt_0.4']:.4g}" in headline
+    assert f"Membership AUC {s['membership_auc']:.4g}</b>" in headline and "(chance 0.5)" in headline
+    assert f"TPR at 1 % FPR {s['membership_tpr_at_1pct_fpr']:.4g}</b>" in headline and "(chance 0.01)" in headline
+    assert f"Selection: {s['selection_attribution_at_8']:.4g} of the top 8</b>" in headline
+    assert f"chance {12 / 14:.4g}" in headline  # 12 training and 2 held-out samples
+    assert f"Pool-matched leak rate {s['leak_rate_pool_matched']:.4g} (chance 0.5" in headline
     rows = re.findall(r"<tr><td style='text-align:left'>([^<]+)</td>", section)
-    assert rows[:2] == ["leak_rate", "leak_rate_baseline_pool"] and "frac_train_ssim_gt_0.4" in rows[:5]
-    assert summary["leak_rate"] == s["leak_rate"]  # run_stage's return value carries it too
+    assert rows[:2] == ["membership_auc", "membership_auc_ci95"]
+    assert summary["membership_auc"] == s["membership_auc"]  # run_stage's return value carries it too
     # The stage's logger got the new scalars; the console log has the headline.
     log_dir = Path(build_logger(load_config([f"run_dir={run}", "logger.name=csv"]), run, "evaluate").log_dir)
     header = (log_dir / "metrics.csv").read_text().splitlines()[0].split(",")
-    for key in ("leak_rate", "leak_rate_one_to_one", "leak_rate_baseline_pool", "frac_train_ssim_gt_0.4", "ssim_reference_mean"):
+    for key in ("membership_auc", "membership_tpr_at_1pct_fpr", "membership_tpr_at_5pct_fpr", "selection_attribution_at_8",
+                "selection_distinct_train_at_8", "leak_rate_pool_matched", "frac_train_ssim_gt_0.4_pool_matched"):
         assert f"evaluate/{key}" in header
     with caplog.at_level(logging.INFO, logger="recon_lightning.report"):
         log_report(load_config([f"run_dir={run}", "logger.name=none"]), run, report)
-    assert f"leak_rate={s['leak_rate']:.4g} (held-out pool {s['leak_rate_baseline_pool']}" in caplog.text
+    assert f"membership_auc={s['membership_auc']:.4g} (chance 0.5)" in caplog.text
 
 
 def test_headline_without_heldout_pool():
-    page = render_html({"mode": "evaluation", "summary": {"leak_rate": None, "leak_rate_baseline_pool": 0}, "leak": {}})
-    assert "Leak rate: not computed" in page
+    page = render_html({"mode": "evaluation", "summary": {"num_representatives": 3},
+                        "membership": {"available": False, "note": "no held-out samples: no membership figures"}})
+    assert "Membership figures: not computed" in page and "no held-out samples" in page
+
+
