@@ -54,6 +54,8 @@ class DataConfig:
     classes: Any = MISSING  # null = all | a list of names | digits: odd_even, all or digits (checked by its loader)
     n_per_class: Any = auto_or_int(ge=1)  # typed Any: auto or an integer (OmegaConf has no Union of str and int)
     n_test_per_class: int = rule(ge=0)
+    # the auditor's public samples of the same distribution (shadow victims): auto = every sample neither split uses
+    n_public_per_class: Any = auto_or_int(ge=0)
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Dataset:
     class_names: list[str]
     modality: str  # "image" | "text"
     native_size: tuple[int, int, int] | None  # (C, H, W) of the images, for the identity backbone
+    public: Split | None = None  # samples in neither split, for shadow victims (data.n_public_per_class)
 
 
 def load_dataset(cfg, seed: int = 0) -> Dataset:
@@ -129,20 +132,38 @@ def per_class_sizes(counts: list[int], names: list[str], cfg) -> tuple[int, int]
 
 
 def _split(per_class: list[list[Any]], ids: list[list[str]], cfg, rng, names: list[str],
-           load=lambda s: s) -> tuple[Split, Split]:
-    """Draw a class-balanced train/test split; ``load`` turns a chosen item into a sample
-    (so image folders only decode the files that are used)."""
+           load=lambda s: s) -> tuple[Split, Split, Split]:
+    """Draw class-balanced train / test / public splits that share no sample; ``load`` turns a chosen item into a
+    sample (so image folders only decode the files that are used). The train and test draws do not depend on
+    ``data.n_public_per_class``: the public split takes samples after them."""
     n_train, n_test = per_class_sizes([len(items) for items in per_class], names, cfg)
-    parts = {"train": ([], [], []), "test": ([], [], [])}
+    n_public = public_per_class([len(items) for items in per_class], names, cfg, n_train + n_test)
+    parts = {"train": ([], [], []), "test": ([], [], []), "public": ([], [], [])}
     for label, (items, item_ids) in enumerate(zip(per_class, ids)):
         order = rng.permutation(len(items))
-        for name, chosen in (("train", order[:n_train]), ("test", order[n_train : n_train + n_test])):
+        end = n_train + n_test + (len(items) if n_public is None else n_public)
+        chosen_by_split = (("train", order[:n_train]), ("test", order[n_train : n_train + n_test]),
+                           ("public", order[n_train + n_test : end]))
+        for name, chosen in chosen_by_split:
             samples, labels, sids = parts[name]
             for i in chosen:
                 samples.append(load(items[i]))
                 labels.append(label)
                 sids.append(item_ids[i])
     return tuple(Split(s, np.asarray(l, dtype=np.int64), i) for s, l, i in parts.values())
+
+
+def public_per_class(counts: list[int], names: list[str], cfg, used: int) -> int | None:
+    """Public samples per class: None = every sample the train and test splits leave (``auto``), else the number
+    asked for, refused when a class has fewer left."""
+    wanted = cfg.get("n_public_per_class", 0)
+    if wanted == "auto":
+        return None
+    small = int(np.argmin(counts))
+    if counts[small] - used < int(wanted):
+        raise DataError(f"class {names[small]!r} has {counts[small] - used} samples left after the train and test "
+                        f"splits, fewer than data.n_public_per_class={wanted}; lower it or set it to auto")
+    return int(wanted)
 
 
 def _digits(cfg, rng) -> Dataset:
@@ -163,10 +184,10 @@ def _digits(cfg, rng) -> Dataset:
         groups, names = [target == d for d in wanted], [str(d) for d in wanted]
     per_class = [list(images[g]) for g in groups]
     ids = [[f"digits:{i}" for i in np.flatnonzero(g)] for g in groups]
-    train, test = _split(per_class, ids, cfg, rng, names)
+    train, test, public = _split(per_class, ids, cfg, rng, names)
     if cfg.get("channels", "auto") == 3:
-        train, test = (_with_channels(s, 3) for s in (train, test))
-    return Dataset(train, test, names, "image", (_channels_of([*train.samples, *test.samples], cfg), 8, 8))
+        train, test, public = (_with_channels(s, 3) for s in (train, test, public))
+    return Dataset(train, test, names, "image", (_channels_of([*train.samples, *test.samples], cfg), 8, 8), public)
 
 
 SKIMAGE_ALIASES = {"cat": "chelsea"}
@@ -181,7 +202,10 @@ def _skimage(cfg, rng) -> Dataset:
     per_class, ids = [], []
     if cfg.n_per_class == "auto":
         raise ConfigError("data=skimage draws as many random crops as asked: set data.n_per_class to a number")
-    n_total = int(cfg.n_per_class) + int(cfg.n_test_per_class)
+    n_public = cfg.get("n_public_per_class", 0)
+    if n_public == "auto":
+        raise ConfigError("data=skimage draws as many random crops as asked: set data.n_public_per_class to a number")
+    n_total = int(cfg.n_per_class) + int(cfg.n_test_per_class) + int(n_public)
     for name in cfg.classes:
         fn = getattr(skimage.data, SKIMAGE_ALIASES.get(name, name), None)
         if fn is None:
@@ -199,10 +223,10 @@ def _skimage(cfg, rng) -> Dataset:
             crop_ids.append(f"skimage:{name}:{top},{left},{side}")
         per_class.append(crops)
         ids.append(crop_ids)
-    train, test = _split(per_class, ids, cfg, rng, list(cfg.classes))
+    train, test, public = _split(per_class, ids, cfg, rng, list(cfg.classes))
     c = _channels_of([*train.samples, *test.samples], cfg)
-    train, test = _with_channels(train, c), _with_channels(test, c)
-    return Dataset(train, test, list(cfg.classes), "image", (c, size, size))
+    train, test, public = (_with_channels(s, c) for s in (train, test, public))
+    return Dataset(train, test, list(cfg.classes), "image", (c, size, size), public)
 
 
 def _channels_of(images: list[np.ndarray], cfg) -> int:
@@ -282,12 +306,12 @@ def _imagefolder(cfg, rng) -> Dataset:
             raise DataError(f"class {name!r} has no images in {folder} (looked for {sorted(IMAGE_SUFFIXES)})")
         per_class.append(files)
     ids = [[str(p) for p in files] for files in per_class]
-    train, test = _split(per_class, ids, cfg, rng, classes, load=_read_image)
+    train, test, public = _split(per_class, ids, cfg, rng, classes, load=_read_image)
     used = [*train.samples, *test.samples]
     c = _channels_of(used, cfg)
     h, w = _image_size(cfg, used)
     log.info("images: %s, used at %dx%d (data.channels=%s)", "grayscale" if c == 1 else "RGB", h, w, cfg.get("channels", "auto"))
-    return Dataset(_with_channels(train, c), _with_channels(test, c), classes, "image", (c, h, w))
+    return Dataset(*(_with_channels(s, c) for s in (train, test)), classes, "image", (c, h, w), _with_channels(public, c))
 
 
 def _text(cfg, rng) -> Dataset:
@@ -321,5 +345,5 @@ def _text(cfg, rng) -> Dataset:
     for lab, items in zip(labels, per_class):
         if not items:
             raise DataError(f"text class {lab!r} has no sentences in {source}")
-    train, test = _split(per_class, ids, cfg, rng, labels)
-    return Dataset(train, test, labels, "text", None)
+    train, test, public = _split(per_class, ids, cfg, rng, labels)
+    return Dataset(train, test, labels, "text", None, public)

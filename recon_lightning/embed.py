@@ -48,6 +48,8 @@ class Embeddings:
     test_x: torch.Tensor
     test_y: torch.Tensor
     meta: dict
+    public_x: torch.Tensor | None = None  # the public split (data.n_public_per_class), never used by the victim
+    public_y: torch.Tensor | None = None
 
     @property
     def dim(self) -> int:
@@ -98,7 +100,10 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     backbone.to(device)
 
     results = {}
-    for name, split in (("train", dataset.train), ("test", dataset.test)):
+    splits = [("train", dataset.train), ("test", dataset.test)]
+    if dataset.public is not None and len(dataset.public.labels):
+        splits.append(("public", dataset.public))
+    for name, split in splits:
         x, imgs = embed_split(backbone, split, int(cfg.embed.batch_size), device, f"embed {name}")
         if x.shape[1] != backbone.embed_dim:
             raise DataError(f"backbone {backbone.name} returned {x.shape[1]}-d embeddings, declared {backbone.embed_dim}")
@@ -128,20 +133,26 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
         "test_x": results["test"][0],
         "test_y": torch.as_tensor(dataset.test.labels),
     }
+    if "public" in results:
+        tensors.update(public_x=results["public"][0], public_y=torch.as_tensor(dataset.public.labels))
     samples = {"train_ids": dataset.train.ids, "test_ids": dataset.test.ids}
+    if "public" in results:
+        samples["public_ids"] = dataset.public.ids
     if dataset.modality == "text":
         samples.update(train_texts=dataset.train.samples, test_texts=dataset.test.samples)
     else:
         save_tensors(out / "images.safetensors", {"train": results["train"][1], "test": results["test"][1]})
     save_json(out / "samples.json", samples)
     save_tensors(out / "embeddings.safetensors", tensors, meta)  # written last: its presence means complete
-    log.info("embedded %d train / %d test samples -> %d-d (%s)", len(train_x), len(tensors["test_x"]), backbone.embed_dim, backbone.name)
+    log.info("embedded %d train / %d test / %d public samples -> %d-d (%s)", len(train_x), len(tensors["test_x"]),
+             len(tensors.get("public_x", ())), backbone.embed_dim, backbone.name)
     return {"n_train": len(train_x), "n_test": len(tensors["test_x"]), "embed_dim": backbone.embed_dim, "backbone": backbone.name}
 
 
 def load_embeddings(run_dir: str | Path) -> Embeddings:
     tensors, meta = load_tensors(Path(run_dir) / "embed" / "embeddings.safetensors", what="embeddings (run stage=embed first)")
-    return Embeddings(tensors["train_x"], tensors["train_y"], tensors["test_x"], tensors["test_y"], meta)
+    return Embeddings(tensors["train_x"], tensors["train_y"], tensors["test_x"], tensors["test_y"], meta,
+                      tensors.get("public_x"), tensors.get("public_y"))
 
 
 def load_images(run_dir: str | Path) -> dict[str, torch.Tensor] | None:
