@@ -24,7 +24,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from . import distributed, embed, evaluate, invert, reconstruct, select, victim
+from . import distributed, embed, evaluate, invert, reconstruct, select, shadow, victim
 from .config import CONFIG_DIR, Section, check_values, config_error, register, root_schema, rule
 from .errors import ConfigError, ReconError
 from .stages import Stage, run_stages, stages_to_run
@@ -34,7 +34,8 @@ from .training import LoggerConfig
 log = logging.getLogger("recon_lightning")
 
 # The pipeline, top to bottom (each stage module imports its own heavy dependencies: torch, Lightning, faiss).
-PIPELINE: list[Stage] = [embed.STAGE, victim.STAGE, reconstruct.STAGE, select.STAGE, invert.STAGE, evaluate.STAGE]
+PIPELINE: list[Stage] = [embed.STAGE, victim.STAGE, reconstruct.STAGE, shadow.STAGE, select.STAGE, invert.STAGE,
+                         evaluate.STAGE]
 
 
 @dataclass

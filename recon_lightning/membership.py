@@ -36,41 +36,51 @@ def max_cosine(samples: torch.Tensor, pool: torch.Tensor, chunk: int = 4096) -> 
     return best_matches("cosine", samples, pool, chunk)["best_score"].double()
 
 
-def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, at: float) -> float:
-    """The highest TPR whose FPR is at most ``at`` (a ROC curve's points, as sklearn's roc_curve returns them)."""
-    ok = fpr <= at + 1e-12
-    return float(tpr[ok].max()) if ok.any() else 0.0
-
-
-def _roc_point(members: np.ndarray, nonmembers: np.ndarray, fprs: Sequence[float]) -> tuple[float, list[float], tuple]:
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    truth = np.r_[np.ones(len(members)), np.zeros(len(nonmembers))]
-    score = np.r_[members, nonmembers]
-    fpr, tpr, _ = roc_curve(truth, score)
-    return float(roc_auc_score(truth, score)), [tpr_at_fpr(fpr, tpr, f) for f in fprs], (fpr, tpr)
+def _auc_and_tprs(members: np.ndarray, nonmembers: np.ndarray, fprs: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """For rows of scores (B, n) and (B, m), each row one ROC: the AUC (P(member > non-member), ties half) and, per
+    FPR f, the highest TPR whose FPR is at most f, i.e. the fraction of members strictly above the
+    (floor(f m) + 1)-th highest non-member. All rows at once (the bootstrap's replicates)."""
+    b, m = nonmembers.shape
+    neg = np.sort(nonmembers, axis=1)
+    # each member's count of non-members below it and equal to it, by one searchsorted over rows offset apart
+    lo_all = min(float(members.min()), float(neg.min()))
+    span = max(float(members.max()), float(neg.max())) - lo_all + 1.0  # every row's values fit in [0, span)
+    shift = np.arange(b)[:, None] * span * 2.0
+    flat_neg = (neg - lo_all + shift).ravel()
+    q = members - lo_all + shift
+    below = np.searchsorted(flat_neg, q, side="left") - np.arange(b)[:, None] * m
+    at_or_below = np.searchsorted(flat_neg, q, side="right") - np.arange(b)[:, None] * m
+    auc = (below + 0.5 * (at_or_below - below)).sum(1) / (members.shape[1] * m)
+    tprs = []
+    for f in fprs:
+        a = int(np.floor(f * m + 1e-9))
+        tprs.append(np.ones(b) if a >= m else (members > neg[:, m - 1 - a][:, None]).mean(1))
+    return auc, np.stack(tprs, axis=1)
 
 
 def roc_figures(members: torch.Tensor | np.ndarray, nonmembers: torch.Tensor | np.ndarray,
                 fprs: Sequence[float] = FPRS, n_boot: int = 1000, seed: int = 0) -> dict:
     """AUC and TPR at each FPR of ``fprs`` for scores of members against non-members (higher = more likely a
     member), with percentile-bootstrap 95 % intervals (members and non-members resampled independently, ``n_boot``
-    times), the chance levels and the ROC curve's points."""
+    times), the chance levels and the ROC curve's points (sklearn's ``roc_curve``)."""
+    from sklearn.metrics import roc_curve
+
     a, b = np.asarray(members, dtype=np.float64), np.asarray(nonmembers, dtype=np.float64)
     if len(a) == 0 or len(b) == 0:
         raise ValueError(f"a membership ROC needs members and non-members, got {len(a)} and {len(b)}")
-    auc, tprs, (fpr, tpr) = _roc_point(a, b, fprs)
-    rng = np.random.default_rng(seed)
-    boot_auc, boot_tpr = [], []
-    for _ in range(n_boot):
-        bauc, btpr, _ = _roc_point(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))], fprs)
-        boot_auc.append(bauc)
-        boot_tpr.append(btpr)
-    lo, hi = np.percentile(boot_auc, [2.5, 97.5]) if n_boot else (auc, auc)
-    tpr_ci = np.percentile(np.asarray(boot_tpr), [2.5, 97.5], axis=0).T if n_boot else [(t, t) for t in tprs]
+    auc, tprs = (v[0] for v in _auc_and_tprs(a[None], b[None], fprs))
+    if n_boot:
+        rng = np.random.default_rng(seed)
+        boot_auc, boot_tpr = _auc_and_tprs(a[rng.integers(0, len(a), (n_boot, len(a)))],
+                                           b[rng.integers(0, len(b), (n_boot, len(b)))], fprs)
+        auc_ci = np.percentile(boot_auc, [2.5, 97.5])
+        tpr_ci = np.percentile(boot_tpr, [2.5, 97.5], axis=0).T
+    else:
+        auc_ci, tpr_ci = (auc, auc), [(t, t) for t in tprs]
+    fpr, tpr, _ = roc_curve(np.r_[np.ones(len(a)), np.zeros(len(b))], np.r_[a, b])
     return {
-        "auc": auc, "auc_ci95": [float(lo), float(hi)], "auc_chance": 0.5,
-        "tpr_at_fpr": {f"{f:g}": {"tpr": t, "ci95": [float(ci[0]), float(ci[1])], "chance": float(f)}
+        "auc": float(auc), "auc_ci95": [float(auc_ci[0]), float(auc_ci[1])], "auc_chance": 0.5,
+        "tpr_at_fpr": {f"{f:g}": {"tpr": float(t), "ci95": [float(ci[0]), float(ci[1])], "chance": float(f)}
                        for f, t, ci in zip(fprs, tprs, tpr_ci)},
         "num_members": int(len(a)), "num_nonmembers": int(len(b)), "bootstrap": int(n_boot),
         "curve": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},

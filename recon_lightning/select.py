@@ -61,11 +61,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from .config import Section, auto_or_int, rule, section
 from .errors import ConfigError, DataError
 from .stages import Stage
+from .shadow import load_scorer, public_pool
 from .storage import load_json, load_tensors, save_json, save_tensors
 
 log = logging.getLogger(__name__)
 
 METHODS = ("kmeans", "knn")
+SCORES = ("auto", "learned", "cluster")
 SCORE_TERMS = ("size", "tightness", "runs", "lam", "loss")
 
 
@@ -102,6 +104,8 @@ class SelectConfig:
     """Schema of ``select`` (values: configs/select/default.yaml); the core functions take it as an object
     (``OmegaConf.to_object(cfg.select)``, or :func:`recon_lightning.config.shipped` outside the pipeline)."""
 
+    score: str = rule(choices=SCORES)
+    diversity_cosine: float = rule(ge=-1, le=1)
     method: str = rule(choices=METHODS)
     num_clusters: Any = auto_or_int(ge=1)
     num_representatives: int = rule(ge=1)
@@ -487,22 +491,77 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     if missing:
         raise DataError(f"reconstruction candidates lack field(s) {missing} (see docs/architecture.md)")
     x, run = tensors["x"].float(), tensors["run"].long()
-    keep = torch.ones(x.shape[0], dtype=torch.bool)
+    keep = torch.isfinite(x).all(1)
     failed = failed_runs(meta) if scfg.exclude_failed_runs else set()
     if failed:
         keep &= ~torch.isin(run, torch.tensor(sorted(failed), dtype=torch.int64))
     log.info("select: %d candidates, %d from failed runs excluded", x.shape[0], int((~keep).sum()))
     selection, clusters = select_candidates(x, tensors["y"].long(), tensors["lam"].float(), run,
                                             tensors["run_loss"].float(), scfg, keep=keep, seed=int(cfg.seed))
+    score_used, reason = _score_to_use(cfg, scfg, run_dir)
+    if score_used == "learned":
+        baseline = selection
+        scorer = load_scorer(run_dir)
+        selection = learned_selection(tensors, keep, clusters, scfg, _victim_for(cfg, run_dir), scorer,
+                                      public_pool(cfg, run_dir, scorer["public_pool_size"]))
+        selection.update(baseline_x=baseline["x"], baseline_candidate_index=baseline["candidate_index"])
     out_dir = run_dir / "select"
     n_used = int(sum(c["size"] for c in clusters))
     save_tensors(out_dir / "selection.safetensors", selection,
-                 {"method": scfg.method, "num_candidates": x.shape[0], "num_used": n_used,
-                  "num_clusters": len(clusters), "weights": asdict(scfg.weights), "per_class": scfg.per_class})
+                 {"method": scfg.method, "num_candidates": x.shape[0], "num_used": n_used, "score": score_used,
+                  "score_reason": reason, "num_clusters": len(clusters), "weights": asdict(scfg.weights),
+                  "per_class": scfg.per_class})
     save_json(out_dir / "clusters.json", clusters_json(clusters, scfg, x.shape[0], n_used, failed))
     top = selection["score"][:1].tolist()
     return {"num_candidates": int(x.shape[0]), "num_used": n_used, "num_clusters": len(clusters),
             "num_representatives": int(selection["x"].shape[0]), "top_score": top[0] if top else None}
+
+
+def _score_to_use(cfg: DictConfig, scfg: SelectConfig, run_dir: Path) -> tuple[str, str]:
+    """``learned`` or ``cluster``, and why: ``select.score=auto`` learns when the shadow stage could."""
+    if scfg.score == "cluster":
+        return "cluster", "select.score=cluster"
+    scorer = load_scorer(run_dir)
+    if scorer is None or not scorer.get("available"):
+        why = (scorer or {}).get("reason", "no shadow/scorer.json")
+        if scfg.score == "learned":
+            raise DataError(f"select.score=learned, but the shadow stage learned no score: {why}")
+        log.warning("select: ranking by the cluster score (select.score=auto): %s", why)
+        return "cluster", f"select.score=auto and no learned score: {why}"
+    return "learned", f"select.score={scfg.score}: the score learned on {scorer['num_victims']} shadow victims"
+
+
+def _victim_for(cfg: DictConfig, run_dir: Path):
+    from .victim import load_victim
+
+    victim_dir = Path(cfg.reconstruct.victim_dir) if cfg.reconstruct.get("victim_dir") else run_dir / "classifier"
+    return load_victim(victim_dir)[0]
+
+
+def learned_selection(tensors: dict, keep: torch.Tensor, clusters: list[dict], scfg: SelectConfig, model,
+                      scorer: dict, public: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Representatives ranked by the score learned on shadow victims (:mod:`recon_lightning.shadow`), best first,
+    none within ``select.diversity_cosine`` (victim's frame) of a better one; the same tensors as the cluster
+    ranking (``cluster_size``: the size of the candidate's cluster)."""
+    from .candidate_features import FEATURES, candidate_features, percentile_ranks
+    from .shadow import diverse_top, score
+
+    if list(scorer["features"]) != list(FEATURES):
+        raise DataError(f"shadow/scorer.json was learned on features {scorer['features']}, this version computes "
+                        f"{list(FEATURES)}: rerun the shadow stage")
+    idx = torch.nonzero(keep).squeeze(1)
+    x = tensors["x"].float()[idx]
+    feats = candidate_features(model, x, tensors["y"][idx], tensors["lam"][idx], tensors["run"][idx], tensors["run_loss"][idx],
+                               public)
+    p = score(scorer, percentile_ranks(feats))
+    top = diverse_top(x - model.input_offset().detach().float(), p, scfg.num_representatives, scfg.diversity_cosine)
+    chosen = idx[top]
+    size_of = np.zeros(len(tensors["x"]), dtype=np.int64)
+    for c in clusters:
+        size_of[np.asarray(c["members"], dtype=np.int64)] = c["size"]
+    return {"x": tensors["x"][chosen].float(), "candidate_index": chosen,
+            "score": torch.tensor(p[top], dtype=torch.float32),
+            "cluster_size": torch.from_numpy(size_of[chosen.numpy()]), "y": tensors["y"][chosen].long()}
 
 
 def clusters_json(clusters: list[dict], scfg: SelectConfig, n_candidates: int, n_used: int, failed: set[int],
@@ -540,6 +599,8 @@ STAGE = Stage(
     run=run_stage,
     sections=[Section("select", SelectConfig)],
     config_keys=["select"],
-    inputs=["reconstruct/candidates.safetensors"],
+    # the learned score reads the victim's weights and the shadow stage's scorer
+    inputs=["reconstruct/candidates.safetensors", "shadow/scorer.json", "classifier/model.safetensors",
+            "{reconstruct.victim_dir}/model.safetensors"],
     outputs=["select/selection.safetensors", "select/clusters.json"],
 )

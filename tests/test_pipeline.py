@@ -9,7 +9,7 @@ TINY = ["data.n_per_class=10", "data.n_test_per_class=5", "classifier.hidden=[32
         "reconstruct.num_runs=2", "reconstruct.runs_per_batch=2", "reconstruct.steps=20",
         "select.num_representatives=8", "invert.num_images=4",
         "classifier.allow_unhealthy=true"]  # a barely trained victim on purpose: these tests check the plumbing
-STAGES = ["embed", "classifier", "reconstruct", "select", "invert", "evaluate"]
+STAGES = ["embed", "classifier", "reconstruct", "shadow", "select", "invert", "evaluate"]
 
 
 def done_mtimes(run_dir):

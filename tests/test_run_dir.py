@@ -98,7 +98,7 @@ def test_a_stage_with_missing_or_damaged_outputs_runs_again_and_so_do_its_depend
 TINY = ["data.n_per_class=10", "data.n_test_per_class=5", "classifier.hidden=[32]", "trainer.max_epochs=200",
         "reconstruct.num_runs=2", "reconstruct.runs_per_batch=2", "reconstruct.steps=20",
         "select.num_representatives=8", "invert.num_images=4"]
-STAGES = ["embed", "classifier", "reconstruct", "select", "invert", "evaluate"]
+STAGES = ["embed", "classifier", "reconstruct", "shadow", "select", "invert", "evaluate"]
 
 
 def done_mtimes(run_dir):
