@@ -498,6 +498,9 @@ def run_stage(cfg, run_dir: Path) -> dict:
         save_victim(out, model, {
             "loss": loss,
             "weight_decay": float(c.weight_decay),
+            # SGD's and Adam's weight_decay: an L2 penalty in the mean loss, on every parameter (kkt.training_recipe)
+            "regularization": {"kind": "l2", "coefficient": float(c.weight_decay), "params": "all"},
+            "loss_reduction": "mean",
             "optimizer": c.optimizer,
             "lr": float(c.lr),
             "epochs": int(cfg.trainer.max_epochs),
