@@ -85,6 +85,28 @@ def layers_from_state_dict(state: dict, prefix: str | None = None, strict: bool 
     return layers
 
 
+def layers_from_module(module: torch.nn.Module) -> tuple[list, np.ndarray | None]:
+    """Layers (and the input mean of a centred :class:`VictimMLP`) of an ``nn.Sequential`` of ``Linear`` / ``ReLU``, or
+    of a :class:`VictimMLP`; other modules are refused by name."""
+    if isinstance(module, VictimMLP):
+        state = {k: v for k, v in module.state_dict().items() if k != "input_mean"}
+        mean = module.input_mean.detach().double().numpy() if module.center else None
+        return layers_from_state_dict(state, "layers."), mean
+    if not isinstance(module, torch.nn.Sequential):
+        raise ImportRefused(f"a {type(module).__name__} is not an nn.Sequential of Linear and ReLU layers; pass the MLP "
+                            f"head itself (or import its state dict with a --prefix)")
+    kinds = []
+    for name, child in module.named_children():
+        if not isinstance(child, (torch.nn.Linear, torch.nn.ReLU)):
+            raise ImportRefused(f"layer {name} is a {type(child).__name__}; the KKT forms cover Linear layers with ReLU "
+                                f"between them")
+        kinds.append("linear" if isinstance(child, torch.nn.Linear) else "relu")
+    n_linear = kinds.count("linear")
+    if kinds != ["linear", "relu"] * (n_linear - 1) + ["linear"]:
+        raise ImportRefused(f"the layers are {kinds}; a victim alternates Linear and ReLU, ending in Linear")
+    return layers_from_state_dict(module.state_dict()), None
+
+
 def read_state_dict(path: Path) -> dict:
     """A state dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``)."""
     if path.suffix == ".safetensors":
@@ -266,25 +288,36 @@ def read_input_mean(value) -> np.ndarray | None:
     raise ConfigError(f"--input-mean must be a .npy or .safetensors file, got {path}")
 
 
-def import_victim(source: str | Path, out: str | Path, *, kind: str | None = None, prefix: str | None = None,
+def import_victim(source: str | Path | torch.nn.Module, out: str | Path, *, kind: str | None = None, prefix: str | None = None,
                   input_mean=None, n_train: int | None = None, weight_decay: float = 0.0, decay: str = "l2",
                   decay_params: str = "all", adam_eps: float | None = None, loss_reduction: str = "mean",
                   class_names: Sequence[str] | None = None, backbone: str | None = None, normalize: str | None = None,
                   input_size: Sequence[int] | None = None, mean_norm: float | None = None) -> Path:
-    """Write the victim folder ``out`` (``model.safetensors`` + ``victim.json``) from ``source`` (see the module's
-    docstring for the formats) and check it: loaded back, it gives the source's logits. Returns ``out``.
+    """Write the victim folder ``out`` (``model.safetensors`` + ``victim.json``) from ``source``, a file (see the
+    module's docstring for the formats) or an ``nn.Sequential`` of ``Linear`` / ``ReLU`` in memory, and check it: loaded back, it gives the source's logits. Returns ``out``.
 
     The training recipe (``weight_decay``, ``decay`` l2|adamw, ``decay_params`` all|weights, ``adam_eps``,
     ``loss_reduction`` mean|sum, ``n_train``) is recorded for the reconstruction's stationarity form; a scikit-learn
     model's own ``alpha`` sets it (L2 on the weights, coefficient alpha / n_train, mean loss). The embedding space
     (``backbone`` name, ``normalize``, the images' ``input_size`` (C, H, W) for raw-pixel heads, ``mean_norm``) is
     recorded for the reconstruction's prior and the inversion."""
-    source, out = Path(source).expanduser(), Path(out).expanduser()
-    if not source.is_file():
-        raise DataError(f"no such file: {source}")
-    kind = kind or source_kind(source)
-    extra: dict = {"source": {"path": str(source), "kind": kind}}
-    if kind == "state_dict":
+    out = Path(out).expanduser()
+    if isinstance(source, torch.nn.Module):
+        kind = "module"
+        extra: dict = {"source": {"kind": kind, "class": type(source).__name__}}
+    else:
+        source = Path(source).expanduser()
+        if not source.is_file():
+            raise DataError(f"no such file: {source}")
+        kind = kind or source_kind(source)
+        extra = {"source": {"path": str(source), "kind": kind}}
+    if kind == "module":
+        layers, own_mean = layers_from_module(source)
+        if own_mean is not None:
+            if input_mean is not None:
+                raise ConfigError("the VictimMLP carries its own input_mean: do not pass input_mean")
+            input_mean = own_mean
+    elif kind == "state_dict":
         layers = layers_from_state_dict(read_state_dict(source), prefix)
     elif kind == "lightning":
         layers = read_lightning(source, prefix)
