@@ -45,7 +45,8 @@ def audit(victim: str | Path | torch.nn.Module, run_dir: str | Path, *, embeddin
     default: the one victim.json records). ``overrides``: more config, ``["key=value", ...]`` or ``{key: value}``."""
     run_dir = Path(run_dir).expanduser().resolve()
     if isinstance(victim, torch.nn.Module) or Path(victim).is_file():
-        victim_dir = import_victim(victim, run_dir / "victim", **import_options)
+        victim_dir = import_victim(victim, run_dir / "victim", **({"backbone": backbone} if backbone else {}),
+                                   **import_options)
     else:
         if import_options:
             raise ConfigError(f"{sorted(import_options)} describe a head to import, but {victim} is a victim folder: "
