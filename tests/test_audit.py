@@ -61,14 +61,17 @@ def digits_run(make_cfg, tmp_path):
     return tmp_path / "run"
 
 
-def test_embeddings_of_another_size_of_training_set_are_named_not_the_victim(make_cfg, tmp_path, digits_run):
-    save_file(mlp(64).state_dict(), str(tmp_path / "head.safetensors"))
-    victim = import_victim(tmp_path / "head.safetensors", tmp_path / "victim", n_train=100, backbone="identity",
-                           input_size=(1, 8, 8))
+def check_with_digits(make_cfg, tmp_path, head: nn.Module, n_train: int, digits_run) -> None:
+    """Import the raw-pixel ``head`` and check it against the digits of ``digits_run`` as its training set."""
+    victim = import_victim(head, tmp_path / "victim", n_train=n_train, backbone="identity", input_size=(1, 8, 8))
     cfg = make_cfg(f"reconstruct.victim_dir={victim}", f"reconstruct.embeddings_dir={digits_run}")
+    check_given_victim(cfg, load_victim(victim)[0])
+
+
+def test_embeddings_of_another_size_of_training_set_are_named_not_the_victim(make_cfg, tmp_path, digits_run):
     with pytest.raises(DataError, match=r"training embeddings in .* are not the training set of this victim: they hold "
                                         r"20 training samples, the victim was trained on 100"):
-        check_given_victim(cfg, load_victim(victim)[0])
+        check_with_digits(make_cfg, tmp_path, mlp(64), 100, digits_run)
 
 
 def test_samples_on_the_victims_wrong_side_are_named_as_the_wrong_training_set(make_cfg, tmp_path, digits_run):
@@ -86,10 +89,6 @@ def test_samples_on_the_victims_wrong_side_are_named_as_the_wrong_training_set(m
         head[2].bias.neg_()
         wrong = int(((head(emb.train_x).squeeze(-1) > 0).long() != emb.train_y).sum())
     assert wrong > 10
-    save_file(head.state_dict(), str(tmp_path / "head.safetensors"))
-    victim = import_victim(tmp_path / "head.safetensors", tmp_path / "victim", n_train=20, backbone="identity",
-                           input_size=(1, 8, 8))
-    cfg = make_cfg(f"reconstruct.victim_dir={victim}", f"reconstruct.embeddings_dir={digits_run}")
     with pytest.raises(DataError, match=rf"do not look like the training set of the victim.*{wrong} of 20 "
                                         r"training samples are on the wrong side"):
-        check_given_victim(cfg, load_victim(victim)[0])
+        check_with_digits(make_cfg, tmp_path, head, 20, digits_run)
