@@ -92,3 +92,24 @@ def test_samples_on_the_victims_wrong_side_are_named_as_the_wrong_training_set(m
     with pytest.raises(DataError, match=rf"do not look like the training set of the victim.*{wrong} of 20 "
                                         r"training samples are on the wrong side"):
         check_with_digits(make_cfg, tmp_path, head, 20, digits_run)
+
+
+def test_an_embed_folder_given_as_embeddings_dir_names_the_run_folder(make_cfg, tmp_path, digits_run):
+    from recon_lightning.reconstruct import check_config
+
+    victim = import_victim(mlp(64), tmp_path / "victim", n_train=20, backbone="identity", input_size=(1, 8, 8))
+    cfg = make_cfg(f"reconstruct.victim_dir={victim}", f"reconstruct.embeddings_dir={digits_run / 'embed'}")
+    with pytest.raises(DataError, match=rf"is an embed/ folder itself: give the run folder that holds it, {digits_run}\)"):
+        check_config(cfg)
+
+
+def test_the_console_script_is_the_command_line():
+    import tomllib
+    from importlib import import_module
+    from pathlib import Path
+
+    from recon_lightning import fit
+
+    scripts = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    module, name = scripts["recon-lightning"].split(":")
+    assert getattr(import_module(module), name) is fit.main
