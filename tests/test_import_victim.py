@@ -207,3 +207,33 @@ def test_module_entry_point(tmp_path):
                            "--out", str(tmp_path / "victim")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "victim" / "victim.json").is_file()
+
+
+def test_sklearn_alpha_becomes_the_stationarity_condition_its_training_reached(tmp_path):
+    """A linear MLPClassifier (no hidden layer: a strictly convex loss, so lbfgs reaches its stationary point) is
+    stationary under the recipe the import records (L2 alpha / n on the weights), with the multipliers its own loss
+    gives, |sigmoid(phi) - y|; decaying the bias too, or alpha without the 1 / n, does not fit."""
+    import skops.io as sio
+    from sklearn.neural_network import MLPClassifier
+
+    from recon_lightning.kkt import KKTObjective
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((40, 4)) + 2.0, (rng.standard_normal(40) > 0).astype(int)
+    model = MLPClassifier((), alpha=1.0, solver="lbfgs", tol=1e-14, max_iter=20000, random_state=0).fit(x, y)
+    sio.dump(model, tmp_path / "linear.skops")
+    victim, spec = load_victim(import_victim(tmp_path / "linear.skops", tmp_path / "victim", n_train=40))
+    victim = victim.double()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    with torch.no_grad():
+        lam = (torch.sigmoid(victim(xt)) - yt).abs()
+
+    def residual(regularization: dict) -> float:
+        objective = KKTObjective(victim, {**spec, "regularization": regularization}, "binary_wd", "relu_sigmoid_grad",
+                                 torch.float64)
+        return objective.kkt(xt[None], lam[None], yt[None], torch.tensor([1e8], dtype=torch.float64),
+                             create_graph=False)[1].item()
+
+    assert residual(spec["regularization"]) < 1e-4
+    assert residual({**spec["regularization"], "params": "all"}) > 0.1
+    assert residual({**spec["regularization"], "coefficient": 1.0}) > 0.1
