@@ -6,8 +6,10 @@ elsewhere provides):
 * ``model.safetensors``: the MLP's state dict, keys ``layers.{i}.weight`` (out, in) and
   ``layers.{i}.bias`` for the layers that have a bias;
 * ``victim.json``: ``{"format": "recon_lightning.victim/1", "input_dim", "hidden",
-  "num_classes", "bias", "activation": "relu", "loss": "bce"|"ce", "weight_decay", ...}``
-  plus the training config, final metrics and the embedding's backbone/normalisation.
+  "num_classes", "bias", "center", "activation": "relu", "loss": "bce"|"ce", "weight_decay",
+  "regularization", "loss_reduction", "n_train", "embedding", ...}`` plus the training config and
+  final metrics (docs/victims.md lists every key and which stage reads it; heads trained elsewhere are
+  written by :mod:`recon_lightning.import_victim`).
 
 The network has one logit for two classes (BCE, labels y in {0, 1}) and ``num_classes``
 logits otherwise (CE).
