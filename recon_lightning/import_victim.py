@@ -144,7 +144,8 @@ def read_sklearn(path: Path) -> tuple[list, dict]:
     try:
         import skops.io as sio
     except ImportError:
-        raise ConfigError("importing a scikit-learn model needs the PyPI package 'skops' (pip install skops)") from None
+        raise ConfigError("importing a scikit-learn model needs the PyPI package 'skops': "
+                          "pip install 'recon_lightning[importers]'") from None
     untrusted = sio.get_untrusted_types(file=path)
     unexpected = [t for t in untrusted if not t.startswith(("sklearn.", "numpy."))]
     if unexpected:
@@ -166,9 +167,12 @@ def read_sklearn(path: Path) -> tuple[list, dict]:
 
 def read_onnx(path: Path) -> list:
     """Layers of an ONNX graph that is a chain Gemm | MatMul[+Add], Relu, ..., optionally ending in Sigmoid/Softmax."""
-    import onnx
-    from onnx import numpy_helper
-
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise ConfigError("importing an ONNX graph needs the PyPI package 'onnx': "
+                          "pip install 'recon_lightning[importers]'") from None
     graph = onnx.load(str(path)).graph
     consts = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in graph.initializer}
     for node in graph.node:
