@@ -655,7 +655,9 @@ def _build_sentence_transformers(cfg, input_size=None) -> Backbone:
 
 def _build_identity(cfg, input_size=None) -> Backbone:
     if input_size is None:
-        raise ConfigError("the identity backbone needs image data (it embeds raw pixels)")
+        raise ConfigError("the identity backbone needs image data and its size (it embeds raw pixels): for a victim "
+                          "trained elsewhere, record the images' size in victim.json as embedding.input_size [C, H, W] "
+                          "(python -m recon_lightning.import_victim ... --input-size C H W)")
     return IdentityBackbone(input_size)
 
 

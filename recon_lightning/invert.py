@@ -123,8 +123,23 @@ def embeddings_meta(run_dir: Path) -> dict:
         raise DataError(f"embeddings file is corrupt: {path}: {err}") from None
 
 
+def embedding_space(cfg: DictConfig, run_dir: Path) -> tuple[dict, Path]:
+    """What the inversion needs to know about the victim's embedding space, and the folder whose ``embed/`` holds
+    the training embeddings (``reconstruct.embeddings_dir``, else ``run_dir``; it may hold none). The victim's own
+    record (victim.json ``embedding``: backbone, normalisation, the images' ``input_size``) comes first, completed by
+    the training embeddings' metadata: a victim from elsewhere needs no training set."""
+    base = Path(cfg.reconstruct.embeddings_dir).expanduser() if cfg.reconstruct.get("embeddings_dir") else run_dir
+    meta = embeddings_meta(base)
+    victim_json = Path(cfg.reconstruct.victim_dir or run_dir / "classifier").expanduser() / "victim.json"
+    if victim_json.is_file():
+        recorded = load_json(victim_json, what="victim description (victim.json)").get("embedding") or {}
+        meta = {**meta, **{k: v for k, v in recorded.items() if v is not None}}
+    return meta, base
+
+
 def native_input_size(run_dir: Path, meta: dict) -> tuple[int, int, int] | None:
-    """The data's (C, H, W) as embedded (needed by the identity backbone)."""
+    """The data's (C, H, W) as embedded (needed by the identity backbone): ``meta["input_size"]``, else the images
+    in ``run_dir/embed``."""
     if meta.get("input_size"):
         return tuple(int(v) for v in meta["input_size"])
     path = run_dir / "embed" / "images.safetensors"
@@ -433,10 +448,10 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     icfg = cfg.invert
     run_dir = Path(run_dir)
     out = run_dir / "invert"
-    meta = embeddings_meta(run_dir)
+    meta, embeddings_base = embedding_space(cfg, run_dir)
     normalize = meta.get("normalize", "none")
     targets, cand = load_targets(run_dir, icfg.num_images)
-    backbone = build_backbone(cfg.backbone, input_size=native_input_size(run_dir, meta))
+    backbone = build_backbone(cfg.backbone, input_size=native_input_size(embeddings_base, meta))
     check_dim(targets, backbone)
     rank0 = distributed.is_rank_zero()
 

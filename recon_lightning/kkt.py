@@ -75,7 +75,79 @@ def resolve_form(form: str, spec: dict) -> str:
             raise ConfigError(f"reconstruct.form must be auto or one of {FORMS}, got {form!r}")
         return form
     base = "binary" if int(spec["num_classes"]) == 2 else "multiclass"
-    return base + ("_wd" if float(spec.get("weight_decay") or 0.0) > 0 else "")
+    return base + ("_wd" if training_recipe(spec)["coefficient"] > 0 else "")
+
+
+# ----------------------------------------------------------------------------- the victim's training recipe
+
+DECAY_KINDS = ("l2", "adamw")
+DECAY_PARAMS = ("all", "weights")
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def training_recipe(spec: dict) -> dict:
+    """The regularisation and loss a victim was trained with, from victim.json, checked:
+    ``{"kind", "coefficient", "params", "loss_reduction", "adam_eps"}``.
+
+    ``regularization.kind``: ``l2``, a penalty ``(c/2) ||theta||^2`` in the loss (SGD's or Adam's ``weight_decay``;
+    scikit-learn's ``alpha`` is ``l2`` with c = alpha / n on the weights); ``adamw``, torch's decoupled decay
+    (``theta -= lr * c * theta`` beside the Adam step, which needs ``adam_eps``). ``params``: ``all`` or ``weights``
+    (biases not decayed). ``loss_reduction``: the data loss is the ``mean`` or the ``sum`` over the n training
+    samples. A victim.json without ``regularization`` means ``l2`` on all parameters with coefficient
+    ``weight_decay`` and a mean loss."""
+    reg = spec.get("regularization")
+    if reg is None:
+        reg = {"kind": "l2", "coefficient": float(spec.get("weight_decay") or 0.0), "params": "all"}
+    if not isinstance(reg, dict):
+        raise ConfigError(f"victim.json: regularization must be an object, got {reg!r}")
+    kind, params = reg.get("kind"), reg.get("params", "all")
+    reduction = spec.get("loss_reduction", "mean")
+    coefficient = reg.get("coefficient")
+    if kind not in DECAY_KINDS:
+        raise ConfigError(f"victim.json: regularization.kind {kind!r} cannot be expressed by the stationarity forms "
+                          f"(known: {DECAY_KINDS})")
+    if params not in DECAY_PARAMS:
+        raise ConfigError(f"victim.json: regularization.params must be one of {DECAY_PARAMS}, got {params!r}")
+    if reduction not in LOSS_REDUCTIONS:
+        raise ConfigError(f"victim.json: loss_reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
+    if isinstance(coefficient, bool) or not isinstance(coefficient, (int, float)) or coefficient < 0:
+        raise ConfigError(f"victim.json: regularization.coefficient must be a number >= 0, got {coefficient!r}")
+    eps = reg.get("adam_eps")
+    if kind == "adamw" and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0):
+        raise ConfigError(f"victim.json: regularization kind adamw needs adam_eps > 0 (the optimiser's eps), got {eps!r}")
+    return {"kind": kind, "coefficient": float(coefficient), "params": params, "loss_reduction": reduction,
+            "adam_eps": float(eps) if kind == "adamw" else None}
+
+
+def decay_coefficients(spec: dict, params: Sequence[tuple[str, torch.Tensor]]) -> list[torch.Tensor | float]:
+    """Per parameter, the c of the stationarity condition ``c * theta = (1/n) sum_i |l'_i| y_i grad phi(x_i)`` (the
+    mean-loss form with multipliers |l'_i| in [0, 1]) of the recorded recipe (:func:`training_recipe`); ``params``
+    are (name, tensor) pairs, the victim's state-dict names (``layers.{i}.weight`` / ``layers.{i}.bias``).
+
+    l2 with a mean loss: c = coefficient; with a sum loss the data gradient is n times the mean's, so c =
+    coefficient / n. adamw: at a fixed point of full-batch AdamW (m = g, v = g^2) the Adam step equals the decay,
+    g / (|g| + eps) = -coefficient * theta per coordinate, so g = -c theta with c = eps * coefficient /
+    (1 - coefficient |theta|), a tensor; coefficient |theta| >= 1 has no fixed point and is refused. Parameters the
+    recipe does not decay get c = 0."""
+    recipe = training_recipe(spec)
+    n = spec.get("n_train")
+    if recipe["loss_reduction"] == "sum" and not n:
+        raise ConfigError("victim.json: a sum loss needs n_train, the number of training samples")
+    scale = 1.0 / float(n) if recipe["loss_reduction"] == "sum" else 1.0
+    wd = recipe["coefficient"]
+    out: list[torch.Tensor | float] = []
+    for name, p in params:
+        if recipe["params"] == "weights" and name.endswith("bias"):
+            out.append(0.0)
+        elif recipe["kind"] == "l2":
+            out.append(wd * scale)
+        else:
+            worst = float((wd * p.abs()).max()) if p.numel() else 0.0
+            if worst >= 1:
+                raise ConfigError(f"victim.json: adamw decay {wd} times |{name}| reaches {worst:.3g} >= 1, which no "
+                                  f"fixed point of AdamW allows: these weights were not trained with this recipe")
+            out.append(recipe["adam_eps"] * wd * scale / (1.0 - wd * p.abs()))
+    return out
 
 
 def resolve_prior(prior: str, spec: dict) -> str:
@@ -108,7 +180,8 @@ class KKTObjective(nn.Module):
     point of margin maximisation: 0 = (1/n) sum_i l'_i grad phi(x_i) + wd * theta, i.e.
     ``wd * theta = (1/n) sum_i |l'_i| y_i grad phi(x_i)`` with |l'_i| in (0, 1) for logistic/CE
     losses. So we match ``wd * theta`` with coefficients lambda / n (n = n_train, whatever m is),
-    and keep lambda in [0, 1].
+    and keep lambda in [0, 1]. ``wd`` is per parameter, from the training recipe victim.json records (a sum loss,
+    biases not decayed, AdamW's decoupled decay: :func:`decay_coefficients`).
     """
 
     def __init__(self, victim, spec: dict, form: str, activation: str, dtype: torch.dtype = torch.float32,
@@ -123,14 +196,13 @@ class KKTObjective(nn.Module):
             raise ConfigError(f"reconstruct.multipliers must be one of {MULTIPLIERS}, got {multipliers!r}")
         self.per_class_multipliers = self.multiclass and multipliers == "all"
         self.wd = form.endswith("_wd")
-        wd = float(spec.get("weight_decay") or 0.0)
+        wd = training_recipe(spec)["coefficient"]
         if self.wd and wd <= 0:
             raise ConfigError(f"reconstruct.form={form} needs a victim trained with weight_decay > 0 (victim.json says {wd})")
         n = spec.get("n_train")
         if self.wd and not n:
             raise ConfigError("the weight-decay form needs the training-set size: victim.json has no n_train")
         self.per_candidate = bool(per_candidate) and not self.wd  # the wd form's scale is fixed by n_train
-        self.target_scale = wd if self.wd else 1.0
         self.coef_scale = 1.0 / float(n) if self.wd else 1.0
         self.has_bias = [layer.bias is not None for layer in victim.layers]
         self.n_layers = len(victim.layers)
@@ -138,19 +210,30 @@ class KKTObjective(nn.Module):
             self.register_buffer(f"w{i}", layer.weight.detach().to(dtype).clone(), persistent=False)
             if layer.bias is not None:
                 self.register_buffer(f"b{i}", layer.bias.detach().to(dtype).clone(), persistent=False)
+        # What sum coef grad phi must equal, per parameter: theta (KKT form), c * theta (stationarity form, c from the
+        # recorded training recipe: decay_coefficients)
+        names = self.param_names()
+        state_names = [f"layers.{name[1:]}.{'weight' if name[0] == 'w' else 'bias'}" for name in names]
+        params = [getattr(self, name) for name in names]
+        scales = decay_coefficients(spec, list(zip(state_names, params))) if self.wd else [1.0] * len(names)
+        for name, p, c in zip(names, params, scales):
+            self.register_buffer(f"target_{name}", c * p, persistent=False)
         self.register_buffer("target_sq", torch.zeros((), dtype=dtype), persistent=False)
-        self.target_sq = sum(((self.target_scale * p) ** 2).sum() for p in self.victim_params())
+        self.target_sq = sum((t ** 2).sum() for t in self.targets())
 
     def lambda_shape(self, m: int) -> tuple[int, ...]:
         return (m, self.num_classes) if self.per_class_multipliers else (m,)
 
+    def param_names(self) -> list[str]:
+        """``w{i}`` / ``b{i}``, in :meth:`victim_params` order."""
+        return [name for i in range(self.n_layers) for name in (f"w{i}", f"b{i}")[: 1 + self.has_bias[i]]]
+
     def victim_params(self) -> list[torch.Tensor]:
-        out = []
-        for i in range(self.n_layers):
-            out.append(getattr(self, f"w{i}"))
-            if self.has_bias[i]:
-                out.append(getattr(self, f"b{i}"))
-        return out
+        return [getattr(self, name) for name in self.param_names()]
+
+    def targets(self) -> list[torch.Tensor]:
+        """What ``sum_j coef_j grad phi(x_j)`` must equal, per parameter (:meth:`victim_params` order)."""
+        return [getattr(self, f"target_{name}") for name in self.param_names()]
 
     def forward_runs(self, x: torch.Tensor, alpha: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """The victim on candidates x (K, m, D) with per-run parameter copies; logits (K, m, out)."""
@@ -265,8 +348,8 @@ class KKTObjective(nn.Module):
 
     def _residual(self, grads: Sequence[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         res = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        for p, g in zip(self.victim_params(), grads):
-            res = res + (self.target_scale * p - g).pow(2).flatten(1).sum(1)
+        for t, g in zip(self.targets(), grads):
+            res = res + (t - g).pow(2).flatten(1).sum(1)
         return res, res / self.target_sq
 
     def lambda_penalty(self, lam: torch.Tensor, y: torch.Tensor, lambda_min: torch.Tensor) -> torch.Tensor:
@@ -387,7 +470,7 @@ def fit_multipliers(objective: KKTObjective, x: torch.Tensor, y: torch.Tensor, s
     with torch.enable_grad():  # best common scale c for lambda = c * 1: <target, g> / <g, g>
         out = objective.forward_runs(xs, alpha, params)
         g = torch.autograd.grad(objective.weighted_output(out, torch.ones(shape, dtype=dtype), ys).sum(), params)
-    dot = sum((objective.target_scale * p * gi[0]).sum() for p, gi in zip(objective.victim_params(), g))
+    dot = sum((t * gi[0]).sum() for t, gi in zip(objective.targets(), g))
     scale = max(float(dot / sum((gi ** 2).sum() for gi in g).clamp_min(1e-30)), 1e-12)
     u = torch.zeros(shape, dtype=dtype, requires_grad=True)
     opt = torch.optim.Adam([u], lr=lr)

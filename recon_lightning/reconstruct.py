@@ -616,7 +616,9 @@ def _train_embeddings(cfg: DictConfig, run_dir: Path, input_dim: int, load: bool
     path = base / "embed" / "embeddings.safetensors"
     if not path.is_file():
         if rcfg.get("embeddings_dir"):
-            raise DataError(f"reconstruct.embeddings_dir: no training embeddings at {path}")
+            hint = (f" ({base} is an embed/ folder itself: give the run folder that holds it, {base.parent})"
+                    if (base / "embeddings.safetensors").is_file() else "")
+            raise DataError(f"reconstruct.embeddings_dir: no training embeddings at {path}{hint}")
         return None
     from safetensors import safe_open
 

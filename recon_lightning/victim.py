@@ -6,8 +6,10 @@ elsewhere provides):
 * ``model.safetensors``: the MLP's state dict, keys ``layers.{i}.weight`` (out, in) and
   ``layers.{i}.bias`` for the layers that have a bias;
 * ``victim.json``: ``{"format": "recon_lightning.victim/1", "input_dim", "hidden",
-  "num_classes", "bias", "activation": "relu", "loss": "bce"|"ce", "weight_decay", ...}``
-  plus the training config, final metrics and the embedding's backbone/normalisation.
+  "num_classes", "bias", "center", "activation": "relu", "loss": "bce"|"ce", "weight_decay",
+  "regularization", "loss_reduction", "n_train", "embedding", ...}`` plus the training config and
+  final metrics (docs/victims.md lists every key and which stage reads it; heads trained elsewhere are
+  written by :mod:`recon_lightning.import_victim`).
 
 The network has one logit for two classes (BCE, labels y in {0, 1}) and ``num_classes``
 logits otherwise (CE).
@@ -265,10 +267,46 @@ def check_given_victim(cfg, victim: VictimMLP) -> dict | None:
     emb = load_embeddings(Path(base).expanduser())
     if emb.dim != victim.input_dim:
         return None  # the size mismatch is reported by the reconstruct stage's own check
+    spec = load_json(Path(cfg.reconstruct.victim_dir) / "victim.json", what="victim description (victim.json)")
+    where = Path(base).expanduser() / "embed" / "embeddings.safetensors"
+    check_training_set(spec, emb, where)
     with torch.no_grad():
         health = victim_health(victim(emb.train_x.float()), emb.train_y)
-    check_health(health, bool(cfg.classifier.get("allow_unhealthy", False)), f"in {cfg.reconstruct.victim_dir}")
+    allow = bool(cfg.classifier.get("allow_unhealthy", False))
+    if health["misclassified"] and not health["collapsed"]:
+        # A victim is audited on the samples it was trained on, which it separates: samples on its wrong side are first
+        # of all a sign that these are not them.
+        msg = (f"the training embeddings in {where} do not look like the training set of the victim in "
+               f"{cfg.reconstruct.victim_dir}: {'; '.join(health['problems'])}. Point reconstruct.embeddings_dir at the "
+               f"run whose embed/ trained this victim, or audit it without a training set (no reconstruct.embeddings_dir, "
+               f"no embed/ in run_dir; if these are its training samples, it does not separate them and cannot be a "
+               f"reconstruction target)")
+        if not allow:
+            raise DataError(f"{msg}; classifier.allow_unhealthy=true goes on anyway")
+        log.warning("%s (going on: classifier.allow_unhealthy=true)", msg)
+        return health
+    check_health(health, allow, f"in {cfg.reconstruct.victim_dir}")
     return health
+
+
+def check_training_set(spec: dict, emb, where: Path) -> None:
+    """Stop with :class:`DataError` when the embeddings ``emb`` (from ``where``) cannot be the training set of the
+    victim described by ``spec`` (victim.json): another number of samples or classes, or another embedding space
+    (backbone, normalisation) than the victim records."""
+    problems = []
+    n, n_train = len(emb.train_x), spec.get("n_train")
+    if n_train and int(n_train) != n:
+        problems.append(f"they hold {n} training samples, the victim was trained on {n_train} (victim.json n_train)")
+    if emb.num_classes != int(spec["num_classes"]):
+        problems.append(f"they have {emb.num_classes} classes, the victim {spec['num_classes']}")
+    recorded = spec.get("embedding") or {}
+    for key in ("backbone_name", "normalize"):
+        if recorded.get(key) is not None and emb.meta.get(key) is not None and recorded[key] != emb.meta[key]:
+            problems.append(f"they were made with {key}={emb.meta[key]!r}, the victim's inputs with {recorded[key]!r}")
+    if problems:
+        raise DataError(f"the training embeddings in {where} are not the training set of this victim: "
+                        f"{'; '.join(problems)}. Point reconstruct.embeddings_dir at the run whose embed/ trained it, or "
+                        f"audit it without a training set (no reconstruct.embeddings_dir, no embed/ in run_dir)")
 
 
 class VictimModule(L.LightningModule):
@@ -498,6 +536,9 @@ def run_stage(cfg, run_dir: Path) -> dict:
         save_victim(out, model, {
             "loss": loss,
             "weight_decay": float(c.weight_decay),
+            # SGD's and Adam's weight_decay: an L2 penalty in the mean loss, on every parameter (kkt.training_recipe)
+            "regularization": {"kind": "l2", "coefficient": float(c.weight_decay), "params": "all"},
+            "loss_reduction": "mean",
             "optimizer": c.optimizer,
             "lr": float(c.lr),
             "epochs": int(cfg.trainer.max_epochs),

@@ -90,3 +90,19 @@ def test_every_key_and_option_named_in_the_docs_exists():
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_slurm_scripts_are_valid_bash(script):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+
+
+def audit_examples(text: str) -> list[str]:
+    """The ``from recon_lightning import audit`` examples of a document's python code blocks."""
+    return [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "from recon_lightning import audit" in b]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doc", ["README.md", "docs/victims.md"])
+def test_the_audit_example_runs(doc, tmp_path, monkeypatch):
+    examples = audit_examples((REPO / doc).read_text())
+    assert examples, f"{doc} shows no audit example"
+    monkeypatch.chdir(tmp_path)
+    for code in examples:
+        exec(compile(code, doc, "exec"), {})
+    assert (tmp_path / "runs/my_head/report.html").is_file() and (tmp_path / "runs/my_head/invert/DONE.json").is_file()
