@@ -423,9 +423,9 @@ def hyperplane_membership(model, train_x: torch.Tensor, heldout_x: torch.Tensor 
     return out
 
 
-def _victim_summary(run_dir: Path) -> dict | None:
-    """The victim's training figures from ``classifier/victim.json`` (shown on the report's first lines)."""
-    path = run_dir / "classifier" / "victim.json"
+def _victim_summary(victim_dir: Path) -> dict | None:
+    """The victim's training figures from its ``victim.json`` (shown on the report's first lines)."""
+    path = victim_dir / "victim.json"
     if not path.is_file():
         return None
     spec = load_json(path, what="victim description (victim.json)")
@@ -457,6 +457,8 @@ class _Inputs:
     run_dir: Path
     out_dir: Path
     ecfg: EvalConfig
+    victim_dir: Path  # reconstruct.victim_dir, or run_dir/classifier
+    embeddings_dir: Path  # the run folder whose embed/ holds the training set: reconstruct.embeddings_dir, or run_dir
     sel: dict
     sel_meta: dict
     reps: list[dict]  # one row per representative, best first; the steps below add their columns
@@ -515,14 +517,15 @@ class _Evaluation:
         return self.cand_y[self.best_local] == self.train_y
 
 
-def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict:
+def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True, victim_dir: str | Path | None = None,
+                 embeddings_dir: str | Path | None = None) -> dict:
     """Compute every figure and write the plots/grids to ``run_dir/report``; returns report.json's dict.
 
     What every report shows comes first (the selection, the victim, the inversions); with the training set,
     the matchings are computed once and the figures built on them follow; the notes come last."""
-    inputs = _gather_inputs(Path(run_dir), ecfg)
+    inputs = _gather_inputs(Path(run_dir), ecfg, victim_dir, embeddings_dir)
     report = _attacker_view(inputs)
-    if (inputs.run_dir / "embed" / "embeddings.safetensors").is_file():
+    if (inputs.embeddings_dir / "embed" / "embeddings.safetensors").is_file():
         ev = _evaluation_inputs(inputs)
         report.update(mode="evaluation", modality=ev.modality)
         _reconstruction_figures(report, inputs, ev)
@@ -542,7 +545,8 @@ def build_report(run_dir: Path, ecfg: EvalConfig, progress: bool = True) -> dict
     return report
 
 
-def _gather_inputs(run_dir: Path, ecfg: EvalConfig) -> _Inputs:
+def _gather_inputs(run_dir: Path, ecfg: EvalConfig, victim_dir: str | Path | None = None,
+                   embeddings_dir: str | Path | None = None) -> _Inputs:
     from .select import load_selection
 
     out_dir = run_dir / "report"
@@ -557,7 +561,10 @@ def _gather_inputs(run_dir: Path, ecfg: EvalConfig) -> _Inputs:
     corpus_path = run_dir / "invert" / "text_corpus.json"
     text_corpus = load_json(corpus_path, what="text corpus record") if text_matches is not None and corpus_path.is_file() else None
     return _Inputs(run_dir=run_dir, out_dir=out_dir, ecfg=ecfg, sel=sel, sel_meta=sel_meta, reps=reps,
-                   victim=_victim_summary(run_dir), runs=_run_records(run_dir), inversion=_inversion(run_dir),
+                   victim_dir=Path(victim_dir).expanduser() if victim_dir else run_dir / "classifier",
+                   embeddings_dir=Path(embeddings_dir).expanduser() if embeddings_dir else run_dir,
+                   victim=_victim_summary(Path(victim_dir).expanduser() if victim_dir else run_dir / "classifier"),
+                   runs=_run_records(run_dir), inversion=_inversion(run_dir),
                    text_matches=text_matches,
                    text_corpus=text_corpus)
 
@@ -619,7 +626,7 @@ def _evaluation_inputs(inputs: _Inputs) -> _Evaluation:
     representatives) with the training samples, once."""
     from .embed import load_embeddings
 
-    emb = load_embeddings(inputs.run_dir)
+    emb = load_embeddings(inputs.embeddings_dir)
     train_x, train_y = emb.train_x.float(), emb.train_y.long()
     sel_x = inputs.sel["x"].float()
     if train_x.shape[1] != sel_x.shape[1]:
@@ -633,10 +640,10 @@ def _evaluation_inputs(inputs: _Inputs) -> _Evaluation:
     modality = emb.meta.get("modality", "image")
     chunk = inputs.ecfg.chunk
     victim = None
-    if (inputs.run_dir / "classifier" / "victim.json").is_file():
+    if (inputs.victim_dir / "victim.json").is_file():
         from .victim import load_victim
 
-        victim = load_victim(inputs.run_dir / "classifier", expected_input_dim=train_x.shape[1])
+        victim = load_victim(inputs.victim_dir, expected_input_dim=train_x.shape[1])
     offset = victim[0].input_offset().detach().float() if victim else torch.zeros(train_x.shape[1])
     public_x = emb.public_x.float() if emb.public_x is not None and len(emb.public_x) else None
     return _Evaluation(
@@ -870,7 +877,7 @@ def _text_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
     """Text: the nearest training sentences of the top representatives."""
     from .embed import load_samples
 
-    texts = load_samples(inputs.run_dir).get("train_texts") or []
+    texts = load_samples(inputs.embeddings_dir).get("train_texts") or []
     top = min(inputs.ecfg.text_top, len(inputs.reps))
     if not (top and texts):
         return
@@ -886,7 +893,7 @@ def _image_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
     embeddings are pixels, else from the inverted representatives."""
     from .embed import load_images
 
-    info = _image_info(inputs, ev, load_images(inputs.run_dir))
+    info = _image_info(inputs, ev, load_images(inputs.embeddings_dir))
     report["images"] = info
     s = report["summary"]
     for key in ("frac_train_ssim_gt_0.4_pool_matched", "frac_train_ssim_gt_0.4_heldout"):
@@ -917,7 +924,7 @@ def _notes(report: dict) -> list[str]:
         notes.append(f"{len(runs['failed'])} of {runs['total']} reconstruction runs failed and their candidates were left "
                      f"out (listed under 'Failed reconstruction runs'): {first}{more}")
     if report["mode"] != "evaluation":
-        notes.append("training set unknown (no run_dir/embed): attacker mode, evaluation figures omitted")
+        notes.append("training set unknown (no run_dir/embed, no reconstruct.embeddings_dir): attacker mode, evaluation figures omitted")
         return notes
     rec = report["reconstruction"]
     n_train, distinct = rec["num_train"], rec["distinct_best_candidates"]
@@ -1043,7 +1050,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
 
     run_dir = Path(run_dir)
     ecfg: EvalConfig = OmegaConf.to_object(cfg.evaluate)
-    report = build_report(run_dir, ecfg)
+    report = build_report(run_dir, ecfg, victim_dir=cfg.reconstruct.get("victim_dir"),
+                          embeddings_dir=cfg.reconstruct.get("embeddings_dir"))
     rp.write_report(run_dir, report)
     rp.log_report(cfg, run_dir, report)
     return {"mode": report["mode"], **{k: v for k, v in report["summary"].items() if isinstance(v, (int, float))}}
@@ -1056,6 +1064,7 @@ STAGE = Stage(
     config_keys=["evaluate"],
     # the training set, when known (evaluation mode), and every earlier stage's results
     inputs=["embed/*.safetensors", "embed/samples.json", "classifier/model.safetensors", "classifier/victim.json",
-            "reconstruct/candidates.safetensors", "select/*", "invert/*.json", "invert/images/*.png"],
+            "reconstruct/candidates.safetensors", "select/*", "invert/*.json", "invert/images/*.png",
+            "{reconstruct.victim_dir}/*", "{reconstruct.embeddings_dir}/embed/*"],
     outputs=["report.json", "report.html", "report/*.png"],
 )

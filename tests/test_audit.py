@@ -113,3 +113,27 @@ def test_the_console_script_is_the_command_line():
     scripts = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
     module, name = scripts["recon-lightning"].split(":")
     assert getattr(import_module(module), name) is fit.main
+
+
+@pytest.mark.slow
+def test_a_given_training_set_makes_the_report_evaluate_the_imported_head(make_cfg, tmp_path, digits_run):
+    """reconstruct.victim_dir + reconstruct.embeddings_dir: the evaluation reads the victim and the training set from
+    those folders (run_dir has neither classifier/ nor embed/) and reports the null-controlled figures."""
+    from recon_lightning.embed import load_embeddings
+
+    emb = load_embeddings(digits_run)
+    head = mlp(64, seed=2)
+    opt = torch.optim.Adam(head.parameters(), lr=0.01)
+    for _ in range(300):  # fit the 20 digits: every one on the right side
+        opt.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(head(emb.train_x).squeeze(1), emb.train_y.float()).backward()
+        opt.step()
+    victim = import_victim(head, tmp_path / "victim", n_train=20, backbone="identity", input_size=(1, 8, 8))
+    out = tmp_path / "audit"
+    main_with_config(make_cfg(f"reconstruct.victim_dir={victim}", f"reconstruct.embeddings_dir={digits_run}",
+                              "stage=[reconstruct,select,evaluate]", "select.score=cluster", *FAST, run_dir=out))
+    report = json.loads((out / "report.json").read_text())
+    assert not (out / "embed").exists() and not (out / "classifier").exists()
+    assert report["mode"] == "evaluation" and report["reconstruction"]["num_train"] == 20
+    assert report["membership"]["victim_frame"]["num_members"] == 20 and report["victim"]["n_train"] == 20
+    assert report["margin"]["available"] and "membership_auc" in report["summary"]
