@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement the README and docs/results.md quote, as one script for one short device lease
+# Every GPU measurement the README and docs/results.md quote, as one script for one short GPU allocation
 # (about 8 minutes on an H100/H200 for all parts; each part has its own time limit, so one part failing or running
 # long costs only that part). Writes one text file per part (and the study's JSON) under OUT.
 #
