@@ -21,7 +21,7 @@ the training and held-out sets from a run's embed stage instead of raw digits, e
 (``python -m recon_lightning.fit backbone=dinov2_vits14_offline data=digits stage=embed run_dir=runs/dd``), and runs
 the ``paper`` section: the default victim (weight decay 1e-2, cosine-decayed learning rate), the earlier default
 (weight decay 1e-3, constant lr 0.5) with a constant and a cosine-decayed lr, and the reference extraction.
-Rows there add the issue's target metric
+Rows there add the paper's target metric
 (fraction of training embeddings with a candidate at cosine >= 0.9), the same for the held-out set (the baseline),
 and both after subtracting the training mean (raw DINOv2 embeddings share a large common direction).
 """
@@ -209,7 +209,7 @@ def main() -> None:
                   PREVIOUS_DEFAULTS + ["classifier.center=true"],
                   OLD_RECON_BASE + ["reconstruct.optimizer=sgd", "reconstruct.dtype=float64", "reconstruct.kkt_loss=absolute",
                                     "reconstruct.lr=[0.001,0.1]"], 50, None),
-                 ("ablation", "wd 1e-3 victim, 1 hidden layer (the defaults until session 6)",
+                 ("ablation", "wd 1e-3 victim, 1 hidden layer (the previous default: constant lr 0.5)",
                   ["classifier.lr=0.5", "classifier.weight_decay=1e-3", "classifier.lr_schedule=constant"], [], 50, None),
                  ("ablation", "defaults (+ wd 1e-2, lr 0.15 cosine-decayed)", [], [], 50, None)]
     if "n" in sections:

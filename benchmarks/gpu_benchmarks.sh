@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# Every GPU measurement the README and docs/results.md quote, as one script for one short device lease
+# Every GPU measurement the README and docs/results.md quote, as one script for one short GPU allocation
 # (about 8 minutes on an H100/H200 for all parts; each part has its own time limit, so one part failing or running
 # long costs only that part). Writes one text file per part (and the study's JSON) under OUT.
 #
-#   bash benchmarks/gpu_session.sh OUT [EMBED_RUN_DIR]      # EMBED_RUN_DIR: a run_dir whose embed stage holds the
+#   bash benchmarks/gpu_benchmarks.sh OUT [EMBED_RUN_DIR]      # EMBED_RUN_DIR: a run_dir whose embed stage holds the
 #                                                           # DINOv2 embeddings of the digits (the paper's regime)
-#   PARTS="recovery study" ROWS="wd 1e-2" bash benchmarks/gpu_session.sh OUT runs/dd   # only these parts / study rows
-#   QUICK=1 bash benchmarks/gpu_session.sh /tmp/o runs/dd   # tiny sizes: checks the script itself (CPU is fine)
+#   PARTS="recovery study" ROWS="wd 1e-2" bash benchmarks/gpu_benchmarks.sh OUT runs/dd   # only these parts / study rows
+#   QUICK=1 bash benchmarks/gpu_benchmarks.sh /tmp/o runs/dd   # tiny sizes: checks the script itself (CPU is fine)
 #
 # The study's victims are cached in EMBED_RUN_DIR/victims: train them on a CPU first (their training is a Python
 # loop of tiny steps, no faster on a GPU) with the same study command and --runs 1 --steps 1, then carry the folder.
 # On the project's device machine: bash ../shared/device/prepare.sh here first, then run with carry [".whl", "runs/dd"]:
-#   bash .whl/gpu-env.sh bash benchmarks/gpu_session.sh $OUT runs/dd
+#   bash .whl/gpu-env.sh bash benchmarks/gpu_benchmarks.sh $OUT runs/dd
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT [EMBED_RUN_DIR]}
+out=${1:?usage: gpu_benchmarks.sh OUT [EMBED_RUN_DIR]}
 embed=${2:-}
 mkdir -p "$out"
 py=${PYTHON:-python3}
