@@ -11,6 +11,8 @@ from recon_lightning.errors import ConfigError, DataError
 from recon_lightning.storage import load_json, save_json, save_tensors
 from recon_lightning.victim import VictimMLP, margins, save_victim
 
+import ssim_direct
+
 
 def make_run_dir(root, n_train=12, n_noise=60, copies=(0, 1, 2, 3), with_embed=True, seed=0):
     """A run directory in the documented formats: 8x8 pixel "embeddings" (identity backbone),
@@ -91,14 +93,37 @@ def test_spearman_monotone_margin():
     assert ev.spearman(margin, torch.ones(30)) == (None, None)
 
 
-def test_ssim_identical_is_one_and_drops_with_noise():
+def test_ssim_pairs_is_the_direct_formula_over_every_pixel_of_a_digit():
+    """8x8 digits: window 7, sigma 1.5 * 7 / 11, the mean over all 64 pixels of the map, whatever torchmetrics is
+    installed (its releases before the border-handling change average the central 2x2 only)."""
     g = torch.Generator().manual_seed(0)
     a = torch.rand(3, 1, 8, 8, generator=g)
-    assert ev.ssim_pairs(a, a.clone()).tolist() == pytest.approx([1.0] * 3, abs=1e-5)
     b = (a + 0.3 * torch.randn(3, 1, 8, 8, generator=g)).clamp(0, 1)
-    assert (ev.ssim_pairs(a, b) < 0.9).all()
-    rgb = torch.rand(2, 3, 32, 32, generator=g)
-    assert ev.ssim_pairs(rgb, rgb).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    ours = ev.ssim_pairs(a, b)
+    for i in range(3):
+        full = ssim_direct.ssim_map(a[i].double().numpy(), b[i].double().numpy(), w=7, sigma=1.5 * 7 / 11)
+        assert float(ours[i]) == pytest.approx(full.mean(), abs=1e-6)
+        # The border matters here: the cropped mean is another number.
+        assert abs(full.mean() - full[:, 3:5, 3:5].mean()) > 0.01
+    assert ev.ssim_pairs(a, a.clone()).tolist() == pytest.approx([1.0] * 3, abs=1e-9)
+    # Constant images 0.2 and 0.6: zero variances, SSIM = (2 * 0.2 * 0.6 + C1) / (0.2^2 + 0.6^2 + C1), C1 = 1e-4.
+    const = ev.ssim_pairs(torch.full((1, 1, 8, 8), 0.2), torch.full((1, 1, 8, 8), 0.6))
+    assert float(const) == pytest.approx(0.2401 / 0.4001, rel=1e-6)
+    with pytest.raises(DataError, match="too small for SSIM"):
+        ev.ssim_pairs(torch.rand(1, 1, 2, 8), torch.rand(1, 1, 2, 8))
+
+
+def test_ssim_pairs_on_larger_images_is_the_standard_11x11_window():
+    """From 11x11 pixels up: the standard window (11, sigma 1.5), the same numbers as kornia's SSIM with window
+    11 and as the direct formula, on RGB images."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(2, 3, 12, 13, generator=g, dtype=torch.float64)
+    b = (0.7 * a + 0.3 * torch.rand(2, 3, 12, 13, generator=g, dtype=torch.float64)).clamp(0, 1)
+    ours = ev.ssim_pairs(a, b)
+    direct = [ssim_direct.ssim(a[i].numpy(), b[i].numpy(), w=11, sigma=1.5) for i in range(2)]
+    assert ours.tolist() == pytest.approx(direct, abs=1e-9)
+    kornia = pytest.importorskip("kornia", reason="kornia not installed (pip install 'recon_lightning[test]')")
+    torch.testing.assert_close(ours, kornia.metrics.ssim(a, b, window_size=11).flatten(1).mean(1), rtol=0, atol=1e-12)
 
 
 def test_pixels_detection_and_scaling():

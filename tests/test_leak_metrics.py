@@ -12,6 +12,8 @@ from recon_lightning import evaluate as ev
 from recon_lightning.matching import best_matches, pairwise_scores
 from recon_lightning.storage import load_json, save_json
 
+import ssim_direct
+
 E = torch.eye(8)
 
 
@@ -95,29 +97,6 @@ def test_no_heldout_pool_gives_null_with_note():
 # ----------------------------------------------------------------------------- SSIM and NCC
 
 
-def _naive_ssim(a: np.ndarray, b: np.ndarray, w: int = 3, sigma: float = 1.5) -> float:
-    """Loop implementation of kornia's SSIM (reflect padding, Gaussian window), one (C, H, W) pair."""
-    r = w // 2
-    g = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
-    k = np.outer(g, g) / np.outer(g, g).sum()
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    C, H, W = a.shape
-
-    def refl(i, n):  # numpy/torch "reflect": -1 -> 1, n -> n-2
-        return -i if i < 0 else (2 * (n - 1) - i if i >= n else i)
-
-    vals = []
-    for c in range(C):
-        for y in range(H):
-            for x in range(W):
-                pa = np.array([[a[c, refl(y + dy, H), refl(x + dx, W)] for dx in range(-r, r + 1)] for dy in range(-r, r + 1)])
-                pb = np.array([[b[c, refl(y + dy, H), refl(x + dx, W)] for dx in range(-r, r + 1)] for dy in range(-r, r + 1)])
-                ma, mb = (k * pa).sum(), (k * pb).sum()
-                va, vb, cov = (k * pa * pa).sum() - ma ** 2, (k * pb * pb).sum() - mb ** 2, (k * pa * pb).sum() - ma * mb
-                vals.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2) + 1e-12))
-    return float(np.mean(vals))
-
-
 def test_ssim_reference_values():
     g = torch.Generator().manual_seed(0)
     a = torch.rand(3, 1, 8, 8, generator=g)
@@ -126,12 +105,25 @@ def test_ssim_reference_values():
     # (The 1e-12 in kornia's denominator changes this by ~3e-9 relative.)
     const = ev.ssim_reference(torch.full((1, 1, 5, 5), 0.2, dtype=torch.float64), torch.full((1, 1, 5, 5), 0.6, dtype=torch.float64))
     assert float(const) == pytest.approx(0.2401 / 0.4001, rel=1e-7)
-    # Against a loop implementation. (torchmetrics cannot serve: with a Gaussian kernel it derives the window
+    # Against the pixel-by-pixel formula. (torchmetrics cannot serve: with a Gaussian kernel it derives the window
     # from sigma, 2 * int(3.5 * 1.5 + 0.5) + 1 = 11, whatever kernel_size says.)
     x, y = torch.rand(2, 3, 5, 6, generator=g), torch.rand(2, 3, 5, 6, generator=g)
     ours = ev.ssim_reference(x, y)
     for i in range(2):
-        assert float(ours[i]) == pytest.approx(_naive_ssim(x[i].double().numpy(), y[i].double().numpy()), abs=1e-9)
+        assert float(ours[i]) == pytest.approx(ssim_direct.ssim(x[i].double().numpy(), y[i].double().numpy()), abs=1e-9)
+
+
+def test_ssim_reference_equals_kornia_window_3():
+    """The reference work's own call, kornia.metrics.ssim(a, b, window_size=3) averaged over pixels, on the same
+    images: 8x8 digits and a noisy copy, and 3-channel 5x6 images."""
+    kornia = pytest.importorskip("kornia", reason="kornia not installed (pip install 'recon_lightning[test]')")
+    g = torch.Generator().manual_seed(5)
+    a = torch.rand(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    b = (a + 0.2 * torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)).clamp(0, 1)
+    x, y = torch.rand(2, 3, 5, 6, generator=g, dtype=torch.float64), torch.rand(2, 3, 5, 6, generator=g, dtype=torch.float64)
+    for p, q in ((a, b), (x, y)):
+        expected = kornia.metrics.ssim(p, q, window_size=3).flatten(1).mean(1)
+        torch.testing.assert_close(ev.ssim_reference(p, q), expected, rtol=0, atol=1e-12)
 
 
 def _full_range_images(n, seed=0):
