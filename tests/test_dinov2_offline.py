@@ -137,6 +137,7 @@ def test_conversion_fails_loudly_on_a_wrong_architecture():
         dinov2_offline.onnx_to_timm(dinov2_offline.onnx_path(), tiny)
 
 
+@pytest.mark.slow
 def test_fit_embed_stage_offline(tmp_path, dinov2, cache):
     """The bar: python -m recon_lightning.fit backbone=dinov2_vits14_offline data=skimage stage=embed."""
     env = {**os.environ, "RECON_LIGHTNING_CACHE": str(cache), "HF_HUB_OFFLINE": "1",

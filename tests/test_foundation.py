@@ -159,6 +159,7 @@ def test_imagefolder_embeds(make_cfg, tmp_path):
     assert emb.train_x.shape == (4, 3 * 12 * 10) and emb.meta["class_names"] == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "recon_lightning.fit", "stage=embed", f"run_dir={tmp_path}", "data=imagefolder",
@@ -196,6 +197,7 @@ def test_unknown_config_keys_are_refused_with_a_suggestion(make_cfg, tmp_path):
     assert make_cfg("+trainer.gradient_clip_val=1.0").trainer.gradient_clip_val == 1.0
 
 
+@pytest.mark.slow
 def test_typo_in_a_users_config_file_is_refused_on_the_cli(tmp_path):
     # The realistic case: a user's own option file next to the shipped ones (--config-dir).
     (tmp_path / "conf/reconstruct").mkdir(parents=True)
@@ -230,6 +232,7 @@ def test_bad_values_are_refused_before_any_stage(make_cfg, tmp_path, override, m
     assert not (tmp_path / "run/embed").exists()  # nothing ran
 
 
+@pytest.mark.slow
 def test_non_numeric_value_on_the_cli_is_an_error_line_not_a_traceback(tmp_path):
     for override in ("reconstruct.steps=abc", "seed=abc"):
         proc = subprocess.run([sys.executable, "-m", "recon_lightning.fit", override, f"run_dir={tmp_path}/run"],

@@ -366,6 +366,7 @@ def _wait_for(pred, timeout):
     return True
 
 
+@pytest.mark.slow
 def test_kill_and_resume_subprocess(tmp_path):
     """SIGKILL a real `python -m recon_lightning.fit stage=reconstruct` after a run file exists; rerun; every
     run's candidates appear exactly once."""
@@ -395,6 +396,7 @@ def test_kill_and_resume_subprocess(tmp_path):
     assert not list((run_dir / "reconstruct" / "runs").glob(".*tmp"))  # no half-written files left
 
 
+@pytest.mark.slow
 def test_killed_batch_resumes_from_its_lightning_checkpoint(tmp_path):
     """SIGKILL in the middle of a batch (no run finished, a checkpoint exists): the rerun restores the
     Lightning checkpoint and ends with exactly the candidates of an uninterrupted job. Each Lightning step runs
@@ -438,6 +440,7 @@ def test_killed_batch_resumes_from_its_lightning_checkpoint(tmp_path):
     torch.testing.assert_close(resumed.lam, uninterrupted.lam, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_shard_runs(tmp_path):
     run_dir = _victim_dir(tmp_path)
     common = ["stage=reconstruct", "logger.name=none", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
@@ -592,6 +595,7 @@ def _recovered(run_dir: Path, train: torch.Tensor, other: torch.Tensor) -> tuple
     return best(train), best(other)
 
 
+@pytest.mark.slow
 def test_stage_recovers_the_training_set_of_a_binary_victim_at_a_kkt_point(tmp_path, make_cfg):
     """No weight decay: a 2-layer net at an exact KKT point of 4 points (theta = sum lambda y grad phi), saved
     as a victim and reconstructed by the real stage (Trainer, ReconstructionModule, run files, merge): every
@@ -630,6 +634,7 @@ def multiclass_points(D: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return x, y, other
 
 
+@pytest.mark.slow
 def test_stage_recovers_the_training_set_of_a_multiclass_victim(tmp_path, make_cfg):
     """Multiclass (3 classes, cross-entropy + weight decay, trained to a stationary point): the real stage's
     multiclass_wd form (one multiplier per wrong class, exact for softmax) recovers the training points: all at

@@ -129,6 +129,7 @@ def _screenshot(chromium: str, page: Path, out: Path) -> None:
     assert out.is_file(), f"chromium wrote no screenshot: {' '.join(cmd)}"
 
 
+@pytest.mark.slow
 def test_html_renders_plots_in_headless_chromium(evaluated_run, tmp_path):
     chromium = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
     if chromium is None:

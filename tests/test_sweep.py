@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 import yaml
@@ -112,6 +113,7 @@ def test_a_diverged_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path, cap
     assert f"best recon_score = {rows[1]['metric']:.4f} (trial 1)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_shards_split_one_sweep_between_processes(tmp_path):
     # What a SLURM job array without a W&B server does: N processes, one sweep, every trial once.
     import subprocess
@@ -144,6 +146,7 @@ def test_bad_shard_is_a_clear_error(tmp_path, capsys):
     assert "--shard 2/2: need 0 <= I < N" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_wandb_agent_trials_at_once_each_get_their_own_run_dir_and_run(tmp_path):
     # What `wandb agent` does for each trial: run the sweep's command in the agent's directory, with the trial's
     # WANDB_SWEEP_ID / WANDB_RUN_ID in the environment (here offline, as no server is reachable in tests).
