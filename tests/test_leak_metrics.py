@@ -182,29 +182,47 @@ def test_stage_reports_leak_rate_and_reference_ssim(tmp_path):
     d = make_run_dir(tmp_path)  # held-out pool = training images 0 and 1 (copies); candidates copy 0..3
     report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default"), progress=False)
     s, per = report["summary"], report["reconstruction"]["per_sample"]
-    # Independent baseline: each training image's best cosine to the two held-out images.
-    t = d["train_x"].double()
-    t = t / t.norm(dim=1, keepdim=True)
-    heldout = (t @ t[:2].T).max(1).values
+    # Independent figures from plain numpy: cosine matrices, the best of each row, scipy's assignment.
+    from scipy.optimize import linear_sum_assignment
+
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    t, c = unit(d["train_x"].double().numpy()), unit(d["x"].double().numpy())
+    heldout, cos = (t @ t[:2].T).max(1), t @ c.T
     assert [p["heldout_best_cosine"] for p in per] == pytest.approx(heldout.tolist(), abs=1e-6)
+    # (Candidates 3-5 are float32 multiples of held-out image 1: 1.6e-9 above its baseline for images 4 and 7, more
+    # than the 1e-9 tolerance, so they count.)
+    leaked = cos.max(1) > heldout + ev.LEAK_TOLERANCE
     # Images 0 and 1 are in the held-out pool (baseline 1): their exact copies do not count; 2 and 3 do.
-    assert [per[i]["leaked"] for i in range(4)] == [False, False, True, True]
-    assert all(p["leaked"] == (p["best_cosine"] > p["heldout_best_cosine"] + 1e-6) for p in per
-               if abs(p["best_cosine"] - p["heldout_best_cosine"]) > 1e-6)
-    assert s["leak_rate"] == pytest.approx(sum(p["leaked"] for p in per) / 12)
-    assert s["leak_rate_one_to_one"] == pytest.approx(sum(p["leaked_one_to_one"] for p in per) / 12)
-    assert s["leak_rate_one_to_one"] <= s["leak_rate"] and s["leak_rate_baseline_pool"] == 2
+    assert leaked[:4].tolist() == [False, False, True, True]
+    assert [p["leaked"] for p in per] == leaked.tolist()
+    assert s["leak_rate"] == pytest.approx(leaked.mean())
+    rows, cols = linear_sum_assignment(cos, maximize=True)
+    assert sum(p["one_to_one_cosine"] for p in per) == pytest.approx(cos[rows, cols].sum(), abs=1e-5)
+    assert s["leak_rate_one_to_one"] == pytest.approx((cos[rows, cols] > heldout[rows] + ev.LEAK_TOLERANCE).mean())
+    assert s["leak_rate_baseline_pool"] == 2
     # One-to-one candidates are distinct indices among all candidates.
     o2o = [p["one_to_one_candidate"] for p in per]
     assert len(set(o2o)) == 12 and all(0 <= c < len(d["x"]) for c in o2o)
-    # Reference SSIM: the copies (0..3) are NCC-matched to a copy and have SSIM 1.
+    # Reference SSIM: each training image's candidate at the smallest NCC distance (z-scored with the unbiased
+    # std, squared distance over D), min-max scaled, against the image with the pixel-by-pixel SSIM (window 3).
     ref = report["images"]["reference_ssim"]
     assert ref["source"] == "reshape"
-    for i in d["copies"]:
-        assert ref["per_sample"][i]["ssim"] == pytest.approx(1.0, abs=1e-6)
-        assert ref["per_sample"][i]["ncc_candidate"] // 3 == d["copies"].index(i)
-    assert s["frac_train_ssim_gt_0.4"] == pytest.approx(sum(q["ssim"] > 0.4 for q in ref["per_sample"]) / 12)
-    assert s["frac_train_ssim_gt_0.4"] >= 4 / 12 and s["frac_train_ssim_gt_0.4_one_to_one"] >= 4 / 12
+    z = lambda a: (a - a.mean(1, keepdims=True)) / a.std(1, ddof=1, keepdims=True)  # noqa: E731
+    zt, zc = z(d["train_x"].double().numpy()), z(d["x"].double().numpy())
+    dist = ((zt[:, None, :] - zc[None]) ** 2).mean(2)
+    nearest = [q["ncc_candidate"] for q in ref["per_sample"]]  # one of the nearest (copies of an image tie)
+    assert dist[range(12), nearest] == pytest.approx(dist.min(1), abs=1e-6)
+    assert [q["ncc_distance"] for q in ref["per_sample"]] == pytest.approx(dist.min(1).tolist(), abs=1e-5)
+    ssim = []
+    for i, j in enumerate(nearest):
+        cand = d["x"][j].double().numpy()
+        cand = (cand - cand.min()) / (cand.max() - cand.min())
+        ssim.append(ssim_direct.ssim(d["train_x"][i].double().numpy().reshape(1, 8, 8), cand.reshape(1, 8, 8)))
+    assert [q["ssim"] for q in ref["per_sample"]] == pytest.approx(ssim, abs=1e-6)
+    # The copies (0..3) are matched to one of their own copies, at SSIM 1.
+    assert [nearest[i] // 3 for i in d["copies"]] == [0, 1, 2, 3] and ssim[:4] == pytest.approx([1.0] * 4, abs=1e-6)
+    assert s["frac_train_ssim_gt_0.4"] == pytest.approx(np.mean(np.array(ssim) > 0.4))
+    assert s["frac_train_ssim_gt_0.4_one_to_one"] >= 4 / 12
 
 
 def test_stage_without_heldout_pool(tmp_path):
