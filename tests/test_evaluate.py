@@ -135,8 +135,19 @@ def test_pixels_detection_and_scaling():
     img = ev.as_images(3 * x - 1, (1, 2, 2), "minmax")
     assert torch.allclose(img.flatten(), x.flatten(), atol=1e-6)
     assert ev.as_images(3 * x - 1, (1, 2, 2), "clip").min() == 0
+
+
+def test_lpips_is_available_exactly_when_alexnets_weights_are_in_the_hub_cache(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    weights = tmp_path / "hub" / "checkpoints" / torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
     available, note = ev.lpips_status()
-    assert isinstance(available, bool) and "LPIPS" in note
+    assert not available and str(weights) in note and "not available offline" in note
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"")
+    available, note = ev.lpips_status()
+    assert available and note == f"LPIPS (AlexNet) with cached weights {weights}"
 
 
 def test_evaluate_on_synthetic_run(tmp_path):

@@ -367,7 +367,11 @@ def test_unclip_end_to_end_with_tiny_pipeline(make_cfg, tmp_path, monkeypatch):
     summary = invert.run_stage(cfg, run_dir)
     rows = json.loads((run_dir / "invert" / "inversion.json").read_text())
     assert summary["method"] == "unclip" and len(rows) == 2
-    assert all(-1 <= r["cosine"] <= 1 for r in rows)
+    # Each reported cosine is that of its PNG on disk through the backbone, against its target.
+    for r in rows:
+        png = invert.load_png(run_dir / r["path"], 3).float()[None] / 255
+        expected = torch.nn.functional.cosine_similarity(TinyCNN(dim=32).embed_pixels(png), target[r["rank"]][None])
+        assert r["cosine"] == pytest.approx(expected.item(), abs=1e-4)
     assert invert.load_png(run_dir / rows[0]["path"], 3).shape == (3, 32, 32)
 
     # A decoder whose embedding size differs from the backbone's is a clear mismatch.

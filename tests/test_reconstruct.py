@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,10 @@ def test_binary_kkt_point_has_zero_loss():
     assert rel_bad.item() > 1e-2
 
 
-def test_multiclass_kkt_point_has_zero_loss():
+def kkt_multiclass_victim():
+    """A 3-class 2-layer net at an exact KKT point of 4 points with one multiplier per wrong class (multipliers=all):
+    hidden unit j = c_j x_j, only active on x_j; its output weights c_j r_j^2 G_j, G_j the coefficients of the
+    logits (sum of the wrong-class multipliers on the true class, minus each on its own)."""
     n, D, C = 4, 6, 3
     g = torch.Generator().manual_seed(1)
     y = torch.tensor([0, 1, 2, 0])
@@ -76,6 +80,11 @@ def test_multiclass_kkt_point_has_zero_loss():
     with torch.no_grad():
         v.layers[0].weight.copy_(c[:, None] * x)
         v.layers[1].weight.copy_((c * r**2)[None] * G.T)
+    return v, x, y, lam
+
+
+def test_multiclass_kkt_point_has_zero_loss():
+    v, x, y, lam = kkt_multiclass_victim()
     obj = R.KKTObjective(v, {"weight_decay": 0.0}, "multiclass", "relu_sigmoid_grad", F64, multipliers="all")
     _, rel = obj.kkt(x[None], lam[None], y[None], BIG_ALPHA)
     assert rel.item() < 1e-20
@@ -94,6 +103,88 @@ def test_kkt_residual_at_training_points_tells_converged_from_unconverged_victim
     torch.manual_seed(0)
     other = VictimMLP(x.shape[1], [4], 2, bias=False).double()
     assert R.kkt_residual_at(other, spec, x, y, steps=400)["residual"] > 0.3
+
+
+def test_kkt_residual_at_a_multiclass_kkt_point_and_at_weight_decay_stationary_points():
+    """Beyond a binary victim without weight decay: ~0 at the points a victim is a KKT / stationary point of (the
+    multipliers found by the diagnostic), large at other points of the same kind. Multiclass without decay (the
+    exact construction above, one multiplier per wrong class); binary and 3-class victims trained with weight decay
+    to a stationary point (the regularised loss's gradient below 1e-6, checked without the objective), where the
+    form follows from the victim (auto: binary_wd / multiclass_wd). For softmax the exact condition has a
+    multiplier per wrong class; runner-up multipliers (one per sample, the default) leave a residual when two wrong
+    classes are equally likely, as here (measured 0.14), still far below other points' (0.93)."""
+    v, x, y, _ = kkt_multiclass_victim()
+    spec = {"num_classes": 3, "weight_decay": 0.0}
+    at_kkt = R.kkt_residual_at(v, spec, x, y, multipliers="all")
+    assert at_kkt["form"] == "multiclass" and at_kkt["residual"] < 1e-3
+    assert R.kkt_residual_at(v, spec, simplex_points(4, 6, torch.ones(4, dtype=F64), seed=5), y,
+                             multipliers="all")["residual"] > 0.3
+
+    torch.set_flush_denormal(True)
+    try:
+        x, y = identifiable_points(10, seed=0)
+        torch.manual_seed(0)
+        binary = VictimMLP(10, [50], 2, bias=False, init_scale=[0.1, 0.1]).double()
+        assert train_to_stationarity(binary, x, y, 1e-2) < 1e-6
+        spec = {"num_classes": 2, "weight_decay": 1e-2, "n_train": 4}
+        truth = R.kkt_residual_at(binary, spec, x, y)
+        assert truth["form"] == "binary_wd" and truth["residual"] < 1e-6  # measured 6e-13
+        assert R.kkt_residual_at(binary, spec, identifiable_points(10, seed=1)[0], y)["residual"] > 0.5  # 0.87
+
+        x, y, other = multiclass_points(10)
+        torch.manual_seed(0)
+        multi = VictimMLP(10, [60], 3, bias=False, init_scale=[0.1, 0.1]).double()
+        assert train_to_stationarity(multi, x, y, 1e-2) < 1e-6
+    finally:
+        torch.set_flush_denormal(False)
+    spec = {"num_classes": 3, "weight_decay": 1e-2, "n_train": 6}
+    every = R.kkt_residual_at(multi, spec, x, y, multipliers="all")
+    assert every["form"] == "multiclass_wd" and every["residual"] < 1e-6  # measured 4e-13
+    assert R.kkt_residual_at(multi, spec, other, y, multipliers="all")["residual"] > 0.5  # 0.84
+    runner_up = R.kkt_residual_at(multi, spec, x, y)["residual"]
+    assert 1e-3 < runner_up < 0.3 < R.kkt_residual_at(multi, spec, other, y)["residual"]
+
+
+def test_auto_form_and_prior_follow_the_victim_and_its_embeddings():
+    # Form: more than 2 classes -> multiclass; trained with weight decay -> the stationarity (_wd) form.
+    assert R.resolve_form("auto", {"num_classes": 2}) == "binary"
+    assert R.resolve_form("auto", {"num_classes": 2, "weight_decay": 0.0}) == "binary"
+    assert R.resolve_form("auto", {"num_classes": 2, "weight_decay": 1e-4}) == "binary_wd"
+    assert R.resolve_form("auto", {"num_classes": 3, "weight_decay": None}) == "multiclass"
+    assert R.resolve_form("auto", {"num_classes": 10, "weight_decay": 5e-4}) == "multiclass_wd"
+    assert R.resolve_form("binary", {"num_classes": 10, "weight_decay": 1.0}) == "binary"  # a named form is kept
+    with pytest.raises(ConfigError, match="reconstruct.form must be auto or one of"):
+        R.resolve_form("wd", {"num_classes": 2})
+    # Prior: l2-normalised embeddings -> sphere (even for pixels); raw pixels (identity backbone) -> box; other
+    # backbones -> norm when the training embeddings' mean norm is known, else none.
+    assert R.resolve_prior("auto", {"embedding": {"normalize": "l2", "backbone_name": "identity"}}) == "sphere"
+    assert R.resolve_prior("auto", {"embedding": {"normalize": "none", "backbone_name": "identity"}}) == "box"
+    assert R.resolve_prior("auto", {"embedding": {"backbone": "identity", "mean_norm": 3.0}}) == "box"
+    assert R.resolve_prior("auto", {"embedding": {"backbone_name": "resnet18", "mean_norm": 12.5}}) == "norm"
+    assert R.resolve_prior("auto", {"embedding": {"backbone_name": "resnet18"}}) == "none"
+    assert R.resolve_prior("auto", {}) == "none"
+    assert R.resolve_prior("box", {"embedding": {"normalize": "l2"}}) == "box"
+    with pytest.raises(ConfigError, match="reconstruct.prior must be auto or one of"):
+        R.resolve_prior("ball", {})
+
+
+@pytest.mark.parametrize("box_on, expected", [("embedding", 0.3 ** 2), ("victim_input", 0.2 ** 2)])
+def test_box_prior_bounds_the_embedding_or_the_centred_victim_input(box_on, expected):
+    """The reference preset (box_on=victim_input) bounds the centred input x - mean the victim sees, the default
+    the embedding x. A candidate at (0.8, -0.2) in centred coordinates, mean (0.5, 0.5), box [0, 1]: as an
+    embedding (1.3, 0.3), 0.3 above the box; centred, 0.2 below it."""
+    assert shipped(R.ReconstructConfig, "reconstruct/reference").box_on == "victim_input"
+    torch.manual_seed(0)
+    v = VictimMLP(2, [3], 2, center=True).double()
+    v.input_mean.copy_(torch.tensor([0.5, 0.5], dtype=F64))
+    obj = R.KKTObjective(v, {"weight_decay": 0.0}, "binary", "relu_sigmoid_grad", F64)
+    rcfg = dict(asdict(shipped(R.ReconstructConfig, "reconstruct/default")), box=[0.0, 1.0], box_on=box_on)
+    module = R.ReconstructionModule(obj, [0], [R.sample_hparams(rcfg, 0, 0)], R.candidate_labels(2, 1), 2, rcfg, "box",
+                                    None, F64, input_mean=v.input_offset())
+    with torch.no_grad():
+        module.candidates.copy_(torch.tensor([0.8, -0.2], dtype=F64).expand_as(module.candidates))
+    prior = module.losses(create_graph=False)["prior"]
+    assert prior.tolist() == pytest.approx([2 * expected])  # two candidates, one per class
 
 
 def test_weight_decay_stationary_point_has_zero_loss():

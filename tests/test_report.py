@@ -39,21 +39,31 @@ def evaluated_run(tmp_path_factory):
     from recon_lightning.fit import load_config
 
     run = tmp_path_factory.mktemp("report") / "run"
-    make_run_dir(run)
+    planted = make_run_dir(run)
     cfg = load_config([f"run_dir={run}", "logger.name=csv", "trainer.enable_progress_bar=false"])
     summary = ev.run_stage(cfg, run)
-    return run, summary
+    return run, summary, planted
+
+
+def plain_figures(planted: dict) -> dict:
+    """The mean best cosine and the leak rate of make_run_dir's run from a plain cosine matrix (numpy): each
+    training sample's best candidate against its best held-out sample (copies of training samples 0 and 1)."""
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    train, cands = unit(planted["train_x"].double().numpy()), unit(planted["x"].double().numpy())
+    best, heldout = (train @ cands.T).max(1), (train @ train[:2].T).max(1)
+    return {"best_cosine_mean": best.mean(), "leak_rate": (best > heldout + ev.LEAK_TOLERANCE).mean()}
 
 
 def test_report_files_and_html_references(evaluated_run):
-    run, summary = evaluated_run
+    run, summary, planted = evaluated_run
     report = load_json(run / "report.json")
     assert report["format"] == REPORT_FORMAT and report["mode"] == "evaluation"
     for key in ("summary", "selection", "reconstruction", "selection_quality", "margin", "images", "figures", "grids"):
         assert key in report
     assert set(report["figures"]) == {"selection_scores", "fraction_curve", "precision_at_k", "margin_scatter",
                                       "hyperplane_membership"}
-    assert summary["best_cosine_mean"] == pytest.approx(report["summary"]["best_cosine_mean"])
+    expected = plain_figures(planted)["best_cosine_mean"]
+    assert summary["best_cosine_mean"] == report["summary"]["best_cosine_mean"] == pytest.approx(expected, abs=1e-6)
     srcs = img_srcs((run / "report.html").read_text())
     assert len(srcs) == len(report["figures"]) + len(report["grids"])
     for src in srcs:
@@ -134,7 +144,7 @@ def test_html_renders_plots_in_headless_chromium(evaluated_run, tmp_path):
     chromium = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
     if chromium is None:
         pytest.skip("no chromium binary found")
-    run, _ = evaluated_run
+    run = evaluated_run[0]
     shot = tmp_path / "shot.png"
     _screenshot(chromium, run / "report.html", shot)
     # Control: the same page with its images missing (a broken report).
@@ -154,7 +164,7 @@ def test_wandb_offline_gets_images_and_table(evaluated_run, monkeypatch):
     from recon_lightning.report import log_report
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    run, _ = evaluated_run
+    run = evaluated_run[0]
     report = load_json(run / "report.json")
     log_report(load_config([f"run_dir={run}", "logger.name=wandb"]), run, report)
     media = next((run / "wandb").glob("offline-run-*/files/media"))
@@ -171,7 +181,7 @@ def test_leak_rate_is_the_summary_headline_and_is_logged(evaluated_run, caplog):
     from recon_lightning.report import log_report
     from recon_lightning.training import build_logger
 
-    run, summary = evaluated_run
+    run, summary, planted = evaluated_run
     report = load_json(run / "report.json")
     s = report["summary"]
     page = (run / "report.html").read_text()
@@ -183,7 +193,8 @@ def test_leak_rate_is_the_summary_headline_and_is_logged(evaluated_run, caplog):
     assert f"SSIM &gt; 0.4: {s['frac_train_ssim_gt_0.4']:.4g}" in headline
     rows = re.findall(r"<tr><td style='text-align:left'>([^<]+)</td>", section)
     assert rows[:2] == ["leak_rate", "leak_rate_baseline_pool"] and "frac_train_ssim_gt_0.4" in rows[:5]
-    assert summary["leak_rate"] == s["leak_rate"]  # run_stage's return value carries it too
+    # The stage's return value and report.json carry the leak rate of a plain cosine matrix.
+    assert summary["leak_rate"] == s["leak_rate"] == pytest.approx(plain_figures(planted)["leak_rate"])
     # The stage's logger got the new scalars; the console log has the headline.
     log_dir = Path(build_logger(load_config([f"run_dir={run}", "logger.name=csv"]), run, "evaluate").log_dir)
     header = (log_dir / "metrics.csv").read_text().splitlines()[0].split(",")
