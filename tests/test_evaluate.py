@@ -243,6 +243,38 @@ def test_the_report_matches_each_pair_of_sets_once(tmp_path, monkeypatch):
     assert [r["leaked"] for r in rows] == (best > heldout + ev.LEAK_TOLERANCE).tolist()
 
 
+def test_text_report_names_each_representatives_nearest_training_sentences(tmp_path):
+    """A text run (make_run_dir's vectors as sentence embeddings): each shown representative lists its text_k
+    nearest training sentences by a plain cosine ranking; the selection's tight clusters are copies of training
+    samples 0..3, which name those samples' own sentences at cosine 1. No image figures."""
+    d = make_run_dir(tmp_path, with_embed=False)
+    texts = [f"sentence number {i}" for i in range(12)]
+    meta = {"modality": "text", "embed_dim": 64, "normalize": "none", "class_names": ["even", "odd"],
+            "backbone": {"name": "all-MiniLM-L6-v2", "kind": "sentence_transformers"}}
+    save_tensors(tmp_path / "embed" / "embeddings.safetensors",
+                 {"train_x": d["train_x"], "train_y": d["train_y"], "test_x": d["train_x"][:2].clone(),
+                  "test_y": d["train_y"][:2].clone()}, meta)
+    save_json(tmp_path / "embed" / "samples.json", {"train_ids": [f"t{i}" for i in range(12)], "test_ids": ["a", "b"],
+                                                    "train_texts": texts, "test_texts": texts[:2]})
+    ecfg = shipped(ev.EvalConfig, "evaluate/default")
+    report = ev.build_report(tmp_path, ecfg, progress=False)
+    assert report["mode"] == "evaluation" and report["modality"] == "text"
+    assert "images" not in report and set(report["grids"]) == set()
+    shown = report["text"]["nearest_train_texts"]
+    assert len(shown) == min(ecfg.text_top, 8)
+    unit = torch.nn.functional.normalize
+    cos = unit(d["selection"]["x"].double(), dim=1) @ unit(d["train_x"].double(), dim=1).T
+    for entry in shown:
+        order = cos[entry["rank"]].argsort(descending=True)[: ecfg.text_k].tolist()
+        assert [m["train_index"] for m in entry["matches"]] == order
+        assert [m["text"] for m in entry["matches"]] == [texts[j] for j in order]
+        assert [m["cosine"] for m in entry["matches"]] == pytest.approx(cos[entry["rank"], order].tolist(), abs=1e-6)
+    copied = {e["matches"][0]["train_index"] for e in shown if e["matches"][0]["cosine"] > 1 - 1e-6}
+    assert copied == set(d["copies"])
+    # The leak rate is computed for text too: copies 2 and 3 beat the held-out pool (copies of 0 and 1).
+    assert [p["leaked"] for p in report["reconstruction"]["per_sample"][:4]] == [False, False, True, True]
+
+
 def test_attacker_mode_without_training_set(tmp_path):
     make_run_dir(tmp_path, with_embed=False)
     report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default"), progress=False)
