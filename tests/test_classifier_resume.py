@@ -145,6 +145,7 @@ def test_cosine_lr_schedule_equals_torchs_and_restarts_when_its_length_changes(t
                                rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_resumed_victim_keeps_the_metrics_logged_before(make_cfg, tmp_path):
     """classifier/logs/metrics.csv keeps the rows of the epochs trained before a resume (Lightning's CSV logger
     deletes the file when it starts). A killed attempt's rows after its last checkpoint are dropped: the resumed

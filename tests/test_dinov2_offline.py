@@ -20,6 +20,8 @@ from recon_lightning import dinov2_offline
 from recon_lightning.backbones import build_backbone, embedding_dim
 from recon_lightning.errors import DataError
 
+pytestmark = pytest.mark.slow  # every test here converts, loads or runs the 22M-parameter DINOv2 weights
+
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parent.parent
 
@@ -136,7 +138,6 @@ def test_conversion_fails_loudly_on_a_wrong_architecture():
         dinov2_offline.onnx_to_timm(dinov2_offline.onnx_path(), tiny)
 
 
-@pytest.mark.slow
 def test_fit_embed_stage_offline(tmp_path, dinov2, cache):
     """The bar: python -m recon_lightning.fit backbone=dinov2_vits14_offline data=skimage stage=embed."""
     env = {**os.environ, "RECON_LIGHTNING_CACHE": str(cache), "HF_HUB_OFFLINE": "1",

@@ -150,6 +150,7 @@ def test_lpips_is_available_exactly_when_alexnets_weights_are_in_the_hub_cache(t
     assert available and note == f"LPIPS (AlexNet) with cached weights {weights}"
 
 
+@pytest.mark.slow
 def test_evaluate_on_synthetic_run(tmp_path):
     d = make_run_dir(tmp_path)
     report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default", precision_ks=[1, 4, 100]), progress=False)
@@ -191,6 +192,7 @@ def test_evaluate_on_synthetic_run(tmp_path):
     assert (tmp_path / report["grids"]["selection"]).is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("planted_on", ["train", "candidates"])
 def test_kkt_diagnostic_tells_which_points_the_victim_is_a_kkt_point_of(tmp_path, planted_on):
     """A linear victim w = sum_i y_i x_i (y = -1/+1) is an exact KKT point of the points x_i (all multipliers 1).
@@ -216,6 +218,7 @@ def test_kkt_diagnostic_tells_which_points_the_victim_is_a_kkt_point_of(tmp_path
     assert noted == (planted_on == "candidates")
 
 
+@pytest.mark.slow
 def test_the_report_matches_each_pair_of_sets_once(tmp_path, monkeypatch):
     # The candidates are scanned once per report (best candidate per training sample, nearest training sample per
     # candidate and the one-to-one assignment of the leak rate all come from that pass), the held-out pool once.
@@ -243,6 +246,7 @@ def test_the_report_matches_each_pair_of_sets_once(tmp_path, monkeypatch):
     assert [r["leaked"] for r in rows] == (best > heldout + ev.LEAK_TOLERANCE).tolist()
 
 
+@pytest.mark.slow
 def test_text_report_names_each_representatives_nearest_training_sentences(tmp_path):
     """A text run (make_run_dir's vectors as sentence embeddings): each shown representative lists its text_k
     nearest training sentences by a plain cosine ranking; the selection's tight clusters are copies of training
@@ -275,6 +279,7 @@ def test_text_report_names_each_representatives_nearest_training_sentences(tmp_p
     assert [p["leaked"] for p in report["reconstruction"]["per_sample"][:4]] == [False, False, True, True]
 
 
+@pytest.mark.slow
 def test_attacker_mode_without_training_set(tmp_path):
     make_run_dir(tmp_path, with_embed=False)
     report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default"), progress=False)

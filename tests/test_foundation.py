@@ -33,6 +33,7 @@ def test_digits_split_is_balanced_and_seeded(make_cfg):
     assert load_dataset(cfg.data, seed=1).train.ids != a.train.ids
 
 
+@pytest.mark.slow
 def test_embed_cache_reused_and_invalidated(make_cfg, tmp_path):
     cfg = make_cfg("stage=embed")
     main_with_config(cfg)
@@ -49,6 +50,7 @@ def test_embed_cache_reused_and_invalidated(make_cfg, tmp_path):
     assert any((tmp_path / "run").glob("embed.stale-*"))  # old outputs kept aside, not deleted
 
 
+@pytest.mark.slow
 def test_classifier_separates_digits_and_reloads_identically(make_cfg, tmp_path, monkeypatch):
     # After training, the stage computes the victim's training logits once, for its metrics and its health alike.
     n_train = 2 * 20
@@ -95,6 +97,7 @@ def test_victim_health_from_the_victims_logits():
     assert h["collapsed"] and "collapsed to a constant output" in h["problems"][0]
 
 
+@pytest.mark.slow
 def test_multiclass_uses_cross_entropy(make_cfg, tmp_path):
     main_with_config(make_cfg("stage=classifier", "data.classes=[0,1,7]", *SMALL_VICTIM))
     model, spec = load_victim(tmp_path / "run/classifier")
@@ -127,6 +130,7 @@ def test_victim_with_nan_weights_is_a_clear_error_naming_the_file(make_cfg, tmp_
     assert not (tmp_path / "run" / "reconstruct").exists()
 
 
+@pytest.mark.slow
 def test_bad_data_inputs(make_cfg, tmp_path):
     with pytest.raises(DataError, match="image folder not found"):
         load_dataset(make_cfg("data=imagefolder", f"data.root={tmp_path}/nope").data)

@@ -118,6 +118,7 @@ def test_membership_finds_the_planted_training_points_and_ignores_a_dead_unit():
     assert "auc" not in ev.hyperplane_membership(v, train, None)
 
 
+@pytest.mark.slow
 def test_a_weight_decay_relu_victim_puts_its_hyperplanes_on_its_training_digits():
     """The property the reconstruction term and the membership figure rest on, on a real (small) trained victim."""
     from sklearn.datasets import load_digits
@@ -136,6 +137,7 @@ def test_a_weight_decay_relu_victim_puts_its_hyperplanes_on_its_training_digits(
     assert out["auc"] > 0.7
 
 
+@pytest.mark.slow
 def test_the_report_carries_the_membership_figures_and_plot(tmp_path):
     """The evaluate stage's report on a run directory whose victim has a plane through each of training samples
     2..11 and a dead unit through sample 0; the held-out pool is a copy of samples 0 and 1 (make_run_dir). Expected

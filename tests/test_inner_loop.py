@@ -83,6 +83,7 @@ def test_runwise_optimizer_is_torchs_per_run(kind):
     assert torch.equal(stacked[2], start[2])
 
 
+@pytest.mark.slow
 def test_many_steps_per_lightning_step_give_the_same_candidates(tmp_path, make_cfg):
     """log/checkpoint cadences of 10 steps: 10 optimisation steps per Lightning step, one host read each; the same
     candidates as 1 step per Lightning step, and as the earlier formulation (one parameter and torch optimiser group
@@ -144,6 +145,7 @@ def test_many_steps_per_lightning_step_give_the_same_candidates(tmp_path, make_c
         torch.testing.assert_close(one[r][0]["x"].double(), (x + mean).detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_inside_the_inner_loop_is_frozen_and_reported_with_its_step(tmp_path, make_cfg, monkeypatch):
     """A run whose loss turns NaN mid-call is masked on the device; the host learns of it at the end of the call and
     records the step where it happened; the other runs are unaffected."""
@@ -207,6 +209,7 @@ def test_runs_per_batch_auto_in_the_stage(tmp_path, make_cfg, monkeypatch):
         check_values(make_cfg("reconstruct.runs_per_batch=many", run_dir=run_dir))  # the schema's rule, before any stage
 
 
+@pytest.mark.slow
 def test_trainer_precision_reaches_the_reconstruct_stage(tmp_path, make_cfg):
     from lightning.pytorch.plugins.precision import DoublePrecision, MixedPrecision
 
@@ -242,6 +245,7 @@ def _inductor_compiles() -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_compiled_objective_gives_the_same_step(tmp_path, make_cfg):
     """reconstruct.compile=true: torch.compile of the objective (one graph: first-order backward only) steps like
     eager to rounding."""

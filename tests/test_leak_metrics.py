@@ -176,6 +176,7 @@ def test_reference_ssim_one_to_one_counts_a_prototype_once():
 # ----------------------------------------------------------------------------- the evaluate stage
 
 
+@pytest.mark.slow
 def test_stage_reports_leak_rate_and_reference_ssim(tmp_path):
     from test_evaluate import make_run_dir
 
@@ -225,6 +226,7 @@ def test_stage_reports_leak_rate_and_reference_ssim(tmp_path):
     assert s["frac_train_ssim_gt_0.4_one_to_one"] >= 4 / 12
 
 
+@pytest.mark.slow
 def test_stage_without_heldout_pool(tmp_path):
     from recon_lightning.storage import load_tensors, save_tensors
     from test_evaluate import make_run_dir
@@ -239,6 +241,7 @@ def test_stage_without_heldout_pool(tmp_path):
     assert any("no held-out samples" in n for n in report["notes"])
 
 
+@pytest.mark.slow
 def test_inverted_images_get_reference_ssim(tmp_path, monkeypatch):
     from PIL import Image
     from test_evaluate import make_run_dir

@@ -204,6 +204,7 @@ def test_folder_images_embed_without_numpy_not_writable_warning(make_cfg, tmp_pa
 # ----------------------------------------------------------------------------- items 2, 5, 6: the report
 
 
+@pytest.mark.slow
 def test_report_shows_victim_accuracy_first_and_who_matches_whom(tmp_path, monkeypatch):
     from test_evaluate import make_run_dir
 

@@ -54,6 +54,7 @@ def plain_figures(planted: dict) -> dict:
     return {"best_cosine_mean": best.mean(), "leak_rate": (best > heldout + ev.LEAK_TOLERANCE).mean()}
 
 
+@pytest.mark.slow
 def test_report_files_and_html_references(evaluated_run):
     run, summary, planted = evaluated_run
     report = load_json(run / "report.json")
@@ -79,6 +80,7 @@ def test_report_files_and_html_references(evaluated_run):
     assert "evaluate/best_cosine_mean" in metrics and "evaluate/precision_random" in metrics
 
 
+@pytest.mark.slow
 def test_attacker_report_lists_selection_and_inverted_images(tmp_path):
     from PIL import Image
 
@@ -103,6 +105,7 @@ def test_attacker_report_lists_selection_and_inverted_images(tmp_path):
     assert "Ranked selection" in page and "attacker" in page
 
 
+@pytest.mark.slow
 def test_failed_runs_are_listed_in_report_json_and_html(tmp_path):
     """A run that failed (here: diverged) is listed with its reason, not dropped silently."""
     from recon_lightning.report import write_report
@@ -159,6 +162,7 @@ def test_html_renders_plots_in_headless_chromium(evaluated_run, tmp_path):
     assert ink > 5 * ink_broken, f"page with images has {ink} non-white pixels, without images {ink_broken}"
 
 
+@pytest.mark.slow
 def test_wandb_offline_gets_images_and_table(evaluated_run, monkeypatch):
     from recon_lightning.fit import load_config
     from recon_lightning.report import log_report
@@ -173,6 +177,7 @@ def test_wandb_offline_gets_images_and_table(evaluated_run, monkeypatch):
     assert list(media.rglob("selection_table*.table.json"))
 
 
+@pytest.mark.slow
 def test_leak_rate_is_the_summary_headline_and_is_logged(evaluated_run, caplog):
     import logging
     import re

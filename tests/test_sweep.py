@@ -62,6 +62,7 @@ def _results(base: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (base / "sweeps" / name / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_offline_sweep_runs_configurations(tmp_path):
     base, sweep_file = _small_sweep(tmp_path, "small", "csv")
     rc = S.main([str(sweep_file), "--count", "2", "--run-dir", str(base), "--", "trainer.enable_progress_bar=false",
@@ -95,6 +96,7 @@ def test_missing_victim_is_a_clear_error(tmp_path, capsys):
     assert "stage=classifier" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_diverged_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path, capsys):
     # A grid over the learning rate only (the other sampled parameters at their config defaults):
     # the first trial's only run diverges.
