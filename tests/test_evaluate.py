@@ -9,7 +9,7 @@ from recon_lightning.config import shipped
 from recon_lightning import evaluate as ev
 from recon_lightning.errors import ConfigError, DataError
 from recon_lightning.storage import load_json, save_json, save_tensors
-from recon_lightning.victim import VictimMLP, margins, save_victim
+from recon_lightning.victim import VictimMLP, save_victim
 
 import ssim_direct
 
@@ -171,13 +171,15 @@ def test_evaluate_on_synthetic_run(tmp_path):
     assert q["distinct_train_at_k"][1] == 4
     assert q["base_rate"] == pytest.approx(12 / 72)
     assert q["precision_selected"][0] > q["precision_random"][0]
-    # Margin: per-sample margins are the victim's, and rho is Spearman over them.
+    # Margin: y * phi(x) per training sample, and rho is scipy's Spearman over them.
+    from scipy.stats import spearmanr
+
     from recon_lightning.victim import load_victim
 
     model, _ = load_victim(tmp_path / "classifier", 64)
-    m = margins(model(d["train_x"]), d["train_y"]).detach()
+    m = ((2 * d["train_y"] - 1) * model(d["train_x"])).detach()  # one logit: y * phi(x), y in {-1, +1}
     assert [s["margin"] for s in rec["per_sample"]] == pytest.approx(m.tolist(), abs=1e-5)
-    assert report["margin"]["spearman_rho"] == pytest.approx(ev.spearman(m, best)[0])
+    assert report["margin"]["spearman_rho"] == pytest.approx(spearmanr(m.numpy(), best.numpy()).statistic)
     # KKT diagnostic: a random victim is not explained by its "training set", nor by the best run's candidates
     # (the run with the lowest final loss); test_kkt_diagnostic_... below plants victims where the answer is known.
     kkt = report["victim_kkt"]
