@@ -240,9 +240,10 @@ def _inductor_compiles() -> bool:
     """Whether torch.compile works at all here, tried on a one-line function: only a missing toolchain may skip
     the test below; an error of the compiled objective itself fails it."""
     try:
-        return bool(torch.compile(lambda t: t * 2 + 1)(torch.ones(3)).eq(3).all())
+        torch.compile(lambda t: t * 2 + 1)(torch.ones(3))
     except Exception:  # noqa: BLE001 - whatever inductor raises without a compiler
         return False
+    return True
 
 
 @pytest.mark.slow
