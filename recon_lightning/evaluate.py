@@ -106,16 +106,17 @@ def ssim_kernel_size(h: int, w: int) -> int:
 
 
 def ssim_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """SSIM per image pair; ``a``, ``b`` float (N, C, H, W) in [0, 1] (torchmetrics)."""
-    from torchmetrics.image import StructuralSimilarityIndexMeasure
-
+    """SSIM per image pair with the standard Gaussian window (11x11, sigma 1.5), shrunk for tiny images
+    (:func:`ssim_kernel_size`, sigma scaled with it: 8x8 digits get window 7, sigma 0.95); ``a``, ``b`` float
+    (N, C, H, W) in [0, 1]. Computed by :func:`ssim_reference` (reflect padding, every pixel in the mean), so the
+    value does not depend on the installed torchmetrics: releases before its border-handling change crop
+    (window - 1) / 2 pixels before averaging, which leaves 4 of the 64 pixels of an 8x8 digit."""
     if a.shape != b.shape:
         raise DataError(f"SSIM needs equally shaped image batches, got {tuple(a.shape)} and {tuple(b.shape)}")
     k = ssim_kernel_size(a.shape[-2], a.shape[-1])
     if k < 3:
         raise DataError(f"images of size {tuple(a.shape[-2:])} are too small for SSIM")
-    metric = StructuralSimilarityIndexMeasure(data_range=1.0, kernel_size=k, sigma=1.5 * k / 11, reduction="none")
-    return metric(a.float(), b.float()).reshape(-1)
+    return ssim_reference(a, b, window_size=k, sigma=1.5 * k / 11)
 
 
 def lpips_status() -> tuple[bool, str]:
@@ -200,10 +201,11 @@ SSIM_LEAK_THRESHOLD = 0.4  # the reference's "reconstructed" bar: SSIM > 0.4
 
 def ssim_reference(a: torch.Tensor, b: torch.Tensor, window_size: int = 3, sigma: float = 1.5, max_val: float = 1.0) -> torch.Tensor:
     """SSIM per image pair, exactly as kornia's ``metrics.ssim(a, b, window_size=3)`` followed by a mean over
-    pixels and channels (the reference's ``get_ssim_pairs_kornia``). A small own implementation, not
-    torchmetrics: with a Gaussian kernel torchmetrics derives the window from sigma (2 int(3.5 sigma + 0.5) + 1 = 11
-    for sigma 1.5, whatever ``kernel_size`` says), older versions crop a border of (window-1)/2 pixels before
-    averaging (28 of the 64 pixels of an 8x8 digit for window 3), and it clamps inputs; kornia is not a dependency.
+    pixels and channels (the reference's ``get_ssim_pairs_kornia``); :func:`ssim_pairs` is this function with a
+    larger window. A small own implementation, not torchmetrics: with a Gaussian kernel torchmetrics derives the
+    window from sigma (2 int(3.5 sigma + 0.5) + 1 = 11 for sigma 1.5, whatever ``kernel_size`` says), older versions
+    crop a border of (window-1)/2 pixels before averaging (28 of the 64 pixels of an 8x8 digit for window 3), and it
+    clamps inputs; kornia is not a dependency (the tests compare with it when it is installed).
 
     Definition: Gaussian window (``window_size``, ``sigma``, normalised to sum 1), local statistics with
     reflect padding ("same" output size), C1 = (0.01 max_val)^2, C2 = (0.03 max_val)^2,

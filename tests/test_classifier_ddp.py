@@ -5,10 +5,13 @@ of training samples (a DistributedSampler would split the batch and pad it with 
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from recon_lightning.embed import load_embeddings
 from recon_lightning.victim import load_victim
+
+pytestmark = pytest.mark.slow  # every test here starts python processes or runs whole stages
 
 # 3 classes x 7 = 21 training samples: not divisible by the 2 ranks.
 ARGS = ["stage=classifier", "trainer.max_epochs=100", "classifier.lr=0.5",  # (cosine-decayed: DDP sets the lr per step too)

@@ -20,6 +20,7 @@ def fit_victim(run_dir, args, epochs) -> str:
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_killed_classifier_resumes_from_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "recon_lightning.fit", "stage=classifier", f"run_dir={run_dir}",
@@ -46,6 +47,7 @@ def test_killed_classifier_resumes_from_checkpoint(tmp_path):
     assert steps == list(range(50, 1001, 50))
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_is_skipped_for_the_newest_valid_one(tmp_path):
     """A kill while Lightning writes last.ckpt leaves a truncated file: resume from the next valid
     checkpoint (here a SLURM pre-emption checkpoint), or start over, never crash on it."""
@@ -65,6 +67,7 @@ def test_damaged_checkpoint_is_skipped_for_the_newest_valid_one(tmp_path):
     assert checkpointing(tmp_path, "reconstruct", 10, name="runs_00000-00001_abc")[1] == str(folder / "last.ckpt")
 
 
+@pytest.mark.slow
 def test_longer_schedule_continues_the_victim_and_equals_training_that_long(tmp_path):
     import torch
 
@@ -101,6 +104,7 @@ def test_longer_schedule_continues_the_victim_and_equals_training_that_long(tmp_
                                rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cosine_lr_schedule_equals_torchs_and_restarts_when_its_length_changes(tmp_path):
     """classifier.lr_schedule=cosine: the stage's victim equals a plain full-batch loop under torch's
     CosineAnnealingLR (an independent implementation of the schedule); a longer schedule does not continue a cosine
@@ -141,6 +145,7 @@ def test_cosine_lr_schedule_equals_torchs_and_restarts_when_its_length_changes(t
                                rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_resumed_victim_keeps_the_metrics_logged_before(make_cfg, tmp_path):
     """classifier/logs/metrics.csv keeps the rows of the epochs trained before a resume (Lightning's CSV logger
     deletes the file when it starts). A killed attempt's rows after its last checkpoint are dropped: the resumed

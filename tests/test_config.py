@@ -100,6 +100,7 @@ def test_the_runner_reads_cadence_and_resumable_keys_from_a_stage_declaration(tm
     assert len(calls) == 3 and len(list(tmp_path.glob("run/a.stale-*"))) == 1  # another config: moved aside
 
 
+@pytest.mark.slow
 def test_the_shipped_declarations_leave_cadence_out_of_and_resume_over_their_keys(make_cfg):
     stages = {s.name: s for s in PIPELINE}
     base = make_cfg()

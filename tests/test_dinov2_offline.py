@@ -6,7 +6,6 @@ and fail clearly when the package is missing."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 from recon_lightning import dinov2_offline
 from recon_lightning.backbones import build_backbone, embedding_dim
 from recon_lightning.errors import DataError
+
+pytestmark = pytest.mark.slow  # every test here converts, loads or runs the 22M-parameter DINOv2 weights
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parent.parent
@@ -149,4 +150,8 @@ def test_fit_embed_stage_offline(tmp_path, dinov2, cache):
 
     tensors, meta = load_tensors(tmp_path / "embed" / "embeddings.safetensors")
     assert tensors["train_x"].shape == (6, 384) and torch.isfinite(tensors["train_x"]).all()
-    assert json.dumps(meta)  # the backbone's preprocessing is recorded
+    # The backbone's preprocessing is recorded: DINOv2's ImageNet statistics at 224 x 224, pretrained weights.
+    pre = meta["preprocessing"]
+    assert pre["input_size"] == [3, 224, 224] and meta["embed_dim"] == 384
+    assert pre["mean"] == pytest.approx([0.485, 0.456, 0.406]) and pre["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert pre["weights"] != "random"

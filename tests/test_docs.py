@@ -69,6 +69,7 @@ def mentioned_overrides() -> set[str]:
     return words
 
 
+@pytest.mark.slow
 def test_every_key_and_option_named_in_the_docs_exists():
     known = known_keys()
     top = set(known) | {"stage", "run_dir"}

@@ -9,7 +9,9 @@ from recon_lightning.config import shipped
 from recon_lightning import evaluate as ev
 from recon_lightning.errors import ConfigError, DataError
 from recon_lightning.storage import load_json, save_json, save_tensors
-from recon_lightning.victim import VictimMLP, margins, save_victim
+from recon_lightning.victim import VictimMLP, save_victim
+
+import ssim_direct
 
 
 def make_run_dir(root, n_train=12, n_noise=60, copies=(0, 1, 2, 3), with_embed=True, seed=0):
@@ -91,14 +93,37 @@ def test_spearman_monotone_margin():
     assert ev.spearman(margin, torch.ones(30)) == (None, None)
 
 
-def test_ssim_identical_is_one_and_drops_with_noise():
+def test_ssim_pairs_is_the_direct_formula_over_every_pixel_of_a_digit():
+    """8x8 digits: window 7, sigma 1.5 * 7 / 11, the mean over all 64 pixels of the map, whatever torchmetrics is
+    installed (its releases before the border-handling change average the central 2x2 only)."""
     g = torch.Generator().manual_seed(0)
     a = torch.rand(3, 1, 8, 8, generator=g)
-    assert ev.ssim_pairs(a, a.clone()).tolist() == pytest.approx([1.0] * 3, abs=1e-5)
     b = (a + 0.3 * torch.randn(3, 1, 8, 8, generator=g)).clamp(0, 1)
-    assert (ev.ssim_pairs(a, b) < 0.9).all()
-    rgb = torch.rand(2, 3, 32, 32, generator=g)
-    assert ev.ssim_pairs(rgb, rgb).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    ours = ev.ssim_pairs(a, b)
+    for i in range(3):
+        full = ssim_direct.ssim_map(a[i].double().numpy(), b[i].double().numpy(), w=7, sigma=1.5 * 7 / 11)
+        assert float(ours[i]) == pytest.approx(full.mean(), abs=1e-6)
+        # The border matters here: the cropped mean is another number.
+        assert abs(full.mean() - full[:, 3:5, 3:5].mean()) > 0.01
+    assert ev.ssim_pairs(a, a.clone()).tolist() == pytest.approx([1.0] * 3, abs=1e-9)
+    # Constant images 0.2 and 0.6: zero variances, SSIM = (2 * 0.2 * 0.6 + C1) / (0.2^2 + 0.6^2 + C1), C1 = 1e-4.
+    const = ev.ssim_pairs(torch.full((1, 1, 8, 8), 0.2), torch.full((1, 1, 8, 8), 0.6))
+    assert float(const) == pytest.approx(0.2401 / 0.4001, rel=1e-6)
+    with pytest.raises(DataError, match="too small for SSIM"):
+        ev.ssim_pairs(torch.rand(1, 1, 2, 8), torch.rand(1, 1, 2, 8))
+
+
+def test_ssim_pairs_on_larger_images_is_the_standard_11x11_window():
+    """From 11x11 pixels up: the standard window (11, sigma 1.5), the same numbers as kornia's SSIM with window
+    11 and as the direct formula, on RGB images."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(2, 3, 12, 13, generator=g, dtype=torch.float64)
+    b = (0.7 * a + 0.3 * torch.rand(2, 3, 12, 13, generator=g, dtype=torch.float64)).clamp(0, 1)
+    ours = ev.ssim_pairs(a, b)
+    direct = [ssim_direct.ssim(a[i].numpy(), b[i].numpy(), w=11, sigma=1.5) for i in range(2)]
+    assert ours.tolist() == pytest.approx(direct, abs=1e-9)
+    kornia = pytest.importorskip("kornia", reason="kornia not installed (pip install 'recon_lightning[test]')")
+    torch.testing.assert_close(ours, kornia.metrics.ssim(a, b, window_size=11).flatten(1).mean(1), rtol=0, atol=1e-12)
 
 
 def test_pixels_detection_and_scaling():
@@ -110,10 +135,22 @@ def test_pixels_detection_and_scaling():
     img = ev.as_images(3 * x - 1, (1, 2, 2), "minmax")
     assert torch.allclose(img.flatten(), x.flatten(), atol=1e-6)
     assert ev.as_images(3 * x - 1, (1, 2, 2), "clip").min() == 0
+
+
+def test_lpips_is_available_exactly_when_alexnets_weights_are_in_the_hub_cache(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    weights = tmp_path / "hub" / "checkpoints" / torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
     available, note = ev.lpips_status()
-    assert isinstance(available, bool) and "LPIPS" in note
+    assert not available and str(weights) in note and "not available offline" in note
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"")
+    available, note = ev.lpips_status()
+    assert available and note == f"LPIPS (AlexNet) with cached weights {weights}"
 
 
+@pytest.mark.slow
 def test_evaluate_on_synthetic_run(tmp_path):
     d = make_run_dir(tmp_path)
     report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default", precision_ks=[1, 4, 100]), progress=False)
@@ -134,16 +171,18 @@ def test_evaluate_on_synthetic_run(tmp_path):
     assert q["distinct_train_at_k"][1] == 4
     assert q["base_rate"] == pytest.approx(12 / 72)
     assert q["precision_selected"][0] > q["precision_random"][0]
-    # Margin: per-sample margins are the victim's, and rho is Spearman over them.
+    # Margin: y * phi(x) per training sample, and rho is scipy's Spearman over them.
+    from scipy.stats import spearmanr
+
     from recon_lightning.victim import load_victim
 
     model, _ = load_victim(tmp_path / "classifier", 64)
-    m = margins(model(d["train_x"]), d["train_y"]).detach()
+    m = ((2 * d["train_y"] - 1) * model(d["train_x"])).detach()  # one logit: y * phi(x), y in {-1, +1}
     assert [s["margin"] for s in rec["per_sample"]] == pytest.approx(m.tolist(), abs=1e-5)
-    assert report["margin"]["spearman_rho"] == pytest.approx(ev.spearman(m, best)[0])
+    assert report["margin"]["spearman_rho"] == pytest.approx(spearmanr(m.numpy(), best.numpy()).statistic)
     # KKT diagnostic: a random victim is not explained by its "training set" (a residual near 1), and the report says
     # that nothing can then be reconstructed; two held-out samples are fewer than the twelve training samples, so
-    # there is no equal-count comparison.
+    # there is no equal-count comparison (test_kkt_diagnostic_... below plants victims where the answer is known).
     kkt = report["victim_kkt"]
     assert kkt["residual_at_train"] > 0.5 and kkt["residual_at_heldout"] is None and kkt["num_points"] == 12
     assert report["summary"]["kkt_residual_at_train"] == kkt["residual_at_train"]
@@ -157,6 +196,36 @@ def test_evaluate_on_synthetic_run(tmp_path):
     assert (tmp_path / report["grids"]["selection"]).is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("planted_on", ["train", "heldout"])
+def test_kkt_diagnostic_compares_the_training_set_with_as_many_heldout_samples(tmp_path, planted_on):
+    """A linear victim w = sum_i y_i x_i (y = -1/+1) is an exact KKT point of the points x_i (all multipliers 1).
+    With a held-out pool of 12 samples (as many as the training set, 6 per class): planted on the training set, the
+    residual is ~0 there and large at the held-out samples, no note; planted on the held-out samples, the reverse,
+    and the note says the victim is far from a KKT point of its training set."""
+    from recon_lightning.storage import load_tensors
+
+    d = make_run_dir(tmp_path)
+    path = tmp_path / "embed" / "embeddings.safetensors"
+    tensors, meta = load_tensors(path)
+    held, held_y = torch.rand(12, 64, generator=torch.Generator().manual_seed(7)), torch.arange(12) % 2
+    tensors["test_x"], tensors["test_y"] = held, held_y
+    save_tensors(path, tensors, meta)
+    pts, labels = (d["train_x"], d["train_y"]) if planted_on == "train" else (held, held_y)
+    victim = VictimMLP(64, [], 2, bias=False)
+    with torch.no_grad():
+        victim.layers[0].weight.copy_(((2 * labels - 1).float()[:, None] * pts).sum(0, keepdim=True))
+    save_victim(tmp_path / "classifier", victim)
+    report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default"), progress=False)
+    kkt = report["victim_kkt"]
+    assert kkt["form"] == "binary" and kkt["num_points"] == 12
+    planted, other = ("residual_at_train", "residual_at_heldout")[:: 1 if planted_on == "train" else -1]
+    assert kkt[planted] < 1e-6 and kkt[other] > 0.05, kkt
+    noted = any("far from a KKT point of its training set" in n for n in report["notes"])
+    assert noted == (kkt["residual_at_train"] > 0.5) and noted == (planted_on == "heldout")
+
+
+@pytest.mark.slow
 def test_the_report_matches_each_pair_of_sets_once(tmp_path, monkeypatch):
     # The candidates are scanned once per report (best candidate per training sample, nearest training sample per
     # candidate and the one-to-one assignment of the leak rate all come from that pass), the held-out pool once.
@@ -184,6 +253,40 @@ def test_the_report_matches_each_pair_of_sets_once(tmp_path, monkeypatch):
     assert [r["leaked"] for r in rows] == (best > heldout + ev.LEAK_TOLERANCE).tolist()
 
 
+@pytest.mark.slow
+def test_text_report_names_each_representatives_nearest_training_sentences(tmp_path):
+    """A text run (make_run_dir's vectors as sentence embeddings): each shown representative lists its text_k
+    nearest training sentences by a plain cosine ranking; the selection's tight clusters are copies of training
+    samples 0..3, which name those samples' own sentences at cosine 1. No image figures."""
+    d = make_run_dir(tmp_path, with_embed=False)
+    texts = [f"sentence number {i}" for i in range(12)]
+    meta = {"modality": "text", "embed_dim": 64, "normalize": "none", "class_names": ["even", "odd"],
+            "backbone": {"name": "all-MiniLM-L6-v2", "kind": "sentence_transformers"}}
+    save_tensors(tmp_path / "embed" / "embeddings.safetensors",
+                 {"train_x": d["train_x"], "train_y": d["train_y"], "test_x": d["train_x"][:2].clone(),
+                  "test_y": d["train_y"][:2].clone()}, meta)
+    save_json(tmp_path / "embed" / "samples.json", {"train_ids": [f"t{i}" for i in range(12)], "test_ids": ["a", "b"],
+                                                    "train_texts": texts, "test_texts": texts[:2]})
+    ecfg = shipped(ev.EvalConfig, "evaluate/default")
+    report = ev.build_report(tmp_path, ecfg, progress=False)
+    assert report["mode"] == "evaluation" and report["modality"] == "text"
+    assert "images" not in report and set(report["grids"]) == set()
+    shown = report["text"]["nearest_train_texts"]
+    assert len(shown) == min(ecfg.text_top, 8)
+    unit = torch.nn.functional.normalize
+    cos = unit(d["selection"]["x"].double(), dim=1) @ unit(d["train_x"].double(), dim=1).T
+    for entry in shown:
+        order = cos[entry["rank"]].argsort(descending=True)[: ecfg.text_k].tolist()
+        assert [m["train_index"] for m in entry["matches"]] == order
+        assert [m["text"] for m in entry["matches"]] == [texts[j] for j in order]
+        assert [m["cosine"] for m in entry["matches"]] == pytest.approx(cos[entry["rank"], order].tolist(), abs=1e-6)
+    copied = {e["matches"][0]["train_index"] for e in shown if e["matches"][0]["cosine"] > 1 - 1e-6}
+    assert copied == set(d["copies"])
+    # The leak rate is computed for text too: copies 2 and 3 beat the held-out pool (copies of 0 and 1).
+    assert [p["leaked"] for p in report["reconstruction"]["per_sample"][:4]] == [False, False, True, True]
+
+
+@pytest.mark.slow
 def test_attacker_mode_without_training_set(tmp_path):
     make_run_dir(tmp_path, with_embed=False)
     report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default"), progress=False)

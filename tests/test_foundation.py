@@ -33,6 +33,7 @@ def test_digits_split_is_balanced_and_seeded(make_cfg):
     assert load_dataset(cfg.data, seed=1).train.ids != a.train.ids
 
 
+@pytest.mark.slow
 def test_embed_cache_reused_and_invalidated(make_cfg, tmp_path):
     cfg = make_cfg("stage=embed")
     main_with_config(cfg)
@@ -49,6 +50,7 @@ def test_embed_cache_reused_and_invalidated(make_cfg, tmp_path):
     assert any((tmp_path / "run").glob("embed.stale-*"))  # old outputs kept aside, not deleted
 
 
+@pytest.mark.slow
 def test_classifier_separates_digits_and_reloads_identically(make_cfg, tmp_path, monkeypatch):
     # After training, the stage computes the victim's training logits once, for its metrics and its health alike.
     n_train = 2 * 20
@@ -95,6 +97,7 @@ def test_victim_health_from_the_victims_logits():
     assert h["collapsed"] and "collapsed to a constant output" in h["problems"][0]
 
 
+@pytest.mark.slow
 def test_multiclass_uses_cross_entropy(make_cfg, tmp_path):
     main_with_config(make_cfg("stage=classifier", "data.classes=[0,1,7]", *SMALL_VICTIM))
     model, spec = load_victim(tmp_path / "run/classifier")
@@ -127,6 +130,7 @@ def test_victim_with_nan_weights_is_a_clear_error_naming_the_file(make_cfg, tmp_
     assert not (tmp_path / "run" / "reconstruct").exists()
 
 
+@pytest.mark.slow
 def test_bad_data_inputs(make_cfg, tmp_path):
     with pytest.raises(DataError, match="image folder not found"):
         load_dataset(make_cfg("data=imagefolder", f"data.root={tmp_path}/nope").data)
@@ -159,6 +163,7 @@ def test_imagefolder_embeds(make_cfg, tmp_path):
     assert emb.train_x.shape == (4, 3 * 12 * 10) and emb.meta["class_names"] == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "recon_lightning.fit", "stage=embed", f"run_dir={tmp_path}", "data=imagefolder",
@@ -196,6 +201,7 @@ def test_unknown_config_keys_are_refused_with_a_suggestion(make_cfg, tmp_path):
     assert make_cfg("+trainer.gradient_clip_val=1.0").trainer.gradient_clip_val == 1.0
 
 
+@pytest.mark.slow
 def test_typo_in_a_users_config_file_is_refused_on_the_cli(tmp_path):
     # The realistic case: a user's own option file next to the shipped ones (--config-dir).
     (tmp_path / "conf/reconstruct").mkdir(parents=True)
@@ -230,6 +236,7 @@ def test_bad_values_are_refused_before_any_stage(make_cfg, tmp_path, override, m
     assert not (tmp_path / "run/embed").exists()  # nothing ran
 
 
+@pytest.mark.slow
 def test_non_numeric_value_on_the_cli_is_an_error_line_not_a_traceback(tmp_path):
     for override in ("reconstruct.steps=abc", "seed=abc"):
         proc = subprocess.run([sys.executable, "-m", "recon_lightning.fit", override, f"run_dir={tmp_path}/run"],

@@ -5,6 +5,7 @@ onto them (kkt.hyperplane_penalty, reconstruct.hyperplane_weight) and the report
 import math
 from dataclasses import asdict
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -46,9 +47,15 @@ def test_first_layer_hyperplanes_are_unit_normals_through_the_planted_points_wit
     dist = (train - mean) @ normals.T + offsets
     assert torch.allclose(dist.diagonal(), torch.zeros(5, dtype=F64), atol=1e-12)
     assert dist.abs().min(1).values.max() < 1e-12 and (dist - torch.diag(dist.diagonal())).abs().sum() > 0.1
-    assert hyperplane_scale(offsets) == float(offsets.detach().abs().median())
     # No hidden layer: no hyperplanes.
     assert first_layer_hyperplanes(v.layers[0].weight, None, None)[0].shape == (0, 6)
+
+
+def test_hyperplane_scale_is_the_median_distance_from_the_origin_or_one():
+    # |offsets| = 3, 1, 2, 0.5, 4: the middle one is 2.
+    assert hyperplane_scale(torch.tensor([-3.0, 1.0, 2.0, -0.5, 4.0])) == 2.0
+    # Planes through the origin (a first layer without bias), or none at all: distances stay absolute.
+    assert hyperplane_scale(torch.zeros(4)) == 1.0 and hyperplane_scale(torch.zeros(0)) == 1.0
 
 
 def test_hyperplane_penalty_is_the_mean_log_distance_and_pulls_points_onto_planes():
@@ -78,19 +85,23 @@ def _module(victim: VictimMLP, weight: float) -> R.ReconstructionModule:
 
 def test_reconstruction_objective_adds_the_weighted_hyperplane_term_only_when_asked():
     g = torch.Generator().manual_seed(2)
-    v = planted_victim(torch.rand(4, 6, dtype=F64, generator=g), torch.rand(6, dtype=F64, generator=g),
+    v = planted_victim(torch.rand(5, 6, dtype=F64, generator=g), torch.rand(6, dtype=F64, generator=g),
                        torch.rand(6, dtype=F64, generator=g))
+    # Move the 5 live planes to distances 0.2, 0.4, 0.6, 0.8, 1.0 from the origin: the length scale is 0.6, and
+    # tau = hyperplane_tau (0.1 in the shipped config) * 0.6 = 0.06.
+    w = v.layers[0].weight[:5]
+    with torch.no_grad():
+        v.layers[0].bias[:5] = torch.tensor([0.2, 0.4, 0.6, 0.8, 1.0], dtype=F64) * w.norm(dim=1)
     on, off = _module(v, 0.25), _module(v, 0.0)
+    assert on.rcfg["hyperplane_tau"] == 0.1
     with torch.no_grad():
         off.candidates.copy_(on.candidates)
         off.multipliers.copy_(on.multipliers)
     t_on, t_off = on.losses(create_graph=False), off.losses(create_graph=False)
     assert "hyperplanes" not in t_off
-    # The term by hand: distances of the centred candidates to the 4 live planes (the dead one is not among them).
-    w, b = v.layers[0].weight[:4], v.layers[0].bias[:4]
-    dist = (on.candidates.detach() @ w.T + b) / w.norm(dim=1)
-    tau = 0.1 * float((b / w.norm(dim=1)).abs().median())
-    by_hand = torch.log1p((dist / tau) ** 2).mean((1, 2))
+    # The term by hand: distances of the centred candidates to the 5 live planes (the dead one is not among them).
+    dist = (on.candidates.detach() @ w.T + v.layers[0].bias[:5].detach()) / w.norm(dim=1)
+    by_hand = torch.log1p((dist / 0.06) ** 2).mean((1, 2))
     assert torch.allclose(t_on["hyperplanes"], by_hand)
     assert torch.allclose(t_on["total"] - t_off["total"], 0.25 * by_hand)
 
@@ -107,6 +118,7 @@ def test_membership_finds_the_planted_training_points_and_ignores_a_dead_unit():
     assert "auc" not in ev.hyperplane_membership(v, train, None)
 
 
+@pytest.mark.slow
 def test_a_weight_decay_relu_victim_puts_its_hyperplanes_on_its_training_digits():
     """The property the reconstruction term and the membership figure rest on, on a real (small) trained victim."""
     from sklearn.datasets import load_digits
@@ -125,23 +137,26 @@ def test_a_weight_decay_relu_victim_puts_its_hyperplanes_on_its_training_digits(
     assert out["auc"] > 0.7
 
 
+@pytest.mark.slow
 def test_the_report_carries_the_membership_figures_and_plot(tmp_path):
-    """The evaluate stage's report on a run directory with a victim: the summary keys, the per-sample counts and the
-    plot, consistent with hyperplane_membership on the same victim and samples."""
+    """The evaluate stage's report on a run directory whose victim has a plane through each of training samples
+    2..11 and a dead unit through sample 0; the held-out pool is a copy of samples 0 and 1 (make_run_dir). Expected
+    from that geometry: counts 0, 0, 1 x 10; 10 of 12 training samples on a plane, neither held-out one; AUC =
+    (10 x 2 wins + 2 x 2 ties x 0.5) / 24 = 22 / 24."""
     from test_evaluate import make_run_dir
 
-    from recon_lightning.embed import load_embeddings
-    from recon_lightning.victim import load_victim
+    from recon_lightning.victim import save_victim
 
-    make_run_dir(tmp_path)
+    d = make_run_dir(tmp_path)
+    train = d["train_x"].double()
+    save_victim(tmp_path / "classifier", planted_victim(train[2:], train.mean(0), train[0], seed=5).float())
     report = ev.build_report(tmp_path, shipped(ev.EvalConfig, "evaluate/default"), progress=False)
-    victim, _ = load_victim(tmp_path / "classifier")
-    e = load_embeddings(tmp_path)
-    direct = ev.hyperplane_membership(victim, e.train_x.float(), e.test_x.float())
     s = report["summary"]
-    assert s["frac_train_on_victim_hyperplane"] == direct["train_frac_on_any"]
-    assert s["hyperplane_membership_auc"] == direct["auc"]
-    assert [p["victim_hyperplanes_through"] for p in report["reconstruction"]["per_sample"]] == direct["train_counts"]
+    assert report["hyperplane_membership"]["num_hyperplanes"] == 10
+    assert [p["victim_hyperplanes_through"] for p in report["reconstruction"]["per_sample"]] == [0, 0] + [1] * 10
+    assert s["frac_train_on_victim_hyperplane"] == pytest.approx(10 / 12)
+    assert report["hyperplane_membership"]["heldout_frac_on_any"] == 0.0
+    assert s["hyperplane_membership_auc"] == pytest.approx(22 / 24)
     assert "train_counts" not in report["hyperplane_membership"]
     assert (tmp_path / report["figures"]["hyperplane_membership"]).is_file()
 

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # every test here starts python processes or runs whole stages
+
 ARGS = ["backbone=dino_vits16", "backbone.model=test_vit", "backbone.pretrained=false", "data=skimage",
         "data.n_per_class=4", "data.n_test_per_class=2", "classifier.hidden=[16]", "classifier.bias=[true,false]",
         "classifier.init_scale=[1e-3,1e-3]", "classifier.center=false", "trainer.max_epochs=50", "reconstruct.num_runs=1",

@@ -59,6 +59,7 @@ def test_explicit_n_per_class_beyond_the_folder_is_a_clear_error(make_cfg, tmp_p
         load_dataset(folder_cfg(make_cfg, root).data)  # auto, but the test split alone is too large
 
 
+@pytest.mark.slow
 def test_cli_small_folder_prints_an_error_line(tmp_path):
     root = image_folder(tmp_path / "imgs", per_class=5)
     proc = subprocess.run([sys.executable, "-m", "recon_lightning.fit", "stage=embed", "data=imagefolder",
@@ -69,6 +70,7 @@ def test_cli_small_folder_prints_an_error_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_zero_test_split_is_supported_by_every_stage(make_cfg, tmp_path):
     root = image_folder(tmp_path / "imgs", per_class=6)
     summary = main_with_config(folder_cfg(make_cfg, root, "data.n_test_per_class=0", *TINY_VICTIM, "reconstruct.num_runs=1",
@@ -156,6 +158,7 @@ def test_undertrained_victim_stops_with_the_fixes_unless_allowed(make_cfg, tmp_p
     assert load_json(tmp_path / "run/classifier/victim.json")["health"]["misclassified"] > 0
 
 
+@pytest.mark.slow
 def test_collapsed_victim_from_victim_dir_is_refused_at_the_start(make_cfg, tmp_path):
     main_with_config(make_cfg("stage=embed"))
     victim = collapsed_victim(tmp_path / "victim", 64)
@@ -176,6 +179,7 @@ def test_collapsed_victim_from_victim_dir_is_refused_at_the_start(make_cfg, tmp_
 # ----------------------------------------------------------------------------- item 8: log noise
 
 
+@pytest.mark.slow
 def test_faiss_import_logs_no_module_not_found(tmp_path):
     code = ("import logging; logging.basicConfig(level=logging.DEBUG)\n"
             "from recon_lightning.select import _faiss; _faiss()\n")
@@ -200,6 +204,7 @@ def test_folder_images_embed_without_numpy_not_writable_warning(make_cfg, tmp_pa
 # ----------------------------------------------------------------------------- items 2, 5, 6: the report
 
 
+@pytest.mark.slow
 def test_report_shows_victim_accuracy_first_and_who_matches_whom(tmp_path, monkeypatch):
     from test_evaluate import make_run_dir
 

@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from recon_lightning.fit import main_with_config
+
+pytestmark = pytest.mark.slow  # every test here starts python processes or runs whole stages
 
 TINY = ["data.n_per_class=10", "data.n_test_per_class=5", "classifier.hidden=[32,32]", "classifier.bias=[true,false,false]",
         "classifier.init_scale=[1e-3,1e-3,1e-3]", "trainer.max_epochs=200",

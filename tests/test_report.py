@@ -39,21 +39,37 @@ def evaluated_run(tmp_path_factory):
     from recon_lightning.fit import load_config
 
     run = tmp_path_factory.mktemp("report") / "run"
-    make_run_dir(run)
+    planted = make_run_dir(run)
     cfg = load_config([f"run_dir={run}", "logger.name=csv", "trainer.enable_progress_bar=false"])
     summary = ev.run_stage(cfg, run)
-    return run, summary
+    return run, summary, planted
 
 
+def plain_figures(planted: dict) -> dict:
+    """The mean best cosine, the leak rate and the membership AUC of make_run_dir's run from a plain cosine matrix
+    (numpy): each training sample's best candidate against its best held-out sample (copies of training samples 0
+    and 1)."""
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    train, cands = unit(planted["train_x"].double().numpy()), unit(planted["x"].double().numpy())
+    best, heldout = (train @ cands.T).max(1), (train @ train[:2].T).max(1)
+    # membership: every member's and non-member's (the two held-out copies) best candidate, all pairs compared
+    members, nonmembers = best.round(6), (train[:2] @ cands.T).max(1).round(6)  # cosines tie to 6 decimals
+    pairs = members[:, None] - nonmembers[None, :]
+    auc = ((pairs > 0).sum() + 0.5 * (pairs == 0).sum()) / pairs.size
+    return {"best_cosine_mean": best.mean(), "leak_rate": (best > heldout + ev.LEAK_TOLERANCE).mean(), "membership_auc": auc}
+
+
+@pytest.mark.slow
 def test_report_files_and_html_references(evaluated_run):
-    run, summary = evaluated_run
+    run, summary, planted = evaluated_run
     report = load_json(run / "report.json")
     assert report["format"] == REPORT_FORMAT and report["mode"] == "evaluation"
     for key in ("summary", "selection", "reconstruction", "selection_quality", "margin", "images", "figures", "grids"):
         assert key in report
     assert set(report["figures"]) == {"selection_scores", "fraction_curve", "precision_at_k", "margin_scatter",
                                       "hyperplane_membership", "membership_roc"}
-    assert summary["best_cosine_mean"] == pytest.approx(report["summary"]["best_cosine_mean"])
+    expected = plain_figures(planted)["best_cosine_mean"]
+    assert summary["best_cosine_mean"] == report["summary"]["best_cosine_mean"] == pytest.approx(expected, abs=1e-6)
     srcs = img_srcs((run / "report.html").read_text())
     assert len(srcs) == len(report["figures"]) + len(report["grids"])
     for src in srcs:
@@ -69,6 +85,7 @@ def test_report_files_and_html_references(evaluated_run):
     assert "evaluate/best_cosine_mean" in metrics and "evaluate/precision_random" in metrics
 
 
+@pytest.mark.slow
 def test_attacker_report_lists_selection_and_inverted_images(tmp_path):
     from PIL import Image
 
@@ -93,6 +110,7 @@ def test_attacker_report_lists_selection_and_inverted_images(tmp_path):
     assert "Ranked selection" in page and "attacker" in page
 
 
+@pytest.mark.slow
 def test_failed_runs_are_listed_in_report_json_and_html(tmp_path):
     """A run that failed (here: diverged) is listed with its reason, not dropped silently."""
     from recon_lightning.report import write_report
@@ -129,11 +147,12 @@ def _screenshot(chromium: str, page: Path, out: Path) -> None:
     assert out.is_file(), f"chromium wrote no screenshot: {' '.join(cmd)}"
 
 
+@pytest.mark.slow
 def test_html_renders_plots_in_headless_chromium(evaluated_run, tmp_path):
     chromium = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
     if chromium is None:
         pytest.skip("no chromium binary found")
-    run, _ = evaluated_run
+    run = evaluated_run[0]
     shot = tmp_path / "shot.png"
     _screenshot(chromium, run / "report.html", shot)
     # Control: the same page with its images missing (a broken report).
@@ -148,12 +167,13 @@ def test_html_renders_plots_in_headless_chromium(evaluated_run, tmp_path):
     assert ink > 5 * ink_broken, f"page with images has {ink} non-white pixels, without images {ink_broken}"
 
 
+@pytest.mark.slow
 def test_wandb_offline_gets_images_and_table(evaluated_run, monkeypatch):
     from recon_lightning.fit import load_config
     from recon_lightning.report import log_report
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    run, _ = evaluated_run
+    run = evaluated_run[0]
     report = load_json(run / "report.json")
     log_report(load_config([f"run_dir={run}", "logger.name=wandb"]), run, report)
     media = next((run / "wandb").glob("offline-run-*/files/media"))
@@ -162,6 +182,7 @@ def test_wandb_offline_gets_images_and_table(evaluated_run, monkeypatch):
     assert list(media.rglob("selection_table*.table.json"))
 
 
+@pytest.mark.slow
 def test_membership_figures_are_the_summary_headline_and_are_logged(evaluated_run, caplog):
     import logging
     import re
@@ -170,7 +191,7 @@ def test_membership_figures_are_the_summary_headline_and_are_logged(evaluated_ru
     from recon_lightning.report import log_report
     from recon_lightning.training import build_logger
 
-    run, summary = evaluated_run
+    run, summary, planted = evaluated_run
     report = load_json(run / "report.json")
     s = report["summary"]
     page = (run / "report.html").read_text()
@@ -185,7 +206,11 @@ def test_membership_figures_are_the_summary_headline_and_are_logged(evaluated_ru
     assert f"Pool-matched leak rate {s['leak_rate_pool_matched']:.4g} (chance 0.5" in headline
     rows = re.findall(r"<tr><td style='text-align:left'>([^<]+)</td>", section)
     assert rows[:2] == ["membership_auc", "membership_auc_ci95"]
-    assert summary["membership_auc"] == s["membership_auc"]  # run_stage's return value carries it too
+    # The stage's return value and report.json carry the membership AUC and the (whole-pool) leak rate of a plain
+    # cosine matrix (the victim here does not centre its inputs: its frame is the raw one).
+    plain = plain_figures(planted)
+    assert summary["membership_auc"] == s["membership_auc"] == pytest.approx(plain["membership_auc"])
+    assert report["leak"]["leak_rate"] == pytest.approx(plain["leak_rate"])
     # The stage's logger got the new scalars; the console log has the headline.
     log_dir = Path(build_logger(load_config([f"run_dir={run}", "logger.name=csv"]), run, "evaluate").log_dir)
     header = (log_dir / "metrics.csv").read_text().splitlines()[0].split(",")

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 FIT = [sys.executable, "-m", "recon_lightning.fit", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
        "logger.name=none", "data.n_per_class=10", "data.n_test_per_class=5", "classifier.hidden=[32]",
        "classifier.bias=[true,false]", "classifier.init_scale=[1e-3,1e-3]"]
@@ -26,6 +28,7 @@ def wait_for_lock_holder(run_dir: Path, proc: subprocess.Popen, timeout: float =
     raise AssertionError("the first job never took the lock")
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
     run_dir = tmp_path / "run"
     # A: a long victim training; B starts on the same run_dir while A runs.
@@ -105,6 +108,7 @@ def done_mtimes(run_dir):
     return {s: (run_dir / s / "DONE.json").stat().st_mtime_ns for s in STAGES}
 
 
+@pytest.mark.slow
 def test_truncated_victim_deleted_report_and_deleted_image_are_made_again(make_cfg, tmp_path):
     from recon_lightning.fit import main_with_config
     from recon_lightning.victim import load_victim
@@ -136,6 +140,7 @@ def test_truncated_victim_deleted_report_and_deleted_image_are_made_again(make_c
     assert final["invert"] != after["invert"] and final["evaluate"] != after["evaluate"]
 
 
+@pytest.mark.slow
 def test_victim_dir_changed_in_place_reruns_reconstruction(make_cfg, tmp_path):
     import torch
 
@@ -229,6 +234,7 @@ def test_multi_node_ranks_from_the_launchers_node_rank(monkeypatch):
     assert distributed.global_rank() == 2
 
 
+@pytest.mark.slow
 def test_importing_the_library_sets_no_process_wide_environment():
     code = ("import os, recon_lightning.fit, recon_lightning.training, recon_lightning.backbones; "
             "print(os.environ.get('WANDB_MODE'), os.environ.get('HF_HUB_OFFLINE'))")

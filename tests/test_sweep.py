@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 import yaml
@@ -61,6 +62,7 @@ def _results(base: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (base / "sweeps" / name / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_offline_sweep_runs_configurations(tmp_path):
     base, sweep_file = _small_sweep(tmp_path, "small", "csv")
     rc = S.main([str(sweep_file), "--count", "2", "--run-dir", str(base), "--", "trainer.enable_progress_bar=false",
@@ -94,6 +96,7 @@ def test_missing_victim_is_a_clear_error(tmp_path, capsys):
     assert "stage=classifier" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_diverged_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path, capsys):
     # A grid over the learning rate only (the other sampled parameters at their config defaults):
     # the first trial's only run diverges.
@@ -112,6 +115,7 @@ def test_a_diverged_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path, cap
     assert f"best recon_score = {rows[1]['metric']:.4f} (trial 1)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_shards_split_one_sweep_between_processes(tmp_path):
     # What a SLURM job array without a W&B server does: N processes, one sweep, every trial once.
     import subprocess
@@ -144,6 +148,7 @@ def test_bad_shard_is_a_clear_error(tmp_path, capsys):
     assert "--shard 2/2: need 0 <= I < N" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_wandb_agent_trials_at_once_each_get_their_own_run_dir_and_run(tmp_path):
     # What `wandb agent` does for each trial: run the sweep's command in the agent's directory, with the trial's
     # WANDB_SWEEP_ID / WANDB_RUN_ID in the environment (here offline, as no server is reachable in tests).

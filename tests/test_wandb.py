@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +31,7 @@ def fit(run_dir: Path, *extra: str, environ: dict) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=600, env=environ)
 
 
+@pytest.mark.slow
 def test_every_stage_logs_one_wandb_run_with_several_batches_per_rank(tmp_path):
     run_dir = tmp_path / "run"
     # Two reconstruction batches and two inversion batches on one rank: the stage's W&B run must survive both.
