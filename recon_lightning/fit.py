@@ -16,7 +16,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import hydra
 import torch
@@ -28,7 +28,7 @@ from . import distributed, embed, evaluate, invert, reconstruct, select, victim
 from .config import CONFIG_DIR, Section, check_values, config_error, register, root_schema, rule
 from .errors import ConfigError, ReconError
 from .stages import Stage, run_stages, stages_to_run
-from .storage import remove_temp_files, run_dir_lock
+from .storage import atomic_path, remove_temp_files, run_dir_lock
 from .training import LoggerConfig
 
 log = logging.getLogger("recon_lightning")
@@ -140,8 +140,9 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
             raise config_error(err) from None
 
 
-def main_with_config(cfg: DictConfig) -> dict:
-    """Run the pipeline for an already-composed config (used by ``main`` and by tests)."""
+def main_with_config(cfg: DictConfig, on_lock: Callable[[Path], None] | None = None) -> dict:
+    """Run the pipeline for an already-composed config (used by ``main`` and by tests). ``on_lock(run_dir)`` runs
+    once the run_dir lock is held, before the first stage (``main`` records the composed config there)."""
     stages = list(PIPELINE)
     cfg = sweep_trial(cfg)
     run_dir = Path(cfg.run_dir).expanduser().resolve()
@@ -152,6 +153,8 @@ def main_with_config(cfg: DictConfig) -> dict:
     with run_dir_lock(run_dir) if distributed.is_rank_zero() else contextlib.nullcontext():
         if distributed.is_rank_zero():
             clean_temp_files(run_dir, [s.name for s in stages])
+            if on_lock is not None:
+                on_lock(run_dir)
         summaries = run_stages(cfg, stages, wanted, run_dir)
     for name, summary in summaries.items():
         log.info("%s: %s", name, summary)
@@ -174,6 +177,20 @@ def _quiet_library_logs() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
+def record_hydra_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Write ``run_dir/.hydra/{config,hydra,overrides}.yaml`` as Hydra would, but under the run_dir lock: Hydra itself
+    writes them before the job starts (``hydra.output_subdir`` is null in configs/config.yaml), so a job refused
+    because another one holds the run_dir would overwrite the record of the job whose outputs are there."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    files = {"config.yaml": cfg, "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
+             "overrides.yaml": OmegaConf.create(list(hydra_cfg.overrides.task))}
+    for name, content in files.items():
+        with atomic_path(run_dir / ".hydra" / name) as tmp:
+            tmp.write_text(OmegaConf.to_yaml(content))
+
+
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def _run(cfg: DictConfig) -> None:
     # Every run works offline unless the user opts in: no W&B server needed (a sweep agent's trials follow the
@@ -184,7 +201,7 @@ def _run(cfg: DictConfig) -> None:
     # Small-init and weight-decayed weights reach denormal floats, which are ~10x slower on CPUs.
     torch.set_flush_denormal(True)
     try:
-        main_with_config(cfg)
+        main_with_config(cfg, on_lock=lambda run_dir: record_hydra_config(cfg, run_dir))
     except ReconError as err:
         # A problem the user can fix: say what it is, without a traceback from deep inside a library.
         print(f"error: {err}", file=sys.stderr)
