@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,10 +166,26 @@ def checkpointing(run_dir: Path, stage: str, every_n_steps: int, name: str | Non
     for path in sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True):
         # Lightning writes checkpoints in place: a kill during the write leaves a truncated file
         # (torch.save's zip archive then lacks its end record). Skip it rather than fail to resume.
-        if zipfile.is_zipfile(path):
+        problem = unreadable_checkpoint(path)
+        if problem is None:
             return callback, str(path)
-        log.warning("ignoring damaged checkpoint %s (the job was probably killed while writing it)", path)
+        log.warning("ignoring damaged checkpoint %s (%s)", path, problem)
     return callback, None
+
+
+def unreadable_checkpoint(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from, or None when it can: it must be a complete torch.save zip archive whose
+    pickle holds only tensors and plain containers (read with ``weights_only=True``: pickled code is refused, never
+    run; memory-mapped, so the tensors are not read twice)."""
+    if not zipfile.is_zipfile(path):
+        return "not a complete checkpoint archive: the job was probably killed while writing it"
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        return f"it holds more than tensors and plain values, which are not loaded: {str(err).splitlines()[0]}"
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        return f"unreadable: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    return None
 
 
 def steps_loader(steps: int):
