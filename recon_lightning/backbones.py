@@ -655,7 +655,8 @@ def _build_sentence_transformers(cfg, input_size=None) -> Backbone:
 
 def _build_identity(cfg, input_size=None) -> Backbone:
     if input_size is None:
-        raise ConfigError("the identity backbone needs image data (it embeds raw pixels)")
+        raise ConfigError("the identity backbone needs image data (it embeds raw pixels): their size comes from the "
+                          "embedded images or, for a victim audited without them, from embedding.input_size in its victim.json")
     return IdentityBackbone(input_size)
 
 

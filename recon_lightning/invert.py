@@ -123,8 +123,9 @@ def embeddings_meta(run_dir: Path) -> dict:
         raise DataError(f"embeddings file is corrupt: {path}: {err}") from None
 
 
-def native_input_size(run_dir: Path, meta: dict) -> tuple[int, int, int] | None:
-    """The data's (C, H, W) as embedded (needed by the identity backbone)."""
+def native_input_size(run_dir: Path, meta: dict, victim_dir: Path | None = None) -> tuple[int, int, int] | None:
+    """The data's (C, H, W) as embedded (needed by the identity backbone): from the embeddings' metadata or images,
+    else (auditing a victim without its training data) from ``embedding.input_size`` in ``victim_dir/victim.json``."""
     if meta.get("input_size"):
         return tuple(int(v) for v in meta["input_size"])
     path = run_dir / "embed" / "images.safetensors"
@@ -133,6 +134,11 @@ def native_input_size(run_dir: Path, meta: dict) -> tuple[int, int, int] | None:
 
         with safe_open(str(path), framework="pt") as f:
             return tuple(f.get_slice("train").get_shape()[1:])
+    spec_path = Path(victim_dir) / "victim.json" if victim_dir else None
+    if spec_path is not None and spec_path.is_file():
+        size = (load_json(spec_path, what="victim description (victim.json)").get("embedding") or {}).get("input_size")
+        if size:
+            return tuple(int(v) for v in size)
     return None
 
 
@@ -436,7 +442,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     meta = embeddings_meta(run_dir)
     normalize = meta.get("normalize", "none")
     targets, cand = load_targets(run_dir, icfg.num_images)
-    backbone = build_backbone(cfg.backbone, input_size=native_input_size(run_dir, meta))
+    victim_dir = Path(cfg.reconstruct.victim_dir) if cfg.reconstruct.get("victim_dir") else run_dir / "classifier"
+    backbone = build_backbone(cfg.backbone, input_size=native_input_size(run_dir, meta, victim_dir))
     check_dim(targets, backbone)
     rank0 = distributed.is_rank_zero()
 

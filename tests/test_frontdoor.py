@@ -75,3 +75,39 @@ def test_a_checkpoint_of_tensors_is_resumed(tmp_path):
     path.parent.mkdir(parents=True)
     torch.save({"global_step": 3, "state_dict": {"w": torch.ones(2)}}, path)
     assert checkpointing(tmp_path / "run", "classifier", every_n_steps=10)[1] == str(path)
+
+
+def _pixel_victim(folder: Path, dim: int, input_size: list[int]) -> Path:
+    from recon_lightning.victim import VictimMLP, save_victim
+
+    torch.manual_seed(0)
+    save_victim(folder, VictimMLP(dim, [16], 2, bias=[True, False]), {
+        "loss": "bce", "weight_decay": 0.0, "n_train": 10, "class_names": ["a", "b"],
+        "embedding": {"backbone_name": "identity", "modality": "image", "embed_dim": dim, "normalize": "none",
+                      "input_size": input_size}})
+    return folder
+
+
+TINY_ATTACK = ["reconstruct.num_runs=1", "reconstruct.steps=20", "reconstruct.runs_per_batch=1", "invert.steps=5",
+               "stage=invert"]
+
+
+@pytest.mark.slow
+def test_a_pixel_victim_without_its_data_is_inverted_at_its_recorded_size(make_cfg, tmp_path):
+    from recon_lightning.fit import main_with_config
+    from PIL import Image
+
+    victim = _pixel_victim(tmp_path / "victim", 32, [1, 4, 8])
+    main_with_config(make_cfg(f"reconstruct.victim_dir={victim}", *TINY_ATTACK))
+    pngs = sorted((tmp_path / "run" / "invert" / "images").glob("*.png"))
+    assert pngs and all(Image.open(p).size == (8, 4) for p in pngs)  # PIL: (width, height)
+
+
+def test_a_pixel_victim_whose_input_size_disagrees_with_its_dimension_is_an_embedding_size_mismatch(make_cfg, tmp_path):
+    from recon_lightning.errors import ModelMismatchError
+    from recon_lightning.fit import main_with_config
+
+    victim = _pixel_victim(tmp_path / "victim", 32, [1, 8, 8])
+    with pytest.raises(ModelMismatchError, match="embedding size mismatch.*32-d inputs.*64-d embeddings"):
+        main_with_config(make_cfg(f"reconstruct.victim_dir={victim}", *TINY_ATTACK))
+    assert not (tmp_path / "run" / "reconstruct").exists()
