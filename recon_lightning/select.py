@@ -480,6 +480,8 @@ def failed_runs(meta: dict) -> set[int]:
 
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
+    from .training import progress_enabled
+
     run_dir = Path(run_dir)
     scfg: SelectConfig = OmegaConf.to_object(cfg.select)
     tensors, meta = read_candidates(run_dir)
@@ -493,7 +495,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
         keep &= ~torch.isin(run, torch.tensor(sorted(failed), dtype=torch.int64))
     log.info("select: %d candidates, %d from failed runs excluded", x.shape[0], int((~keep).sum()))
     selection, clusters = select_candidates(x, tensors["y"].long(), tensors["lam"].float(), run,
-                                            tensors["run_loss"].float(), scfg, keep=keep, seed=int(cfg.seed))
+                                            tensors["run_loss"].float(), scfg, keep=keep, seed=int(cfg.seed),
+                                            progress=progress_enabled(cfg))
     out_dir = run_dir / "select"
     n_used = int(sum(c["size"] for c in clusters))
     save_tensors(out_dir / "selection.safetensors", selection,

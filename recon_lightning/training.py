@@ -10,6 +10,7 @@ import csv
 import logging
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Callable, Optional
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from . import distributed
@@ -52,6 +54,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def progress_enabled(cfg: DictConfig) -> bool:
+    """``trainer.enable_progress_bar``: the Trainers' bars and every stage's own (embedding, selection) follow it."""
+    return bool(cfg.trainer.get("enable_progress_bar", True))
 
 
 def wandb_mode(cfg: DictConfig) -> str:
@@ -141,6 +148,10 @@ def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bo
             log.warning("stage %s sets the Trainer's %s=%r (from its own config), not trainer.%s=%r", stage, key, value,
                         key, kwargs[key])
     kwargs.update(overrides)
+    # Every stage's training loader yields the same item at every position (steps_loader, the victim's full batch),
+    # so a fit resumed mid-epoch is exact; Lightning cannot know that and would warn on every resume.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended",
+                            category=PossibleUserWarning)
     try:
         return L.Trainer(**kwargs)
     except (TypeError, ValueError) as err:

@@ -111,3 +111,30 @@ def test_a_pixel_victim_whose_input_size_disagrees_with_its_dimension_is_an_embe
     with pytest.raises(ModelMismatchError, match="embedding size mismatch.*32-d inputs.*64-d embeddings"):
         main_with_config(make_cfg(f"reconstruct.victim_dir={victim}", *TINY_ATTACK))
     assert not (tmp_path / "run" / "reconstruct").exists()
+
+
+TINY_VICTIM = ["classifier.hidden=[32]", "classifier.bias=[true,false]", "classifier.init_scale=[1e-3,1e-3]",
+               "data.n_per_class=10", "data.n_test_per_class=5", "classifier.lr_schedule=constant", "classifier.lr=0.5"]
+
+
+@pytest.mark.slow
+def test_progress_bars_off_silences_every_stage(make_cfg, capfd):
+    from recon_lightning.fit import main_with_config
+
+    # make_cfg sets trainer.enable_progress_bar=false
+    main_with_config(make_cfg(*TINY_VICTIM, "trainer.max_epochs=40", "reconstruct.num_runs=2", "reconstruct.steps=10",
+                              "stage=select"))
+    err = capfd.readouterr().err
+    assert "embed train" not in err and "select: clustering" not in err and "it/s" not in err
+
+
+@pytest.mark.slow
+def test_a_resumed_victim_does_not_warn_about_its_dataloader(make_cfg, recwarn):
+    from recon_lightning.fit import main_with_config
+
+    args = [*TINY_VICTIM, "classifier.checkpoint_every_n_epochs=20", "stage=classifier"]
+    main_with_config(make_cfg(*args, "trainer.max_epochs=40"))
+    recwarn.clear()
+    main_with_config(make_cfg(*args, "trainer.max_epochs=60"))  # resumes at epoch 40 of 60, mid-way through a loader
+    messages = [str(w.message) for w in recwarn]
+    assert not [m for m in messages if "resuming from a checkpoint" in m], messages
