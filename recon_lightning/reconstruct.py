@@ -21,6 +21,7 @@ import gc
 import json
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -704,6 +705,11 @@ def trainer_settings(cfg: DictConfig) -> dict:
             "log_every_n_steps": max(1, min(int(rcfg.log_every_n_steps) or n, int(rcfg.steps)) // n)}
 
 
+def _relative_to(run_dir: Path, path: str | Path) -> str:
+    """``path`` as recorded in run files: relative to ``run_dir``, so a copied or moved run_dir's files are the same."""
+    return Path(os.path.relpath(Path(path).expanduser().resolve(), Path(run_dir).expanduser().resolve())).as_posix()
+
+
 def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, **overrides) -> L.Trainer:
     from .training import make_trainer
 
@@ -864,7 +870,7 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
     K = runs_per_batch(rcfg, probe, objective, len(y), victim.input_dim, _device(device_kw), run_dir, rank, world)
     common_meta = {"form": plan["form"], "prior": plan["prior"], "activation": rcfg["activation"], "dtype": rcfg["dtype"],
                    "multipliers": rcfg["multipliers"], "lambda_per_candidate": bool(rcfg["lambda_per_candidate"]),
-                   "seed": plan["seed"], "victim_dir": str(cfg.reconstruct.victim_dir or run_dir / "classifier")}
+                   "seed": plan["seed"], "victim_dir": _relative_to(run_dir, cfg.reconstruct.victim_dir or run_dir / "classifier")}
     log.info("reconstruct: %d runs of %d steps, K=%d per batch, form %s, prior %s", num_runs, steps, K, plan["form"],
              plan["prior"])
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

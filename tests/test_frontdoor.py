@@ -118,7 +118,7 @@ TINY_VICTIM = ["classifier.hidden=[32]", "classifier.bias=[true,false]", "classi
 
 
 @pytest.mark.slow
-def test_progress_bars_off_silences_every_stage(make_cfg, capfd):
+def test_progress_bars_off_silences_every_stage_and_run_files_hold_no_run_dir_path(make_cfg, tmp_path, capfd):
     from recon_lightning.fit import main_with_config
 
     # make_cfg sets trainer.enable_progress_bar=false
@@ -126,6 +126,13 @@ def test_progress_bars_off_silences_every_stage(make_cfg, capfd):
                               "stage=select"))
     err = capfd.readouterr().err
     assert "embed train" not in err and "select: clustering" not in err and "it/s" not in err
+    # A copied run_dir's files equal the original's: none records where the run_dir was (resume checkpoints aside).
+    run_dir = tmp_path / "run"
+    files = [p for p in run_dir.rglob("*") if p.is_file() and "checkpoints" not in p.parts]
+    assert [p for p in files if str(run_dir).encode() in p.read_bytes()] == []
+    from recon_lightning.select import read_candidates
+
+    assert read_candidates(run_dir)[1]["victim_dir"] == "classifier"
 
 
 @pytest.mark.slow
