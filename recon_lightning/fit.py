@@ -161,9 +161,16 @@ def main_with_config(cfg: DictConfig, on_lock: Callable[[Path], None] | None = N
     return summaries
 
 
+# Lightning's lines that say nothing about this run: which accelerators exist (the log names the device used where
+# it matters), the validation settings every stage makes itself, and how to use SLURM when it is not in use.
+LIGHTNING_NOISE = ("GPU available:", "TPU available:", "HPU available:", "IPU available:", "`Trainer(limit_val_batches=",
+                   "`Trainer(val_check_interval=", "`Trainer(limit_train_batches=", "Tip:")
+
+
 def _quiet_library_logs() -> None:
-    """Lightning prints to its own console handler *and* propagates to Hydra's: keep one copy,
-    and drop its advertising tips and a deprecation warning from its internals."""
+    """Lightning prints to its own console handler *and* propagates to Hydra's: keep one copy, and drop the lines of
+    :data:`LIGHTNING_NOISE`, its SLURM hint (``srun`` is on the PATH but not in use) and a deprecation warning
+    from its internals."""
     import lightning.pytorch  # noqa: F401  (it installs its console handler on import)
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -173,8 +180,9 @@ def _quiet_library_logs() -> None:
                 lg.removeHandler(handler)
         lg.propagate = True
     for handler in logging.getLogger().handlers:  # Hydra's console and file handlers
-        handler.addFilter(lambda record: "Tip:" not in record.getMessage())
+        handler.addFilter(lambda record: not any(noise in record.getMessage() for noise in LIGHTNING_NOISE))
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
 
 
 def record_hydra_config(cfg: DictConfig, run_dir: Path) -> None:

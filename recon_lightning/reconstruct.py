@@ -874,8 +874,6 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
     log.info("reconstruct: %d runs of %d steps, K=%d per batch, form %s, prior %s", num_runs, steps, K, plan["form"],
              plan["prior"])
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    # Our checkpoints hold the state after step N with global_step N, which is what resuming needs.
-    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
 
     def finished(runs: list[int]) -> set[int]:
         """Runs whose file is on disk, made with this run's hyperparameters and step count (resume). Compared as

@@ -152,6 +152,9 @@ def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bo
     # so a fit resumed mid-epoch is exact; Lightning cannot know that and would warn on every resume.
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended",
                             category=PossibleUserWarning)
+    # Every stage optimises manually and checkpoints the state after step N with global_step N, which is what
+    # resuming needs (Lightning's warning says the state is the one after the optimiser step, with a code example).
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
     try:
         return L.Trainer(**kwargs)
     except (TypeError, ValueError) as err:

@@ -145,3 +145,22 @@ def test_a_resumed_victim_does_not_warn_about_its_dataloader(make_cfg, recwarn):
     main_with_config(make_cfg(*args, "trainer.max_epochs=60"))  # resumes at epoch 40 of 60, mid-way through a loader
     messages = [str(w.message) for w in recwarn]
     assert not [m for m in messages if "resuming from a checkpoint" in m], messages
+
+
+@pytest.mark.slow
+def test_the_command_line_prints_no_lightning_noise(tmp_path):
+    bin_dir = tmp_path / "bin"  # an srun on the PATH (as on a cluster's login node) but no SLURM job
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}"}
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run([*FIT, f"run_dir={tmp_path / 'run'}", "stage=classifier", "trainer.enable_progress_bar=false",
+                           *TINY_VICTIM, "trainer.max_epochs=40", "classifier.checkpoint_every_n_epochs=20"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "stage classifier: running" in out  # the run's own log lines stay
+    for noise in ("srun", "GPU available", "TPU available", "limit_val_batches", "val_check_interval",
+                  "ModelCheckpoint", "Tip:"):
+        assert noise not in out, noise
