@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+
+from recon_lightning.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 FIT = [sys.executable, "-m", "recon_lightning.fit", "trainer.accelerator=cpu", "logger.name=none"]
@@ -164,3 +167,66 @@ def test_the_command_line_prints_no_lightning_noise(tmp_path):
     for noise in ("srun", "GPU available", "TPU available", "limit_val_batches", "val_check_interval",
                   "ModelCheckpoint", "Tip:"):
         assert noise not in out, noise
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def _folder(root: Path, per_class: int, start: int = 0) -> Path:
+    """root/<a|b>/<i>.png, 4x4 grey images whose value is the image number (a: i, b: 100 + i)."""
+    from PIL import Image
+
+    for name, base in (("a", 0), ("b", 100)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(start, start + per_class):
+            Image.fromarray(np.full((4, 4), base + i, dtype=np.uint8), "L").save(root / name / f"{i}.png")
+    return root
+
+
+def _folder_data(make_cfg, *overrides):
+    from recon_lightning.data import load_dataset
+
+    return load_dataset(make_cfg("data=imagefolder", *overrides).data)
+
+
+def test_a_separate_held_out_folder_gives_the_held_out_samples(make_cfg, tmp_path):
+    train_root, test_root = _folder(tmp_path / "train", 6), _folder(tmp_path / "test", 3, start=50)
+    ds = _folder_data(make_cfg, f"data.root={train_root}", f"data.test_root={test_root}", "data.n_test_per_class=2")
+    assert np.bincount(ds.train.labels).tolist() == [6, 6]  # n_per_class=auto: all of root, none kept back for testing
+    assert np.bincount(ds.test.labels).tolist() == [2, 2]
+    assert all(Path(i).is_relative_to(train_root) for i in ds.train.ids)
+    assert all(Path(i).is_relative_to(test_root) for i in ds.test.ids)
+    assert {int(img[0, 0]) % 100 for img in ds.test.samples} <= {50, 51, 52}
+    with pytest.raises(DataError, match=r"class 'a' has 3 images in data.test_root=.*fewer than data.n_test_per_class=5"):
+        _folder_data(make_cfg, f"data.root={train_root}", f"data.test_root={test_root}", "data.n_test_per_class=5")
+    with pytest.raises(DataError, match="both in data.root and data.test_root"):
+        _folder_data(make_cfg, f"data.root={train_root}", f"data.test_root={train_root}", "data.n_test_per_class=1")
+
+
+def _rgba_folder(root: Path) -> tuple[Path, np.ndarray]:
+    """Two classes of one 4x4 RGBA image: opaque red, fully transparent black, half-transparent blue columns."""
+    from PIL import Image
+
+    px = np.zeros((4, 4, 4), dtype=np.uint8)
+    px[:, 0] = (255, 0, 0, 255)
+    px[:, 1] = (0, 0, 0, 0)
+    px[:, 2] = (0, 0, 255, 128)
+    px[:, 3] = (0, 255, 0, 255)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(px, "RGBA").save(root / name / "0.png")
+    return root, px
+
+
+@pytest.mark.parametrize("background", [None, [0, 64, 128]])
+def test_transparent_images_are_composited_onto_the_background(make_cfg, tmp_path, background):
+    root, px = _rgba_folder(tmp_path / "imgs")
+    extra = [] if background is None else [f"data.background=[{','.join(map(str, background))}]"]
+    ds = _folder_data(make_cfg, f"data.root={root}", "data.n_test_per_class=0", *extra)
+    bg = np.array(background or [255, 255, 255], dtype=np.float64)  # the default: white
+    a = px[..., 3:] / 255.0
+    expected = np.round(px[..., :3] * a + bg * (1 - a))
+    got = ds.train.samples[0]
+    assert got.shape == (4, 4, 3)
+    np.testing.assert_allclose(got.astype(float), expected, atol=1)
+    assert got[0, 1].tolist() == bg.tolist()  # a transparent pixel shows the background, not its stored black
