@@ -230,3 +230,29 @@ def test_transparent_images_are_composited_onto_the_background(make_cfg, tmp_pat
     assert got.shape == (4, 4, 3)
     np.testing.assert_allclose(got.astype(float), expected, atol=1)
     assert got[0, 1].tolist() == bg.tolist()  # a transparent pixel shows the background, not its stored black
+
+
+# ----------------------------------------------------------------------------- stale outputs
+
+
+def test_stale_outputs_are_listed_and_pruned_but_not_while_the_run_dir_is_in_use(tmp_path, capsys):
+    from recon_lightning.stale import main
+    from recon_lightning.storage import run_dir_lock
+
+    run_dir = tmp_path / "run"
+    (run_dir / "classifier").mkdir(parents=True)
+    (run_dir / "classifier" / "model.safetensors").write_bytes(b"x" * 10)
+    for name, size in (("classifier.stale-aaaa", 2048), ("reconstruct.stale-bbbb", 3 * 1024 * 1024)):
+        (run_dir / name / "sub").mkdir(parents=True)
+        (run_dir / name / "sub" / "f.bin").write_bytes(b"x" * size)
+    assert main([str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "2.0 KiB" in out and "3.0 MiB" in out and "classifier.stale-aaaa" in out and "reconstruct.stale-bbbb" in out
+    assert "found 2 stale output folder(s)" in out and "--prune" in out
+    assert (run_dir / "classifier.stale-aaaa").is_dir()  # listing deletes nothing
+    with run_dir_lock(run_dir):
+        assert main([str(run_dir), "--prune"]) == 2
+    assert "is in use by another job" in capsys.readouterr().err and (run_dir / "reconstruct.stale-bbbb").is_dir()
+    assert main([str(run_dir), "--prune"]) == 0
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "classifier"]
+    assert main([str(run_dir)]) == 0 and "no stale outputs" in capsys.readouterr().out
