@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -133,10 +134,47 @@ def _resumed_csv_logger(save_dir: Path, resume_step: int) -> CSVLogger:
 QUIET_OVERRIDES = ("max_epochs", "precision", "logger", "default_root_dir", "accelerator", "devices", "strategy", "num_nodes")
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bool, **overrides: Any) -> L.Trainer:
+def stage_progress_bar(stage: str, per_step: int, unit: str):
+    """Lightning's tqdm progress bar counted in the stage's own units: each Lightning step runs ``per_step`` of them
+    (the victim's epochs, reconstruction's optimisation steps), so the bar reads "1500/20000 epoch [02:10<26:40,
+    10.6 epoch/s]". Its ETA comes from the average speed since the start. (Lightning's default bar when rich is
+    installed estimates the speed over the last 30 s only: a stage whose Lightning steps take longer, such as a
+    large victim's 500 epochs per step, shows no ETA at all.)"""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class StageProgressBar(TQDMProgressBar):
+        def init_train_tqdm(self):
+            bar = super().init_train_tqdm()
+            bar.unit = unit
+            return bar
+
+        def on_train_epoch_start(self, trainer, *args) -> None:
+            super().on_train_epoch_start(trainer, *args)
+            bar = self.train_progress_bar
+            bar.set_description(stage)
+            if bar.total:
+                bar.total *= per_step
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed * per_step  # a resumed fit's start
+            bar.initial = bar.n = done
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+            bar = self.train_progress_bar
+            if bar is None or bar.disable:
+                return
+            # a schedule whose length is not a multiple of per_step ends with a shorter step
+            bar.n = min((batch_idx + 1) * per_step, bar.total or (batch_idx + 1) * per_step)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+    return StageProgressBar()
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bool, progress: tuple[int, str] = (1, "step"),
+                 **overrides: Any) -> L.Trainer:
     """A Trainer from ``cfg.trainer`` (hardware/distribution) plus the stage's own ``overrides``
     (e.g. ``max_steps``); ``trainer.max_epochs`` is the victim's training length. ``logger`` is the
-    stage's logger from :func:`build_logger` (built once per stage, shared by its Trainers) or False."""
+    stage's logger from :func:`build_logger` (built once per stage, shared by its Trainers) or False. ``progress``:
+    (units per Lightning step, unit name) of its progress bar (:func:`stage_progress_bar`)."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.update(default_root_dir=str(run_dir / stage), logger=logger, enable_model_summary=False)
     for key, value in overrides.items():
@@ -148,6 +186,9 @@ def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bo
             log.warning("stage %s sets the Trainer's %s=%r (from its own config), not trainer.%s=%r", stage, key, value,
                         key, kwargs[key])
     kwargs.update(overrides)
+    callbacks = list(kwargs.get("callbacks") or [])
+    if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        kwargs["callbacks"] = [*callbacks, stage_progress_bar(stage, *progress)]
     # Every stage's training loader yields the same item at every position (steps_loader, the victim's full batch),
     # so a fit resumed mid-epoch is exact; Lightning cannot know that and would warn on every resume.
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended",

@@ -256,3 +256,22 @@ def test_stale_outputs_are_listed_and_pruned_but_not_while_the_run_dir_is_in_use
     assert main([str(run_dir), "--prune"]) == 0
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "classifier"]
     assert main([str(run_dir)]) == 0 and "no stale outputs" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+@pytest.mark.slow
+def test_victim_and_reconstruction_progress_count_their_own_units_with_an_eta(make_cfg, capfd):
+    import re
+
+    from recon_lightning.fit import main_with_config
+
+    main_with_config(make_cfg(*TINY_VICTIM, "trainer.max_epochs=40", "classifier.log_every_n_epochs=10",
+                              "reconstruct.num_runs=1", "reconstruct.steps=20", "reconstruct.log_every_n_steps=5",
+                              "stage=reconstruct", "trainer.enable_progress_bar=true"))
+    out = capfd.readouterr().out
+    # 4 Lightning steps of 10 epochs; 4 of 5 optimisation steps; each update has a time left ([elapsed<remaining])
+    assert re.search(r"classifier: 100%.*\b40/40 \[[\d:]+<[\d:]+, *[\d.]+ ?epoch/s", out), out[-2000:]
+    assert re.search(r"classifier: +25%.*\b10/40 \[[\d:]+<[\d:]+,", out), out[-2000:]
+    assert re.search(r"reconstruct: 100%.*\b20/20 \[[\d:]+<[\d:]+, *[\d.]+ ?step/s", out), out[-2000:]
