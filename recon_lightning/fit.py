@@ -25,10 +25,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from . import distributed, embed, evaluate, invert, reconstruct, select, victim
-from .config import CONFIG_DIR, Section, check_values, config_error, register, root_schema, rule
+from .config import CONFIG_DIR, Section, auto_or_int, check_values, config_error, register, root_schema, rule
 from .errors import ConfigError, ReconError
 from .stages import Stage, run_stages, stages_to_run
 from .storage import atomic_path, remove_temp_files, run_dir_lock
+from .threads import choose_threads
 from .training import LoggerConfig
 
 log = logging.getLogger("recon_lightning")
@@ -45,6 +46,7 @@ class RunConfig:
                       what="a stage name, all, or a list of stage names")  # typed Any: a name or a list of names
     run_dir: str = MISSING
     seed: int = MISSING
+    threads: Any = auto_or_int(ge=1)  # torch's CPU threads (recon_lightning.threads); typed Any: auto or an integer
     # Open: passed to every lightning.Trainer, which checks its own arguments.
     trainer: Dict[str, Any] = field(default_factory=dict)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -208,6 +210,7 @@ def _run(cfg: DictConfig) -> None:
     _quiet_library_logs()
     # Small-init and weight-decayed weights reach denormal floats, which are ~10x slower on CPUs.
     torch.set_flush_denormal(True)
+    choose_threads(cfg.threads)
     try:
         main_with_config(cfg, on_lock=lambda run_dir: record_hydra_config(cfg, run_dir))
     except ReconError as err:

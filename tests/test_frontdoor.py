@@ -275,3 +275,49 @@ def test_victim_and_reconstruction_progress_count_their_own_units_with_an_eta(ma
     assert re.search(r"classifier: 100%.*\b40/40 \[[\d:]+<[\d:]+, *[\d.]+ ?epoch/s", out), out[-2000:]
     assert re.search(r"classifier: +25%.*\b10/40 \[[\d:]+<[\d:]+,", out), out[-2000:]
     assert re.search(r"reconstruct: 100%.*\b20/20 \[[\d:]+<[\d:]+, *[\d.]+ ?step/s", out), out[-2000:]
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+@pytest.fixture
+def torch_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("load, expected", [(0.0, 4), (1.4, 3), (2.6, 1), (7.5, 1), (30.0, 1)])
+def test_auto_threads_use_the_idle_cores(monkeypatch, torch_threads, caplog, load, expected):
+    from recon_lightning import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (load, load, load))
+    torch.set_num_threads(4)  # torch's default on 4 cores
+    with caplog.at_level("WARNING"):
+        assert threads.choose_threads("auto") == expected == torch.get_num_threads()
+    assert ("the CPU is busy" in caplog.text) == (expected < 4)
+    if expected < 4:
+        assert f"(load average {load:.1f} on 4 cores): torch uses {expected} thread(s), not 4" in caplog.text
+
+
+def test_omp_num_threads_or_a_number_choose_the_threads(monkeypatch, torch_threads):
+    from recon_lightning import threads
+
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (8.0, 8.0, 8.0))
+    torch.set_num_threads(3)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.choose_threads("auto") == 3  # the user's OMP_NUM_THREADS is kept, busy or not
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert threads.choose_threads(2) == 2
+
+
+def test_threads_key_is_checked(make_cfg):
+    from recon_lightning.errors import ConfigError
+    from recon_lightning.fit import check_values
+
+    assert make_cfg().threads == "auto"
+    with pytest.raises(ConfigError, match="threads"):
+        check_values(make_cfg("threads=0"))
