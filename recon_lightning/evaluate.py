@@ -786,6 +786,8 @@ def _image_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
 
 def _notes(report: dict) -> list[str]:
     """Human-readable remarks on what the figures mean or why some are missing, read off the report."""
+    from .reconstruct import FAR_FROM_STATIONARY
+
     notes = [f"the victim cannot be a reconstruction target: {p}" for p in (report.get("victim") or {}).get("problems", [])]
     if (report.get("text_corpus") or {}).get("note"):
         notes.append(report["text_corpus"]["note"])
@@ -807,6 +809,10 @@ def _notes(report: dict) -> list[str]:
     if report["leak"].get("note"):
         notes.append(report["leak"]["note"])
     kkt = report.get("victim_kkt")
+    if kkt and kkt["residual_at_train"] > FAR_FROM_STATIONARY:
+        notes.append(f"the victim's KKT residual at its training set is {kkt['residual_at_train']:.3g}: near 1 means "
+                     f"it is far from a stationary point of its training loss and nothing can be reconstructed from it "
+                     f"(a victim trained longer, with weight decay and a decaying learning rate, gets closer to 0)")
     if kkt and kkt["explains_candidates_better"]:
         notes.append(
             f"other points fit the victim better than its training set: its KKT residual at the true training points "

@@ -321,3 +321,40 @@ def test_threads_key_is_checked(make_cfg):
     assert make_cfg().threads == "auto"
     with pytest.raises(ConfigError, match="threads"):
         check_values(make_cfg("threads=0"))
+
+
+# ----------------------------------------------------------------------------- stationarity
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, far", [
+    # no weight decay, default init, 3 epochs: fits its 20 samples, yet far from any KKT point
+    (["trainer.max_epochs=3", "classifier.weight_decay=0", "classifier.init_scale=[null,null]",
+      "classifier.lr_schedule=constant"], True),
+    # the default recipe (weight decay, small init, cosine lr) for 1000 epochs: near one
+    (["trainer.max_epochs=1000", "classifier.lr_schedule=cosine", "classifier.init_scale=[1e-3,1e-3]"], False)])
+def test_a_victim_far_from_a_stationary_point_is_warned_about(make_cfg, tmp_path, caplog, recipe, far):
+    from recon_lightning.fit import main_with_config
+    from recon_lightning.victim import load_victim
+
+    args = ["classifier.hidden=[32]", "classifier.bias=[true,false]", "data.n_per_class=10", "data.n_test_per_class=5",
+            "classifier.lr=0.5", *recipe]
+    main_with_config(make_cfg(*args, "stage=classifier"))
+    assert load_victim(tmp_path / "run" / "classifier")[1]["metrics"]["train_acc"] == 1.0  # it fits its training set
+    with caplog.at_level("INFO"):
+        main_with_config(make_cfg(*args, "reconstruct.num_runs=1", "reconstruct.steps=5", "stage=reconstruct"))
+    assert ("the victim is far from a stationary point" in caplog.text) == far
+    assert "the victim's KKT residual at its training set" in caplog.text or far
+
+
+def test_the_report_says_a_residual_near_one_means_nothing_can_be_reconstructed():
+    from recon_lightning.evaluate import _notes
+
+    def notes(residual):
+        report = {"mode": "evaluation", "reconstruction": {"num_train": 10, "distinct_best_candidates": 10}, "leak": {},
+                  "margin": {"available": True},
+                  "victim_kkt": {"residual_at_train": residual, "explains_candidates_better": False}}
+        return " ".join(_notes(report))
+
+    assert "0.94: near 1 means it is far from a stationary point" in notes(0.94)
+    assert "nothing can be reconstructed" in notes(0.94) and "nothing can be reconstructed" not in notes(0.006)
