@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from recon_lightning.errors import DataError
 
@@ -358,3 +359,25 @@ def test_the_report_says_a_residual_near_one_means_nothing_can_be_reconstructed(
 
     assert "0.94: near 1 means it is far from a stationary point" in notes(0.94)
     assert "nothing can be reconstructed" in notes(0.94) and "nothing can be reconstructed" not in notes(0.006)
+
+
+# ----------------------------------------------------------------------------- docs
+
+
+def test_troubleshooting_commands_compose_and_name_existing_keys(make_cfg):
+    import re
+    import shlex
+
+    from recon_lightning.fit import check_values
+
+    text = (REPO / "docs" / "troubleshooting.md").read_text()
+    lines = [line.split("#")[0] for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) for line in block.splitlines()]
+    fit_lines = [shlex.split(line.split("python -m recon_lightning.fit", 1)[1]) for line in lines
+                 if "python -m recon_lightning.fit" in line]
+    assert len(fit_lines) >= 3
+    for overrides in fit_lines:
+        check_values(make_cfg(*overrides))
+    cfg = make_cfg("data=imagefolder", "data.root=x")
+    for key in ("threads", "data.test_root", "data.background", "data.n_test_per_class", "trainer.enable_progress_bar"):
+        assert key in text and OmegaConf.select(cfg, key, default="missing") != "missing", key
+    assert (REPO / "benchmarks" / "bench_threads.py").is_file()
