@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import pickle
 import warnings
@@ -148,19 +149,27 @@ def stage_progress_bar(stage: str, per_step: int, unit: str):
             bar.unit = unit
             return bar
 
+        def on_train_start(self, trainer, *args) -> None:
+            super().on_train_start(trainer, *args)
+            self._count_in_units()  # a fit resumed mid-epoch gets no on_train_epoch_start
+
         def on_train_epoch_start(self, trainer, *args) -> None:
             super().on_train_epoch_start(trainer, *args)
+            self._count_in_units()
+
+        def _count_in_units(self) -> None:
             bar = self.train_progress_bar
             bar.set_description(stage)
-            if bar.total:
-                bar.total *= per_step
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed * per_step  # a resumed fit's start
-            bar.initial = bar.n = done
+            total = self.total_train_batches
+            bar.total = total * per_step if total and math.isfinite(total) else None
+            self.first_update = True
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
             bar = self.train_progress_bar
             if bar is None or bar.disable:
                 return
+            if self.first_update:  # a resumed fit starts at batch_idx: the speed counts only what this job ran
+                bar.initial, self.first_update = batch_idx * per_step, False
             # a schedule whose length is not a multiple of per_step ends with a shorter step
             bar.n = min((batch_idx + 1) * per_step, bar.total or (batch_idx + 1) * per_step)
             bar.set_postfix(self.get_metrics(trainer, pl_module))

@@ -381,3 +381,20 @@ def test_troubleshooting_commands_compose_and_name_existing_keys(make_cfg):
     for key in ("threads", "data.test_root", "data.background", "data.n_test_per_class", "trainer.enable_progress_bar"):
         assert key in text and OmegaConf.select(cfg, key, default="missing") != "missing", key
     assert (REPO / "benchmarks" / "bench_threads.py").is_file()
+
+
+@pytest.mark.slow
+def test_a_resumed_victims_progress_starts_where_it_resumed(make_cfg, capfd):
+    import re
+
+    from recon_lightning.fit import main_with_config
+
+    args = [*TINY_VICTIM, "classifier.checkpoint_every_n_epochs=20", "classifier.log_every_n_epochs=20",
+            "stage=classifier", "trainer.enable_progress_bar=true"]
+    main_with_config(make_cfg(*args, "trainer.max_epochs=40"))
+    capfd.readouterr()
+    main_with_config(make_cfg(*args, "trainer.max_epochs=60"))  # resumes at epoch 40
+    out = capfd.readouterr().out
+    # 3 Lightning steps of 20 epochs; the first this job runs ends at 60, and its speed is that of 20 epochs
+    updates = re.findall(r"classifier: +\d+%\S* (\d+)/60 \[[\d:]+<[\d:]+, *([\d.]+) ?epoch/s", out)
+    assert updates and {n for n, _ in updates} == {"60"}, out[-2000:]
