@@ -922,7 +922,8 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
     def run_batch(batch) -> None:
         module = ReconstructionModule(objective, batch.ids, [hps[r] for r in batch.ids], y, victim.input_dim, rcfg,
                                       plan["prior"], mean_norm, dtype, input_mean=input_mean)
-        trainer = batch.trainer(**trainer_settings(cfg), progress=(inner_steps(cfg.reconstruct), "step"))
+        trainer = batch.trainer(**trainer_settings(cfg), progress=(inner_steps(cfg.reconstruct), "step"),
+                                progress_title=f"reconstruct runs {batch.ids[0]}..{batch.ids[-1]} of {num_runs}")
         trainer.fit(module, ckpt_path=batch.resume_from, weights_only=True)
         for res in module.results():
             extra = {**common_meta, "steps_planned": steps, "rank": batch.rank}

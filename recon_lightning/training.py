@@ -135,7 +135,7 @@ def _resumed_csv_logger(save_dir: Path, resume_step: int) -> CSVLogger:
 QUIET_OVERRIDES = ("max_epochs", "precision", "logger", "default_root_dir", "accelerator", "devices", "strategy", "num_nodes")
 
 
-def stage_progress_bar(stage: str, per_step: int, unit: str):
+def stage_progress_bar(title: str, per_step: int, unit: str):
     """Lightning's tqdm progress bar counted in the stage's own units: each Lightning step runs ``per_step`` of them
     (the victim's epochs, reconstruction's optimisation steps), so the bar reads "1500/20000 epoch [02:10<26:40,
     10.6 epoch/s]". Its ETA comes from the average speed since the start. (Lightning's default bar when rich is
@@ -159,7 +159,7 @@ def stage_progress_bar(stage: str, per_step: int, unit: str):
 
         def _count_in_units(self) -> None:
             bar = self.train_progress_bar
-            bar.set_description(stage)
+            bar.set_description(title)
             total = self.total_train_batches
             bar.total = total * per_step if total and math.isfinite(total) else None
             self.first_update = True
@@ -179,11 +179,12 @@ def stage_progress_bar(stage: str, per_step: int, unit: str):
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bool, progress: tuple[int, str] = (1, "step"),
-                 **overrides: Any) -> L.Trainer:
+                 progress_title: str | None = None, **overrides: Any) -> L.Trainer:
     """A Trainer from ``cfg.trainer`` (hardware/distribution) plus the stage's own ``overrides``
     (e.g. ``max_steps``); ``trainer.max_epochs`` is the victim's training length. ``logger`` is the
     stage's logger from :func:`build_logger` (built once per stage, shared by its Trainers) or False. ``progress``:
-    (units per Lightning step, unit name) of its progress bar (:func:`stage_progress_bar`)."""
+    (units per Lightning step, unit name) of its progress bar (:func:`stage_progress_bar`), titled ``progress_title``
+    (default: the stage's name)."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.update(default_root_dir=str(run_dir / stage), logger=logger, enable_model_summary=False)
     for key, value in overrides.items():
@@ -197,7 +198,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bo
     kwargs.update(overrides)
     callbacks = list(kwargs.get("callbacks") or [])
     if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
-        kwargs["callbacks"] = [*callbacks, stage_progress_bar(stage, *progress)]
+        kwargs["callbacks"] = [*callbacks, stage_progress_bar(progress_title or stage, *progress)]
     # Every stage's training loader yields the same item at every position (steps_loader, the victim's full batch),
     # so a fit resumed mid-epoch is exact; Lightning cannot know that and would warn on every resume.
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended",

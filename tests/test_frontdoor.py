@@ -275,7 +275,7 @@ def test_victim_and_reconstruction_progress_count_their_own_units_with_an_eta(ma
     # 4 Lightning steps of 10 epochs; 4 of 5 optimisation steps; each update has a time left ([elapsed<remaining])
     assert re.search(r"classifier: 100%.*\b40/40 \[[\d:]+<[\d:]+, *[\d.]+ ?epoch/s", out), out[-2000:]
     assert re.search(r"classifier: +25%.*\b10/40 \[[\d:]+<[\d:]+,", out), out[-2000:]
-    assert re.search(r"reconstruct: 100%.*\b20/20 \[[\d:]+<[\d:]+, *[\d.]+ ?step/s", out), out[-2000:]
+    assert re.search(r"reconstruct runs 0..0 of 1: 100%.*\b20/20 \[[\d:]+<[\d:]+, *[\d.]+ ?step/s", out), out[-2000:]
 
 
 # ----------------------------------------------------------------------------- threads
