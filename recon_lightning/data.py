@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
-from functools import partial
 from typing import Any, List, Optional, Sequence
 
 import numpy as np
