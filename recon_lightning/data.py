@@ -15,19 +15,22 @@ the number; an explicit number larger than a class allows is an error. ``n_test_
 Images keep their own channels (``data.channels=auto``: grayscale when every image used is
 grayscale, else RGB; or force ``1`` / ``3``). 16-bit images are scaled from 0..65535 to 0..255.
 Image folders with mixed image sizes are resized (shorter side, centre crop) to ``data.image_size``,
-or, when that is null, to the most common size among the images used (logged).
+or, when that is null, to the most common size among the images used (logged). Transparent images are
+composited onto ``data.background`` (white by default). ``data.test_root`` names a separate held-out folder
+(the same class sub-folders as ``data.root``, e.g. train/ and test/).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from .config import Section, auto_or_int, is_int, rule
 from .errors import ConfigError, DataError
@@ -73,7 +76,9 @@ class SkimageDataConfig(ImageDataConfig):
 @dataclass
 class ImageFolderDataConfig(ImageDataConfig):
     root: str = MISSING
+    test_root: Optional[str] = MISSING  # null: the held-out samples are drawn from root
     image_size: Any = rule(test=_image_size_ok, what="null, a size >= 1 or [H, W]")  # typed Any: null, int or a list
+    background: List[int] = rule(ge=0, le=255, test=lambda v: len(v) == 3, what="[R, G, B], each 0..255")
 
 
 @dataclass
@@ -252,10 +257,16 @@ def _with_channels(split: Split, c: int) -> Split:
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """An image file as uint8 (H, W) when grayscale, else (H, W, 3) RGB (alpha dropped). 16-bit and
-    32-bit grayscale (PIL modes I;16 and I) are scaled from 0..65535 to 0..255, float images (F)
-    from 0..1; a palette image whose colours are all grays is grayscale."""
+ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+WHITE = (255, 255, 255)
+
+
+def _read_image(path: Path, background: Sequence[int] = WHITE) -> np.ndarray:
+    """An image file as uint8 (H, W) when grayscale, else (H, W, 3) RGB. An image with transparency (an alpha channel
+    or a transparent palette colour) is composited onto the colour ``background`` (``data.background``: what a
+    viewer shows behind it; dropping the alpha would turn transparent areas into whatever colour they happen to
+    hold, usually black). 16-bit and 32-bit grayscale (PIL modes I;16 and I) are scaled from 0..65535 to 0..255,
+    float images (F) from 0..1; a palette image whose colours are all grays is grayscale."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -264,9 +275,14 @@ def _read_image(path: Path) -> np.ndarray:
                 wide = np.asarray(img, dtype=np.float64)
                 top = 1.0 if img.mode == "F" else 65535.0
                 return (np.clip(wide / top, 0, 1) * 255).round().astype(np.uint8)
-            if img.mode in GRAY_MODES:
+            if img.mode in ALPHA_MODES or "transparency" in img.info:
+                rgba = np.asarray(img.convert("RGBA"), dtype=np.float64)
+                alpha = rgba[..., 3:] / 255.0
+                rgb = (rgba[..., :3] * alpha + np.asarray(background, np.float64) * (1 - alpha)).round().astype(np.uint8)
+            elif img.mode in GRAY_MODES:
                 return np.array(img.convert("L"))
-            rgb = np.array(img.convert("RGB"))  # a copy: writable, so torch does not warn
+            else:
+                rgb = np.array(img.convert("RGB"))  # a copy: writable, so torch does not warn
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"corrupt or unreadable image: {path} ({err})") from None
     if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
@@ -289,13 +305,8 @@ def _image_size(cfg, images: list[np.ndarray]) -> tuple[int, int]:
     return distinct[0]
 
 
-def _imagefolder(cfg, rng) -> Dataset:
-    root = Path(cfg.root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"image folder not found: {root}")
-    classes = list(cfg.classes) if cfg.get("classes") else sorted(p.name for p in root.iterdir() if p.is_dir())
-    if len(classes) < 2:
-        raise DataError(f"{root} needs at least 2 class sub-folders, found {classes}")
+def _class_files(root: Path, classes: list[str]) -> list[list[Path]]:
+    """The image files of each class folder ``root/<class>/`` (searched recursively)."""
     per_class = []
     for name in classes:
         folder = root / name
@@ -305,13 +316,58 @@ def _imagefolder(cfg, rng) -> Dataset:
         if not files:
             raise DataError(f"class {name!r} has no images in {folder} (looked for {sorted(IMAGE_SUFFIXES)})")
         per_class.append(files)
-    ids = [[str(p) for p in files] for files in per_class]
-    train, test, public = _split(per_class, ids, cfg, rng, classes, load=_read_image)
+    return per_class
+
+
+def _imagefolder(cfg, rng) -> Dataset:
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    classes = list(cfg.classes) if cfg.get("classes") else sorted(p.name for p in root.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise DataError(f"{root} needs at least 2 class sub-folders, found {classes}")
+    per_class = _class_files(root, classes)
+    load = partial(_read_image, background=tuple(int(v) for v in cfg.get("background", WHITE)))
+    if cfg.get("test_root"):
+        train, test, public = _separate_test_folder(cfg, rng, classes, per_class, load)
+    else:
+        train, test, public = _split(per_class, [[str(p) for p in files] for files in per_class], cfg, rng, classes,
+                                     load=load)
     used = [*train.samples, *test.samples]
     c = _channels_of(used, cfg)
     h, w = _image_size(cfg, used)
     log.info("images: %s, used at %dx%d (data.channels=%s)", "grayscale" if c == 1 else "RGB", h, w, cfg.get("channels", "auto"))
     return Dataset(*(_with_channels(s, c) for s in (train, test)), classes, "image", (c, h, w), _with_channels(public, c))
+
+
+def _separate_test_folder(cfg, rng, classes: list[str], per_class: list[list[Path]], load) -> tuple[Split, Split, Split]:
+    """Training (and public) samples from ``data.root``, held-out samples from ``data.test_root`` (the same class
+    sub-folders): ``n_per_class`` (``n_public_per_class``) and ``n_test_per_class`` are drawn from each folder's own
+    images, so no image is in two splits unless the same file is in both folders (an error)."""
+    test_root = Path(cfg.test_root).expanduser()
+    if not test_root.is_dir():
+        raise DataError(f"held-out image folder not found: {test_root} (data.test_root)")
+    test_files = _class_files(test_root, classes)
+    both = {p.resolve() for files in per_class for p in files} & {p.resolve() for files in test_files for p in files}
+    if both:
+        raise DataError(f"{len(both)} image(s) are both in data.root and data.test_root, e.g. {sorted(both)[0]}: the "
+                        f"held-out folder must hold other images")
+    n_test = int(cfg.n_test_per_class)
+    small = min(range(len(classes)), key=lambda c: len(test_files[c]))
+    if len(test_files[small]) < n_test:
+        raise DataError(f"class {classes[small]!r} has {len(test_files[small])} images in data.test_root={test_root}, "
+                        f"fewer than data.n_test_per_class={n_test}; lower it (e.g. data.n_test_per_class="
+                        f"{len(test_files[small])})")
+    train_cfg = OmegaConf.create({"n_per_class": cfg.n_per_class, "n_test_per_class": 0,
+                                  "n_public_per_class": cfg.get("n_public_per_class", 0)})
+    train, _, public = _split(per_class, [[str(p) for p in files] for files in per_class], train_cfg, rng, classes,
+                              load=load)
+    if n_test == 0:
+        return train, Split([], np.zeros(0, dtype=np.int64), []), public
+    test_cfg = OmegaConf.create({"n_per_class": n_test, "n_test_per_class": 0, "n_public_per_class": 0})
+    test, _, _ = _split(test_files, [[str(p) for p in files] for files in test_files], test_cfg, rng, classes, load=load)
+    log.info("held-out samples: %d per class from %s (data.test_root)", n_test, test_root)
+    return train, test, public
 
 
 def _text(cfg, rng) -> Dataset:

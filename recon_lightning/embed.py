@@ -25,7 +25,7 @@ from .data import Split, load_dataset
 from .errors import ConfigError, DataError
 from .stages import Stage
 from .storage import load_json, load_tensors, save_json, save_tensors
-from .training import resolve_device
+from .training import progress_enabled, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,12 @@ def normalize(x: torch.Tensor, how: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_split(backbone: Backbone, split: Split, batch_size: int, device: torch.device, desc: str):
-    """Embed one split in batches; returns (embeddings float32 (N, D), images uint8 (N, C, H, W) or None)."""
+def embed_split(backbone: Backbone, split: Split, batch_size: int, device: torch.device, desc: str, progress: bool = True):
+    """Embed one split in batches (a progress bar when ``progress``); returns (embeddings float32 (N, D), images uint8
+    (N, C, H, W) or None)."""
     embeddings, images = [], []
     unit = "img" if backbone.modality == "image" else "text"
-    with tqdm(total=len(split.samples), desc=desc, unit=unit, disable=not split.samples) as bar:
+    with tqdm(total=len(split.samples), desc=desc, unit=unit, disable=not split.samples or not progress) as bar:
         for start in range(0, len(split.samples), batch_size):
             batch = split.samples[start : start + batch_size]
             if backbone.modality == "image":
@@ -104,7 +105,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     if dataset.public is not None and len(dataset.public.labels):
         splits.append(("public", dataset.public))
     for name, split in splits:
-        x, imgs = embed_split(backbone, split, int(cfg.embed.batch_size), device, f"embed {name}")
+        x, imgs = embed_split(backbone, split, int(cfg.embed.batch_size), device, f"embed {name}", progress_enabled(cfg))
         if x.shape[1] != backbone.embed_dim:
             raise DataError(f"backbone {backbone.name} returned {x.shape[1]}-d embeddings, declared {backbone.embed_dim}")
         if not torch.isfinite(x).all():

@@ -907,15 +907,14 @@ def _image_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
     report["grids"].update(info.pop("grids"))
 
 
-KKT_RESIDUAL_HOPELESS = 0.5  # above this the stationarity condition explains less than half of the victim's weights
-
-
 def _fmt_or_na(v) -> str:
     return "n/a" if v is None else f"{v:.3g}"
 
 
 def _notes(report: dict) -> list[str]:
     """Human-readable remarks on what the figures mean or why some are missing, read off the report."""
+    from .reconstruct import FAR_FROM_STATIONARY
+
     notes = [f"the victim cannot be a reconstruction target: {p}" for p in (report.get("victim") or {}).get("problems", [])]
     if (report.get("text_corpus") or {}).get("note"):
         notes.append(report["text_corpus"]["note"])
@@ -937,12 +936,13 @@ def _notes(report: dict) -> list[str]:
     if report["leak"].get("note"):
         notes.append(report["leak"]["note"])
     kkt = report.get("victim_kkt")
-    if kkt and kkt["residual_at_train"] > KKT_RESIDUAL_HOPELESS:
+    if kkt and kkt["residual_at_train"] > FAR_FROM_STATIONARY:
         notes.append(
-            f"the victim is far from a KKT point of its training set: its KKT residual there is "
-            f"{kkt['residual_at_train']:.3g} (0 = the condition holds exactly, 1 = it explains nothing; "
-            f"{_fmt_or_na(kkt['residual_at_heldout'])} at as many held-out samples), so reconstruction has little to "
-            f"invert and a low leak figure here is weak evidence of no leakage (train the victim longer)")
+            f"the victim's KKT residual at its training set is {kkt['residual_at_train']:.3g}: near 1 means it is far "
+            f"from a stationary point of its training loss and nothing can be reconstructed from it "
+            f"({_fmt_or_na(kkt.get('residual_at_heldout'))} at as many held-out samples; 0 = the condition holds "
+            f"exactly); a low leak figure here is weak evidence of no leakage (a victim trained longer, with weight decay "
+            f"and a decaying learning rate, gets closer to 0)")
     if not report["margin"]["available"]:
         notes.append("no victim in run_dir/classifier: margin analysis omitted")
     return notes

@@ -16,7 +16,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import hydra
 import torch
@@ -25,10 +25,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from . import distributed, embed, evaluate, invert, reconstruct, select, shadow, victim
-from .config import CONFIG_DIR, Section, check_values, config_error, register, root_schema, rule
+from .config import CONFIG_DIR, Section, auto_or_int, check_values, config_error, register, root_schema, rule
 from .errors import ConfigError, ReconError
 from .stages import Stage, run_stages, stages_to_run
-from .storage import remove_temp_files, run_dir_lock
+from .storage import atomic_path, remove_temp_files, run_dir_lock
+from .threads import choose_threads
 from .training import LoggerConfig
 
 log = logging.getLogger("recon_lightning")
@@ -46,6 +47,7 @@ class RunConfig:
                       what="a stage name, all, or a list of stage names")  # typed Any: a name or a list of names
     run_dir: str = MISSING
     seed: int = MISSING
+    threads: Any = auto_or_int(ge=1)  # torch's CPU threads (recon_lightning.threads); typed Any: auto or an integer
     # Open: passed to every lightning.Trainer, which checks its own arguments.
     trainer: Dict[str, Any] = field(default_factory=dict)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -141,8 +143,9 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
             raise config_error(err) from None
 
 
-def main_with_config(cfg: DictConfig) -> dict:
-    """Run the pipeline for an already-composed config (used by ``main`` and by tests)."""
+def main_with_config(cfg: DictConfig, on_lock: Callable[[Path], None] | None = None) -> dict:
+    """Run the pipeline for an already-composed config (used by ``main`` and by tests). ``on_lock(run_dir)`` runs
+    once the run_dir lock is held, before the first stage (``main`` records the composed config there)."""
     stages = list(PIPELINE)
     cfg = sweep_trial(cfg)
     run_dir = Path(cfg.run_dir).expanduser().resolve()
@@ -153,15 +156,24 @@ def main_with_config(cfg: DictConfig) -> dict:
     with run_dir_lock(run_dir) if distributed.is_rank_zero() else contextlib.nullcontext():
         if distributed.is_rank_zero():
             clean_temp_files(run_dir, [s.name for s in stages])
+            if on_lock is not None:
+                on_lock(run_dir)
         summaries = run_stages(cfg, stages, wanted, run_dir)
     for name, summary in summaries.items():
         log.info("%s: %s", name, summary)
     return summaries
 
 
+# Lightning's lines that say nothing about this run: which accelerators exist (the log names the device used where
+# it matters), the validation settings every stage makes itself, and how to use SLURM when it is not in use.
+LIGHTNING_NOISE = ("GPU available:", "TPU available:", "HPU available:", "IPU available:", "`Trainer(limit_val_batches=",
+                   "`Trainer(val_check_interval=", "`Trainer(limit_train_batches=", "Tip:")
+
+
 def _quiet_library_logs() -> None:
-    """Lightning prints to its own console handler *and* propagates to Hydra's: keep one copy,
-    and drop its advertising tips and a deprecation warning from its internals."""
+    """Lightning prints to its own console handler *and* propagates to Hydra's: keep one copy, and drop the lines of
+    :data:`LIGHTNING_NOISE`, its SLURM hint (``srun`` is on the PATH but not in use) and a deprecation warning
+    from its internals."""
     import lightning.pytorch  # noqa: F401  (it installs its console handler on import)
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -171,8 +183,23 @@ def _quiet_library_logs() -> None:
                 lg.removeHandler(handler)
         lg.propagate = True
     for handler in logging.getLogger().handlers:  # Hydra's console and file handlers
-        handler.addFilter(lambda record: "Tip:" not in record.getMessage())
+        handler.addFilter(lambda record: not any(noise in record.getMessage() for noise in LIGHTNING_NOISE))
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
+
+
+def record_hydra_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Write ``run_dir/.hydra/{config,hydra,overrides}.yaml`` as Hydra would, but under the run_dir lock: Hydra itself
+    writes them before the job starts (``hydra.output_subdir`` is null in configs/config.yaml), so a job refused
+    because another one holds the run_dir would overwrite the record of the job whose outputs are there."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    files = {"config.yaml": cfg, "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
+             "overrides.yaml": OmegaConf.create(list(hydra_cfg.overrides.task))}
+    for name, content in files.items():
+        with atomic_path(run_dir / ".hydra" / name) as tmp:
+            tmp.write_text(OmegaConf.to_yaml(content))
 
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
@@ -184,8 +211,9 @@ def _run(cfg: DictConfig) -> None:
     _quiet_library_logs()
     # Small-init and weight-decayed weights reach denormal floats, which are ~10x slower on CPUs.
     torch.set_flush_denormal(True)
+    choose_threads(cfg.threads)
     try:
-        main_with_config(cfg)
+        main_with_config(cfg, on_lock=lambda run_dir: record_hydra_config(cfg, run_dir))
     except ReconError as err:
         # A problem the user can fix: say what it is, without a traceback from deep inside a library.
         print(f"error: {err}", file=sys.stderr)

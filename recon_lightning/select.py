@@ -484,6 +484,8 @@ def failed_runs(meta: dict) -> set[int]:
 
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
+    from .training import progress_enabled
+
     run_dir = Path(run_dir)
     scfg: SelectConfig = OmegaConf.to_object(cfg.select)
     tensors, meta = read_candidates(run_dir)
@@ -497,7 +499,8 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
         keep &= ~torch.isin(run, torch.tensor(sorted(failed), dtype=torch.int64))
     log.info("select: %d candidates, %d from failed runs excluded", x.shape[0], int((~keep).sum()))
     selection, clusters = select_candidates(x, tensors["y"].long(), tensors["lam"].float(), run,
-                                            tensors["run_loss"].float(), scfg, keep=keep, seed=int(cfg.seed))
+                                            tensors["run_loss"].float(), scfg, keep=keep, seed=int(cfg.seed),
+                                            progress=progress_enabled(cfg))
     score_used, reason = _score_to_use(cfg, scfg, run_dir)
     if score_used == "learned":
         baseline = selection

@@ -12,7 +12,7 @@ An interrupted stage keeps its partial outputs (for stages that resume, such as
 reconstruction), and so does a change of a *resumable* key (``reconstruct.num_runs``: run r is
 the same run whatever the total, so raising it adds runs and keeps the finished ones).
 Any other change moves the old outputs aside to ``run_dir/<stage>.stale-<old fingerprint>``
-rather than deleting them.
+rather than deleting them (``python -m recon_lightning.stale RUN_DIR [--prune]`` lists and deletes them).
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def _prepare_dir(stage_dir: Path, fp: str) -> None:
             if stale.exists():
                 shutil.rmtree(stale)
             stage_dir.rename(stale)
-            log.info("config changed for stage %s: previous outputs moved to %s", stage_dir.name, stale)
+            log.info("config changed for stage %s: previous outputs moved to %s (list or delete such folders with: "
+                     "python -m recon_lightning.stale %s [--prune])", stage_dir.name, stale, stage_dir.parent)
     stage_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(fp + "\n")
 

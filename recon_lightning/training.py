@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
+import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +19,9 @@ from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from . import distributed
@@ -51,6 +56,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def progress_enabled(cfg: DictConfig) -> bool:
+    """``trainer.enable_progress_bar``: the Trainers' bars and every stage's own (embedding, selection) follow it."""
+    return bool(cfg.trainer.get("enable_progress_bar", True))
 
 
 def wandb_mode(cfg: DictConfig) -> str:
@@ -125,10 +135,56 @@ def _resumed_csv_logger(save_dir: Path, resume_step: int) -> CSVLogger:
 QUIET_OVERRIDES = ("max_epochs", "precision", "logger", "default_root_dir", "accelerator", "devices", "strategy", "num_nodes")
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bool, **overrides: Any) -> L.Trainer:
+def stage_progress_bar(title: str, per_step: int, unit: str):
+    """Lightning's tqdm progress bar counted in the stage's own units: each Lightning step runs ``per_step`` of them
+    (the victim's epochs, reconstruction's optimisation steps), so the bar reads "1500/20000 epoch [02:10<26:40,
+    10.6 epoch/s]". Its ETA comes from the average speed since the start. (Lightning's default bar when rich is
+    installed estimates the speed over the last 30 s only: a stage whose Lightning steps take longer, such as a
+    large victim's 500 epochs per step, shows no ETA at all.)"""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class StageProgressBar(TQDMProgressBar):
+        def init_train_tqdm(self):
+            bar = super().init_train_tqdm()
+            bar.unit = unit
+            return bar
+
+        def on_train_start(self, trainer, *args) -> None:
+            super().on_train_start(trainer, *args)
+            self._count_in_units()  # a fit resumed mid-epoch gets no on_train_epoch_start
+
+        def on_train_epoch_start(self, trainer, *args) -> None:
+            super().on_train_epoch_start(trainer, *args)
+            self._count_in_units()
+
+        def _count_in_units(self) -> None:
+            bar = self.train_progress_bar
+            bar.set_description(title)
+            total = self.total_train_batches
+            bar.total = total * per_step if total and math.isfinite(total) else None
+            self.first_update = True
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+            bar = self.train_progress_bar
+            if bar is None or bar.disable:
+                return
+            if self.first_update:  # a resumed fit starts at batch_idx: the speed counts only what this job ran
+                bar.initial, self.first_update = batch_idx * per_step, False
+            # a schedule whose length is not a multiple of per_step ends with a shorter step
+            bar.n = min((batch_idx + 1) * per_step, bar.total or (batch_idx + 1) * per_step)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+    return StageProgressBar()
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bool, progress: tuple[int, str] = (1, "step"),
+                 progress_title: str | None = None, **overrides: Any) -> L.Trainer:
     """A Trainer from ``cfg.trainer`` (hardware/distribution) plus the stage's own ``overrides``
     (e.g. ``max_steps``); ``trainer.max_epochs`` is the victim's training length. ``logger`` is the
-    stage's logger from :func:`build_logger` (built once per stage, shared by its Trainers) or False."""
+    stage's logger from :func:`build_logger` (built once per stage, shared by its Trainers) or False. ``progress``:
+    (units per Lightning step, unit name) of its progress bar (:func:`stage_progress_bar`), titled ``progress_title``
+    (default: the stage's name)."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.update(default_root_dir=str(run_dir / stage), logger=logger, enable_model_summary=False)
     for key, value in overrides.items():
@@ -140,6 +196,16 @@ def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bo
             log.warning("stage %s sets the Trainer's %s=%r (from its own config), not trainer.%s=%r", stage, key, value,
                         key, kwargs[key])
     kwargs.update(overrides)
+    callbacks = list(kwargs.get("callbacks") or [])
+    if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        kwargs["callbacks"] = [*callbacks, stage_progress_bar(progress_title or stage, *progress)]
+    # Every stage's training loader yields the same item at every position (steps_loader, the victim's full batch),
+    # so a fit resumed mid-epoch is exact; Lightning cannot know that and would warn on every resume.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended",
+                            category=PossibleUserWarning)
+    # Every stage optimises manually and checkpoints the state after step N with global_step N, which is what
+    # resuming needs (Lightning's warning says the state is the one after the optimiser step, with a code example).
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
     try:
         return L.Trainer(**kwargs)
     except (TypeError, ValueError) as err:
@@ -165,10 +231,26 @@ def checkpointing(run_dir: Path, stage: str, every_n_steps: int, name: str | Non
     for path in sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True):
         # Lightning writes checkpoints in place: a kill during the write leaves a truncated file
         # (torch.save's zip archive then lacks its end record). Skip it rather than fail to resume.
-        if zipfile.is_zipfile(path):
+        problem = unreadable_checkpoint(path)
+        if problem is None:
             return callback, str(path)
-        log.warning("ignoring damaged checkpoint %s (the job was probably killed while writing it)", path)
+        log.warning("ignoring damaged checkpoint %s (%s)", path, problem)
     return callback, None
+
+
+def unreadable_checkpoint(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from, or None when it can: it must be a complete torch.save zip archive whose
+    pickle holds only tensors and plain containers (read with ``weights_only=True``: pickled code is refused, never
+    run; memory-mapped, so the tensors are not read twice)."""
+    if not zipfile.is_zipfile(path):
+        return "not a complete checkpoint archive: the job was probably killed while writing it"
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        return f"it holds more than tensors and plain values, which are not loaded: {str(err).splitlines()[0]}"
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        return f"unreadable: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    return None
 
 
 def steps_loader(steps: int):

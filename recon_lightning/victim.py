@@ -502,7 +502,7 @@ def run_stage(cfg, run_dir: Path) -> dict:
     # metrics.csv keeps the rows of the epochs a resumed training does not redo
     logger = build_logger(cfg, run_dir, "classifier", resume_step=done_epochs if resume_from else 0)
     trainer = make_trainer(
-        cfg, run_dir, "classifier", logger,
+        cfg, run_dir, "classifier", logger, progress=(per_step, "epoch"),
         max_epochs=loop_epochs + 2,  # max_steps (= epochs: one optimiser step per epoch) ends training
         max_steps=epochs,
         val_check_interval=max(1, min(int(c.log_every_n_epochs), epochs) // per_step),

@@ -131,4 +131,4 @@ def test_every_section_is_declared_by_one_stage():
     sections = [s.name for stage in PIPELINE for s in stage.sections]
     assert len(sections) == len(set(sections))
     top = set(OmegaConf.to_container(load_config([]), resolve=False))
-    assert top - set(sections) == {"stage", "run_dir", "seed", "trainer", "logger"}  # the runner's own keys
+    assert top - set(sections) == {"stage", "run_dir", "seed", "threads", "trainer", "logger"}  # the runner's own keys

@@ -186,7 +186,7 @@ def test_evaluate_on_synthetic_run(tmp_path):
     kkt = report["victim_kkt"]
     assert kkt["residual_at_train"] > 0.5 and kkt["residual_at_heldout"] is None and kkt["num_points"] == 12
     assert report["summary"]["kkt_residual_at_train"] == kkt["residual_at_train"]
-    assert any("far from a KKT point of its training set" in n for n in report["notes"])
+    assert any("far from a stationary point of its training loss" in n for n in report["notes"])
     # Images: exact copies reconstruct to SSIM 1.
     imgs = report["images"]
     assert imgs["source"] == "reshape"
@@ -221,7 +221,7 @@ def test_kkt_diagnostic_compares_the_training_set_with_as_many_heldout_samples(t
     assert kkt["form"] == "binary" and kkt["num_points"] == 12
     planted, other = ("residual_at_train", "residual_at_heldout")[:: 1 if planted_on == "train" else -1]
     assert kkt[planted] < 1e-6 and kkt[other] > 0.05, kkt
-    noted = any("far from a KKT point of its training set" in n for n in report["notes"])
+    noted = any("far from a stationary point of its training loss" in n for n in report["notes"])
     assert noted == (kkt["residual_at_train"] > 0.5) and noted == (planted_on == "heldout")
 
 
