@@ -824,14 +824,36 @@ def _attribution_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None
         if name == "selection":
             for rep, is_train, j, c in zip(inputs.reps, figs["nearest_is_train"], figs["nearest_index"], figs["nearest_cosine"]):
                 rep.update(attributed_to_train=bool(is_train), nearest_member_or_heldout=int(j), nearest_member_or_heldout_cosine=c)
+    if "candidate_score" in inputs.sel:
+        out["learned_score"] = _learned_score_transfer(inputs, ev, train_f, held_f)
     report["attribution"] = out
     s = report["summary"]
     s["selection_attribution_chance"] = out["chance"]
+    for key in ("auc_on_this_victim", "auc_between_shadows"):
+        if (out.get("learned_score") or {}).get(key) is not None:
+            s[f"learned_score_{key}"] = out["learned_score"][key]
     for name, prefix in (("selection", "selection"), ("baseline", "baseline_selection")):
         for k, row in (out.get(name) or {}).get("at_k", {}).items():
             s[f"{prefix}_attribution_at_{k}"] = row["attributed"]
             s[f"{prefix}_distinct_train_at_{k}"] = row["distinct_train"]
             s[f"{prefix}_attribution_p_at_{k}"] = row["p_value"]
+
+
+def _learned_score_transfer(inputs: _Inputs, ev: _Evaluation, train_f: torch.Tensor, held_f: torch.Tensor) -> dict:
+    """How well the score learned on shadow victims tells this victim's real reconstructions (candidates nearest to
+    a training sample among training ∪ held-out) from the rest: its ROC AUC here, beside the AUC it had from one
+    shadow victim to another (``shadow/scorer.json``)."""
+    from sklearn.metrics import roc_auc_score
+
+    from .shadow import load_scorer
+
+    scores = inputs.sel["candidate_score"].double()[ev.cand_idx]
+    ok = torch.isfinite(scores)
+    near = best_matches("cosine", ev.frame(ev.cand_x[ok]), torch.cat([train_f, held_f]), inputs.ecfg.chunk)["best_index"]
+    real = (near < len(train_f)).numpy()
+    scorer = load_scorer(inputs.run_dir) or {}
+    return {"auc_on_this_victim": float(roc_auc_score(real, scores[ok].numpy())) if 0 < real.sum() < len(real) else None,
+            "real_fraction": float(real.mean()), "auc_between_shadows": scorer.get("transfer_auc_mean")}
 
 
 def _victim_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:

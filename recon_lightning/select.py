@@ -562,9 +562,12 @@ def learned_selection(tensors: dict, keep: torch.Tensor, clusters: list[dict], s
     size_of = np.zeros(len(tensors["x"]), dtype=np.int64)
     for c in clusters:
         size_of[np.asarray(c["members"], dtype=np.int64)] = c["size"]
+    every = torch.full((len(tensors["x"]),), float("nan"))
+    every[idx] = torch.tensor(p, dtype=torch.float32)
     return {"x": tensors["x"][chosen].float(), "candidate_index": chosen,
             "score": torch.tensor(p[top], dtype=torch.float32),
-            "cluster_size": torch.from_numpy(size_of[chosen.numpy()]), "y": tensors["y"][chosen].long()}
+            "cluster_size": torch.from_numpy(size_of[chosen.numpy()]), "y": tensors["y"][chosen].long(),
+            "candidate_score": every}  # every candidate's learned score (NaN: excluded), for the report
 
 
 def clusters_json(clusters: list[dict], scfg: SelectConfig, n_candidates: int, n_used: int, failed: set[int],

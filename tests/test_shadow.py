@@ -90,6 +90,22 @@ def test_shadow_stage_learns_a_score_and_select_uses_it(make_cfg, tmp_path):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["attribution"]["score"] == "learned" and "baseline" in report["attribution"]
     assert "baseline_selection_attribution_at_12" in report["summary"]
+    # the learned score's AUC on this victim, recomputed: each scored candidate is real when its nearest sample
+    # (victim's frame, plain cosines) among training ∪ held-out is a training sample
+    from sklearn.metrics import roc_auc_score
+
+    from recon_lightning.reconstruct import load_candidates
+    from recon_lightning.victim import load_victim
+
+    mu = load_victim(run_dir / "classifier")[0].input_offset().detach()
+    cands = load_candidates(run_dir).x
+    scored = torch.isfinite(sel["candidate_score"])
+    unit = lambda a: torch.nn.functional.normalize((a - mu).double(), dim=1)  # noqa: E731
+    pool = torch.cat([emb.train_x, emb.test_x])
+    real = ((unit(cands[scored]) @ unit(pool).T).argmax(1) < len(emb.train_x)).numpy()
+    expected = roc_auc_score(real, sel["candidate_score"][scored].double().numpy())
+    assert report["summary"]["learned_score_auc_on_this_victim"] == pytest.approx(expected, abs=1e-9)
+    assert report["summary"]["learned_score_auc_between_shadows"] == pytest.approx(scorer["transfer_auc_mean"])
 
     # select.score=cluster: no shadow stage, the cluster ranking, no baseline
     main_with_config(make_cfg(*TINY, "select.score=cluster"))
