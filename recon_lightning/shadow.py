@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config import Section, rule
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, UnhealthyVictimError
 from .stages import Stage
 from .storage import load_json, save_json, save_tensors
 
@@ -188,7 +188,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
             save_json(out / "scorer.json", {"format": SCORER_FORMAT, "available": False, "reason": reason})
         return {"available": 0}
     members_per_class = torch.bincount(emb.train_y.long(), minlength=emb.num_classes).tolist()
-    shadows = []
+    shadows, skipped = [], []
     for s in range(shcfg.num_victims):
         sub = out / f"victim_{s}"
         sc = _shadow_cfg(cfg, s)
@@ -197,12 +197,17 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
             save_tensors(sub / "embed" / "embeddings.safetensors",
                          {"train_x": public_x[mem].contiguous(), "train_y": public_y[mem].contiguous(),
                           "test_x": public_x[non].contiguous(), "test_y": public_y[non].contiguous()},
-                         {**emb.meta, "shadow_of": str(run_dir), "public_indices_members": mem.tolist(),
+                         {**emb.meta, "public_indices_members": mem.tolist(),
                           "public_indices_nonmembers": non.tolist()})
         distributed.barrier()
         log.info("shadow %d/%d: victim on %d public members, %d reconstruction runs", s + 1, shcfg.num_victims,
                  len(mem), shcfg.num_runs)
-        victim.run_stage(sc, sub)
+        try:
+            victim.run_stage(sc, sub)
+        except UnhealthyVictimError as err:  # a shadow that cannot be a reconstruction target teaches nothing
+            log.warning("shadow %d left out: %s", s, err)
+            skipped.append({"shadow": s, "reason": str(err)})
+            continue
         reconstruct.run_stage(sc, sub)
         if not distributed.is_rank_zero():
             continue
@@ -220,20 +225,27 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
                         "xf": cands.x[keep].float() - offset, "chance": len(mem) / (len(mem) + len(non))})
     if not distributed.is_rank_zero():
         return {}
+    if not shadows:
+        reason = f"every shadow victim was unhealthy ({skipped[0]['reason']})"
+        if cfg.select.score == "learned":
+            raise DataError(f"select.score=learned: {reason}")
+        log.warning("shadow: %s; the selection falls back to the cluster score (select.score=auto)", reason)
+        save_json(out / "scorer.json", {"format": SCORER_FORMAT, "available": False, "reason": reason, "skipped": skipped})
+        return {"available": 0}
     max_cosine = float(cfg.select.diversity_cosine)
     model = fit_scorer(np.concatenate([s["ranks"] for s in shadows]), np.concatenate([s["labels"] for s in shadows]),
-                       shcfg.regularization)
+                       shcfg.regularization)  # every usable shadow's candidates together
     transfer = transfer_figures(shadows, shcfg.regularization, max_cosine) if len(shadows) > 1 else []
     aucs = [t["auc"] for t in transfer if t.get("auc") is not None]
     scorer = {"format": SCORER_FORMAT, "available": True, "features": list(FEATURES),
               "public_pool_size": int(len(public_x) - len(mem) - len(non)),
               "coef": model.coef_[0].tolist(), "intercept": float(model.intercept_[0]),
-              "num_victims": shcfg.num_victims, "num_candidates": int(sum(len(s["labels"]) for s in shadows)),
+              "num_victims": len(shadows), "num_candidates": int(sum(len(s["labels"]) for s in shadows)),
               "real_fraction": float(np.mean(np.concatenate([s["labels"] for s in shadows]))),
-              "transfer": transfer, "transfer_auc_mean": float(np.mean(aucs)) if aucs else None}
+              "transfer": transfer, "transfer_auc_mean": float(np.mean(aucs)) if aucs else None, "skipped": skipped}
     save_json(out / "scorer.json", scorer)
     log.info("shadow: learned score from %d candidates of %d shadow victims (%.0f %% real); transfer between shadows: "
-             "AUC %s", scorer["num_candidates"], shcfg.num_victims, 100 * scorer["real_fraction"],
+             "AUC %s", scorer["num_candidates"], len(shadows), 100 * scorer["real_fraction"],
              "n/a" if not aucs else f"{np.mean(aucs):.3f}")
     _log_summary(cfg, run_dir, scorer)
     return {"available": 1, "transfer_auc_mean": scorer["transfer_auc_mean"], "real_fraction": scorer["real_fraction"]}

@@ -124,3 +124,30 @@ def test_learned_score_without_public_samples(make_cfg, tmp_path, caplog):
     with pytest.raises(ConfigError, match="select.score=learned trains shadow victims on public samples, but "
                                           "data.n_public_per_class=0"):
         main_with_config(make_cfg(*TINY, "data.n_public_per_class=0", "select.score=learned"))
+
+
+@pytest.mark.slow
+def test_unhealthy_shadow_victims_are_left_out_and_auto_falls_back(make_cfg, tmp_path, monkeypatch):
+    """A shadow victim that cannot be a reconstruction target is left out with its reason; with none left,
+    select.score=auto ranks by the cluster score and says why, select.score=learned stops with the reason."""
+    from recon_lightning import victim
+    from recon_lightning.errors import UnhealthyVictimError
+    from recon_lightning.fit import main_with_config
+    from recon_lightning.select import load_selection
+
+    real_run_stage = victim.run_stage
+
+    def unhealthy_shadows(cfg, run_dir):
+        if "shadow" in run_dir.parts:
+            raise UnhealthyVictimError("the victim trained in classifier/ cannot be a reconstruction target: planted")
+        return real_run_stage(cfg, run_dir)
+
+    monkeypatch.setattr(victim, "run_stage", unhealthy_shadows)
+    main_with_config(make_cfg(*TINY, "stage=[embed,classifier,reconstruct,shadow,select]"))
+    scorer = json.loads((tmp_path / "run" / "shadow" / "scorer.json").read_text())
+    assert not scorer["available"] and "every shadow victim was unhealthy" in scorer["reason"]
+    assert [s["shadow"] for s in scorer["skipped"]] == [0, 1]
+    sel, meta = load_selection(tmp_path / "run")
+    assert meta["score"] == "cluster" and "unhealthy" in meta["score_reason"]
+    with pytest.raises(DataError, match="select.score=learned: every shadow victim was unhealthy"):
+        main_with_config(make_cfg(*TINY, "select.score=learned", "shadow.num_runs=3"))
