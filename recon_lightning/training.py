@@ -16,10 +16,12 @@ from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from . import distributed
+from . import distributed, preempt
 from .config import rule, section
 from .errors import ConfigError
 
@@ -122,13 +124,36 @@ def _resumed_csv_logger(save_dir: Path, resume_step: int) -> CSVLogger:
     return logger
 
 
+class StopOnSignal(Callback):
+    """Stops a fit cleanly on SIGUSR1 (:mod:`recon_lightning.preempt`): at the end of every Lightning step, if any
+    rank received it (under DDP the ranks agree with one all-reduce, at the same step on every rank), every rank
+    saves the fit's checkpoint together (``hpc_ckpt_N.ckpt`` in its folder, when the fit checkpoints at all) and
+    raises :class:`recon_lightning.preempt.Interrupted`. :func:`make_trainer` gives it to every Trainer."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        preempt.forward_to(getattr(trainer.strategy.launcher, "procs", None) or [])  # rank 0 of Lightning's launcher
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.strategy.reduce_boolean_decision(preempt.requested(), all=False):
+            return
+        where = f"at step {trainer.global_step}"
+        if trainer.checkpoint_callbacks:
+            path = trainer.strategy.broadcast(preempt.hpc_checkpoint_path(trainer.default_root_dir))  # rank 0's name
+            trainer.save_checkpoint(str(path), weights_only=False)  # every rank: rank 0 writes, then a barrier
+            where += f", its checkpoint saved to {path}"
+        else:
+            where += " (checkpoints are off: the running fit starts over)"
+        raise preempt.interrupted(where)
+
+
 QUIET_OVERRIDES = ("max_epochs", "precision", "logger", "default_root_dir", "accelerator", "devices", "strategy", "num_nodes")
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bool, **overrides: Any) -> L.Trainer:
     """A Trainer from ``cfg.trainer`` (hardware/distribution) plus the stage's own ``overrides``
     (e.g. ``max_steps``); ``trainer.max_epochs`` is the victim's training length. ``logger`` is the
-    stage's logger from :func:`build_logger` (built once per stage, shared by its Trainers) or False."""
+    stage's logger from :func:`build_logger` (built once per stage, shared by its Trainers) or False.
+    Every Trainer stops cleanly on SIGUSR1 (:class:`StopOnSignal`)."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.update(default_root_dir=str(run_dir / stage), logger=logger, enable_model_summary=False)
     for key, value in overrides.items():
@@ -140,6 +165,11 @@ def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bo
             log.warning("stage %s sets the Trainer's %s=%r (from its own config), not trainer.%s=%r", stage, key, value,
                         key, kwargs[key])
     kwargs.update(overrides)
+    kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), StopOnSignal()]
+    if "plugins" not in kwargs and SLURMEnvironment.detect():
+        # SIGUSR1 is StopOnSignal's: Lightning's own SLURM requeue handler (a checkpoint saved inside the signal
+        # handler, which can deadlock DDP) stays off, and the SLURM script requeues the job.
+        kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     try:
         return L.Trainer(**kwargs)
     except (TypeError, ValueError) as err:
@@ -254,6 +284,7 @@ def run_on_every_rank(cfg: DictConfig, run_dir: Path, stage: str, work: Callable
                           f"not {type(outer.strategy).__name__} with {type(launcher).__name__}")
 
     def on_rank() -> Any:
+        preempt.forward_to(getattr(launcher, "procs", None) or [])  # the ranks this one started, if any
         strategy = outer.strategy
         if hasattr(strategy, "set_world_ranks"):
             strategy.set_world_ranks()  # reads LOCAL_RANK / NODE_RANK set by the launcher

@@ -1,5 +1,5 @@
-"""The README, sweep files and SLURM scripts stay in step with the configs: every command line they
-show composes, and every config key or option they name exists."""
+"""The README (with docs/cluster.md), sweep files and SLURM scripts stay in step with the configs: every command line
+they show composes, and every config key or option they name exists."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from recon_lightning.config import CONFIG_DIR, check_values
 from recon_lightning.fit import load_config
 
 REPO = Path(__file__).resolve().parent.parent
-README = (REPO / "README.md").read_text()
+# The README and the guide it sends cluster users to, read as one.
+README = (REPO / "README.md").read_text() + "\n" + (REPO / "docs" / "cluster.md").read_text()
 SCRIPTS = sorted((REPO / "sweeps" / "slurm").glob("*.sbatch"))
 GROUPS = {p.name: {f.stem for f in p.glob("*.yaml")} for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
 OPEN_SECTIONS = {"trainer"}  # passed to lightning.Trainer: any of its arguments
@@ -49,6 +50,8 @@ def readme_commands() -> list[list[str]]:
             if "python -m recon_lightning.fit" not in line:
                 continue
             args = shlex.split(line.split("python -m recon_lightning.fit", 1)[1])
+            if "-m" in args:  # a multirun: each job's config composes (the first value of each swept key)
+                args = [a.split(",")[0] if "=" in a and "/" not in a.split("=")[0] else a for a in args if a != "-m"]
             commands.append([a for a in args if a not in ("--cfg", "job")])
     return commands
 
