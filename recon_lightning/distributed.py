@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch.distributed as dist
 
+from . import preempt
+
 
 def global_rank() -> int:
     """This process's rank: from the process group once it exists, else from the launcher's env.
@@ -41,15 +43,37 @@ def is_rank_zero() -> bool:
     return global_rank() == 0
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def started_by_rank_zero() -> bool:
+    """Whether Lightning's own DDP launcher started this process from rank 0's (``trainer.strategy=ddp`` with no
+    SLURM, torchrun, MPI or LSF to start the ranks, the environments Lightning detects): rank 0 then watches it, and
+    stands for the job."""
+    if int(os.environ.get("LOCAL_RANK", 0) or 0) == 0:
+        return False
+    from lightning.fabric.plugins.environments import (LSFEnvironment, MPIEnvironment, SLURMEnvironment,
+                                                       TorchElasticEnvironment)
+
+    return not any(env.detect() for env in (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment, MPIEnvironment))
+
+
+def barrier(what: str = "the other ranks") -> None:
+    """All ranks meet here (when a process group exists). A SIGUSR1 while waiting ends the wait with
+    :class:`recon_lightning.preempt.Interrupted` (the barrier is polled, not blocked in), so a rank whose peer stopped
+    on the signal stops too instead of waiting for it forever."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    work = dist.barrier(async_op=True)
+    while not work.is_completed():
+        preempt.check(f"while waiting for {what}")
+        time.sleep(0.01)
+    work.wait()
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 24 * 3600, poll_s: float = 2.0) -> None:
-    """Block until ``predicate()`` holds (for ranks that wait on rank 0 before a process group exists)."""
+    """Block until ``predicate()`` holds (for ranks that wait on rank 0 before a process group exists); a SIGUSR1
+    ends the wait (:class:`recon_lightning.preempt.Interrupted`)."""
     start = time.time()
     while not predicate():
+        preempt.check(f"while waiting for {what}")
         if time.time() - start > timeout_s:
             raise TimeoutError(f"rank {global_rank()} timed out waiting for {what}")
         time.sleep(poll_s)

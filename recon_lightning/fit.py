@@ -9,6 +9,13 @@ inputs and outputs, ...) is declared by its module as ``STAGE``; this module onl
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # The command line takes SIGUSR1 (SLURM's time-limit warning) from its first moment, not only once the imports
+    # below (seconds) are done: the default action would kill the process (recon_lightning.preempt).
+    from recon_lightning import preempt as _preempt
+
+    _preempt.install()
+
 import contextlib
 import logging
 import os
@@ -24,10 +31,10 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from . import distributed, embed, evaluate, invert, reconstruct, select, shadow, victim
+from . import distributed, embed, evaluate, invert, preempt, reconstruct, select, shadow, victim
 from .config import CONFIG_DIR, Section, auto_or_int, check_values, config_error, register, root_schema, rule
 from .errors import ConfigError, ReconError
-from .stages import Stage, run_stages, stages_to_run
+from .stages import Stage, run_stages, stages_to_run, up_to_date
 from .storage import atomic_path, remove_temp_files, run_dir_lock
 from .threads import choose_threads
 from .training import LoggerConfig
@@ -102,22 +109,52 @@ def _agent_trial() -> tuple[str, str] | None:
     return (sweep_id, run_id) if sweep_id and run_id else None
 
 
+def multirun_job() -> tuple[int, Path] | None:
+    """(job number, job folder) when this is a job of a Hydra multirun (``-m``, any launcher: in this process,
+    ``hydra/launcher=local`` or ``hydra/launcher=slurm``), else None. The folder is ``hydra.sweep.dir/subdir``:
+    ``<run_dir>/multirun/<date>_<time>/<job number>`` (configs/config.yaml)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return int(hydra_cfg.job.num), Path(hydra_cfg.runtime.output_dir).resolve()
+
+
 def sweep_trial(cfg: DictConfig) -> DictConfig:
-    """Under a W&B sweep agent, give each trial its own run_dir (:func:`trial_run_dir`) that reuses the base
-    run_dir's victim and training embeddings, so concurrent trials never share a folder. Elsewhere ``cfg`` is
-    returned unchanged."""
-    ids = _agent_trial()
+    """Give each trial of a sweep its own run_dir, so concurrent trials never share a folder; elsewhere ``cfg`` is
+    returned unchanged.
+
+    * A W&B sweep-agent trial works in :func:`trial_run_dir` and reuses the base run_dir's victim and training
+      embeddings (the sweep file's command runs ``stage=reconstruct``).
+    * A job of a Hydra multirun works in its own folder (:func:`multirun_job`) and reuses the base run_dir's
+      embeddings and victim when they are up to date for the job's own config (the same check that makes a rerun
+      skip them), so a multirun over ``reconstruct.*`` keys trains no victim, and one over ``classifier.*`` keys
+      trains each job's own victim in its folder."""
+    ids, job = _agent_trial(), None
     if ids is None:
-        return cfg
+        job = multirun_job()
+        if job is None:
+            return cfg
     base = Path(cfg.run_dir).expanduser().resolve()
     cfg = cfg.copy()
     with open_dict(cfg):
-        cfg.run_dir = trial_run_dir(cfg.run_dir)
-        if not cfg.reconstruct.get("victim_dir"):
+        if ids is not None:
+            cfg.run_dir, share = trial_run_dir(cfg.run_dir), True
+            log.info("W&B sweep %s, run %s: run_dir %s", *ids, cfg.run_dir)
+        else:
+            cfg.run_dir = str(job[1])
+            share = not cfg.reconstruct.get("victim_dir") and up_to_date(cfg, PIPELINE[:2], base)
+            log.info("multirun job %d: run_dir %s, %s", job[0], cfg.run_dir,
+                     f"reusing the victim and embeddings of {base}" if share else
+                     f"its own victim (none in {base} is up to date for this job's config)")
+        if share and not cfg.reconstruct.get("victim_dir"):
             cfg.reconstruct.victim_dir = str(base / "classifier")
-        if not cfg.reconstruct.get("embeddings_dir"):
+        if share and not cfg.reconstruct.get("embeddings_dir"):
             cfg.reconstruct.embeddings_dir = str(base)
-    log.info("W&B sweep %s, run %s: run_dir %s", *ids, cfg.run_dir)
     return cfg
 
 
@@ -203,18 +240,34 @@ def record_hydra_config(cfg: DictConfig, run_dir: Path) -> None:
 
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
-def _run(cfg: DictConfig) -> None:
+def _run(cfg: DictConfig) -> dict:
     # Every run works offline unless the user opts in: no W&B server needed (a sweep agent's trials follow the
     # agent's environment, see training.wandb_mode).
     if not os.environ.get("WANDB_SWEEP_ID"):
         os.environ.setdefault("WANDB_MODE", "offline")
     _quiet_library_logs()
+    # SIGUSR1 (SLURM's warning before the time limit) stops the job at a safe point with its work saved; installed
+    # before any Trainer, so Lightning's own SLURM handler (which can deadlock DDP) is never installed.
+    preempt.install()
     # Small-init and weight-decayed weights reach denormal floats, which are ~10x slower on CPUs.
     torch.set_flush_denormal(True)
     choose_threads(cfg.threads)
     try:
-        main_with_config(cfg, on_lock=lambda run_dir: record_hydra_config(cfg, run_dir))
-    except ReconError as err:
+        return main_with_config(cfg, on_lock=lambda run_dir: record_hydra_config(cfg, run_dir))
+    except (ReconError, preempt.Interrupted) as err:
+        if multirun_job() is not None:
+            # A job of a Hydra multirun raises, so its launcher reports it as failed (an exit would leave the
+            # submitit launcher without a result, waiting for ever on a cluster without accounting).
+            log.error("%s: %s", "interrupted" if isinstance(err, preempt.Interrupted) else "error", err)
+            raise
+        if isinstance(err, preempt.Interrupted):
+            # Stopped on request with its work saved: the same command resumes (run_ddp.sbatch requeues the job).
+            # A rank that Lightning's launcher started from rank 0 ends with 0: rank 0 reports the job's code, and
+            # its launcher would kill it, mid-exit, on seeing a rank end with another.
+            code = 0 if distributed.started_by_rank_zero() else preempt.EXIT_CODE
+            print(f"interrupted (rank {distributed.global_rank()}): {err}. Run the same command again to resume"
+                  + (f" (exit code {code})" if code else ""), file=sys.stderr)
+            sys.exit(code)
         # A problem the user can fix: say what it is, without a traceback from deep inside a library.
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -231,6 +284,15 @@ def main() -> None:
         _run()
     except HydraException as err:  # composition only: the stages raise ReconError, handled in _run
         print(f"error: {config_error(err)}", file=sys.stderr)
+        sys.exit(2)
+    except (ReconError, preempt.Interrupted) as err:  # a multirun job's (in this process), re-raised by Hydra
+        print(f"error: a multirun job failed: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        if not type(err).__module__.startswith("submitit"):
+            raise
+        # A job of hydra/launcher=slurm|local failed: submitit's report quotes the job's own error and log.
+        print(f"error: a multirun job failed: {err}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -26,7 +26,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import distributed
+from . import distributed, preempt
 from .config import Section
 from .storage import file_hash, fingerprint, load_json, save_json
 
@@ -171,6 +171,18 @@ def stages_to_run(cfg: DictConfig, stages: list[Stage], wanted: list[str]) -> li
     return enabled[: last + 1]
 
 
+def up_to_date(cfg: DictConfig, stages: list[Stage], run_dir: Path) -> bool:
+    """Whether ``stages`` (the first stages of the pipeline, in order) are all finished in ``run_dir`` for ``cfg``:
+    what :func:`run_stages` would skip."""
+    upstream = ""
+    for stage in stages:
+        fp = stage_fingerprint(cfg, stage, upstream)
+        if not is_done(Path(run_dir) / stage.name, fp):
+            return False
+        upstream = _chain(fp, Path(run_dir) / stage.name)
+    return True
+
+
 def run_stages(cfg: DictConfig, stages: list[Stage], wanted: list[str], run_dir: Path) -> dict[str, dict]:
     """Run the ``wanted`` stages in pipeline order; return their summaries.
 
@@ -206,6 +218,10 @@ def run_stages(cfg: DictConfig, stages: list[Stage], wanted: list[str], run_dir:
                 # The next stage's fingerprint needs this stage's output hashes (no process group under some launchers).
                 distributed.wait_for(lambda: is_done(stage_dir, fp, verify=False), f"stage {stage.name} on rank 0")
         else:
+            # A SIGUSR1 (recon_lightning.preempt) that came during an earlier single-process stage stops the job here.
+            # Not before a Lightning stage: its ranks may be about to meet in DDP's set-up, which a rank that left would
+            # block; inside the fit they agree at the first step.
+            preempt.check(f"before stage {stage.name}")
             # Single-process stages: rank 0 works, the other ranks wait for its DONE file
             # (polling too, for launchers such as SLURM that start ranks before any process group).
             if rank0:

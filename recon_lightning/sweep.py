@@ -8,6 +8,12 @@ Each trial's result (parameters, summary, metric) is written to ``trial_XXX/resu
 ends, and ``<run_dir>/sweeps/<sweep name>/results.jsonl`` lists every trial's latest result.
 ``--shard I/N`` runs only trials ``i % N == I``, so N processes (a SLURM job array with no W&B
 server) share one sweep; each process rewrites ``results.jsonl`` from the result files when it ends.
+
+A trial's ``status``: ``ok``; ``diverged`` (every reconstruction run of the trial failed, e.g. a learning rate at the
+top of the sampled range: a result of the sweep, with the runs' reasons); or ``failed`` (the trial could not run:
+refused, crashed or killed). The runner exits 0 when all its trials are ok or diverged, as a finished sweep on a
+scheduler must (``--dependency=afterok``), 1 when a trial failed, and 2 when it could not start (no victim, a bad
+sweep file). Resuming keeps the ok and diverged trials and reruns the failed ones.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import numpy as np
 import yaml
 
 from .errors import ConfigError, ReconError
-from .storage import atomic_path, load_json, save_json
+from .storage import atomic_path, load_json, load_tensor_meta, save_json
 
 
 def sample_value(name: str, spec: dict, rng: np.random.Generator):
@@ -158,6 +164,27 @@ def write_results(out_dir: Path) -> list[dict]:
         rows = current
 
 
+FINISHED = ("ok", "diverged")  # trial statuses that are results (kept when the sweep resumes)
+
+
+def trial_status(trial: Path, returncode: int) -> tuple[str, str | None]:
+    """``(status, reason)`` of a trial that ended with ``returncode`` (see the module docstring): ``diverged`` when it
+    stopped with the pipeline's error code (2) and every run file it wrote records a failed run."""
+    if returncode == 0:
+        return "ok", None
+    if returncode == 2:
+        from .reconstruct import runs_dir  # (imports Lightning: only for failed trials)
+
+        try:
+            runs = [load_tensor_meta(path) for path in sorted(runs_dir(trial).glob("run_*.safetensors"))]
+        except ReconError:
+            runs = []
+        if runs and all(run.get("status") == "failed" for run in runs):
+            errors = sorted({str(run.get("error")) for run in runs})
+            return "diverged", f"all {len(runs)} run(s) failed: " + "; ".join(errors[:3])
+    return "failed", f"exit code {returncode} (the trial's output, and its fit.log, say why)"
+
+
 def _run(args) -> int:
     path = Path(args.sweep)
     if not path.is_file():
@@ -186,9 +213,10 @@ def _run(args) -> int:
             *args.overrides,
         ]
         earlier = finished.get(i)
-        if earlier is not None and earlier["returncode"] == 0 and earlier["params"] == params and earlier.get("command") == cmd:
+        if (earlier is not None and _status(earlier) in FINISHED and earlier["params"] == params
+                and earlier.get("command") == cmd):
             # Resuming a sweep: a trial that finished before is kept, not rerun or recorded twice.
-            print(f"[{i + 1}/{args.count}] finished earlier: {metric} = {earlier['metric']}", flush=True)
+            print(f"[{i + 1}/{args.count}] finished earlier ({_status(earlier)}): {metric} = {earlier['metric']}", flush=True)
             continue
         print(f"[{i + 1}/{args.count}] {' '.join(cmd)}", flush=True)
         if args.dry_run:
@@ -196,8 +224,12 @@ def _run(args) -> int:
         proc = subprocess.run(cmd)
         done = trial / "reconstruct" / "DONE.json"
         summary = load_json(done).get("summary", {}) if proc.returncode == 0 and done.is_file() else {}
-        save_json(trial / "result.json", {"trial": i, "params": params, "returncode": proc.returncode,
-                                          "metric": summary.get(metric), "summary": summary, "command": cmd})
+        status, reason = trial_status(trial, proc.returncode)
+        if reason:
+            print(f"[{i + 1}/{args.count}] {status}: {reason}", flush=True)
+        save_json(trial / "result.json", {"trial": i, "params": params, "returncode": proc.returncode, "status": status,
+                                          "reason": reason, "metric": summary.get(metric), "summary": summary,
+                                          "command": cmd})
     if args.dry_run:
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,9 +240,17 @@ def _run(args) -> int:
         print(f"best {metric} = {best['metric']:.4f} (trial {best['trial']}): {best['params']}")
     elif results:
         print(f"no trial reported {metric} (is there a training set in {base / 'embed'}?)")
-    # Every trial this process ran wrote its result.json, so its shard's rows tell whether all succeeded.
+    # Every trial this process ran wrote its result.json, so its shard's rows tell whether its work is done:
+    # diverged trials are results; a failed one means the sweep could not do its work.
     mine = [r for r in results if r["trial"] % shards == shard and r["trial"] < args.count]
-    return 0 if all(r["returncode"] == 0 for r in mine) else 1
+    counts = {status: sum(_status(r) == status for r in mine) for status in ("ok", "diverged", "failed")}
+    print(f"shard {shard}/{shards}: {len(mine)} trial(s): " + ", ".join(f"{n} {status}" for status, n in counts.items()))
+    return 1 if counts["failed"] else 0
+
+
+def _status(row: dict) -> str:
+    """A result's status (results written before statuses existed: from the return code)."""
+    return row.get("status") or ("ok" if row["returncode"] == 0 else "failed")
 
 
 if __name__ == "__main__":

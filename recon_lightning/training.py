@@ -19,12 +19,13 @@ from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from . import distributed
+from . import distributed, preempt
 from .config import rule, section
 from .errors import ConfigError
 
@@ -132,6 +133,28 @@ def _resumed_csv_logger(save_dir: Path, resume_step: int) -> CSVLogger:
     return logger
 
 
+class StopOnSignal(Callback):
+    """Stops a fit cleanly on SIGUSR1 (:mod:`recon_lightning.preempt`): at the end of every Lightning step, if any
+    rank received it (under DDP the ranks agree with one all-reduce, at the same step on every rank), every rank
+    saves the fit's checkpoint together (``hpc_ckpt_N.ckpt`` in its folder, when the fit checkpoints at all) and
+    raises :class:`recon_lightning.preempt.Interrupted`. :func:`make_trainer` gives it to every Trainer."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        preempt.forward_to(getattr(trainer.strategy.launcher, "procs", None) or [])  # rank 0 of Lightning's launcher
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.strategy.reduce_boolean_decision(preempt.requested(), all=False):
+            return
+        where = f"at step {trainer.global_step}"
+        if trainer.checkpoint_callbacks:
+            path = trainer.strategy.broadcast(preempt.hpc_checkpoint_path(trainer.default_root_dir))  # rank 0's name
+            trainer.save_checkpoint(str(path), weights_only=False)  # every rank: rank 0 writes, then a barrier
+            where += f", its checkpoint saved to {path}"
+        else:
+            where += " (checkpoints are off: the running fit starts over)"
+        raise preempt.interrupted(where)
+
+
 QUIET_OVERRIDES = ("max_epochs", "precision", "logger", "default_root_dir", "accelerator", "devices", "strategy", "num_nodes")
 
 
@@ -184,7 +207,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bo
     (e.g. ``max_steps``); ``trainer.max_epochs`` is the victim's training length. ``logger`` is the
     stage's logger from :func:`build_logger` (built once per stage, shared by its Trainers) or False. ``progress``:
     (units per Lightning step, unit name) of its progress bar (:func:`stage_progress_bar`), titled ``progress_title``
-    (default: the stage's name)."""
+    (default: the stage's name). Every Trainer stops cleanly on SIGUSR1 (:class:`StopOnSignal`)."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.update(default_root_dir=str(run_dir / stage), logger=logger, enable_model_summary=False)
     for key, value in overrides.items():
@@ -196,9 +219,14 @@ def make_trainer(cfg: DictConfig, run_dir: Path, stage: str, logger: Logger | bo
             log.warning("stage %s sets the Trainer's %s=%r (from its own config), not trainer.%s=%r", stage, key, value,
                         key, kwargs[key])
     kwargs.update(overrides)
-    callbacks = list(kwargs.get("callbacks") or [])
+    callbacks = [*(kwargs.get("callbacks") or []), StopOnSignal()]
     if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
-        kwargs["callbacks"] = [*callbacks, stage_progress_bar(progress_title or stage, *progress)]
+        callbacks.append(stage_progress_bar(progress_title or stage, *progress))
+    kwargs["callbacks"] = callbacks
+    if "plugins" not in kwargs and SLURMEnvironment.detect():
+        # SIGUSR1 is StopOnSignal's: Lightning's own SLURM requeue handler (a checkpoint saved inside the signal
+        # handler, which can deadlock DDP) stays off, and the SLURM script requeues the job.
+        kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     # Every stage's training loader yields the same item at every position (steps_loader, the victim's full batch),
     # so a fit resumed mid-epoch is exact; Lightning cannot know that and would warn on every resume.
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended",
@@ -336,6 +364,7 @@ def run_on_every_rank(cfg: DictConfig, run_dir: Path, stage: str, work: Callable
                           f"not {type(outer.strategy).__name__} with {type(launcher).__name__}")
 
     def on_rank() -> Any:
+        preempt.forward_to(getattr(launcher, "procs", None) or [])  # the ranks this one started, if any
         strategy = outer.strategy
         if hasattr(strategy, "set_world_ranks"):
             strategy.set_world_ranks()  # reads LOCAL_RANK / NODE_RANK set by the launcher

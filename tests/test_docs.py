@@ -51,6 +51,8 @@ def readme_commands() -> list[list[str]]:
             if "python -m recon_lightning.fit" not in line:
                 continue
             args = shlex.split(line.split("python -m recon_lightning.fit", 1)[1])
+            if "-m" in args:  # a multirun: each job's config composes (the first value of each swept key)
+                args = [a.split(",")[0] if "=" in a and "/" not in a.split("=")[0] else a for a in args if a != "-m"]
             commands.append([a for a in args if a not in ("--cfg", "job")])
     return commands
 

@@ -97,22 +97,39 @@ def test_missing_victim_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_diverged_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path, capsys):
+def test_a_diverged_trial_is_a_result_and_the_sweep_goes_on(tmp_path, capsys):
     # A grid over the learning rate only (the other sampled parameters at their config defaults):
     # the first trial's only run diverges.
     sampled = {k: None for k in ("reconstruct.init_scale", "reconstruct.lambda_min", "reconstruct.alpha")}
     base, sweep_file = _small_sweep(tmp_path, "grid", "none", method="grid", **sampled,
                                     **{"reconstruct.lr": {"values": [1.0e30, 0.01]}})
-    rc = S.main([str(sweep_file), "--count", "2", "--run-dir", str(base), "--", "trainer.enable_progress_bar=false",
-                 "trainer.accelerator=cpu"])
-    assert rc == 1  # not every trial succeeded
+    args = [str(sweep_file), "--count", "2", "--run-dir", str(base), "--", "trainer.enable_progress_bar=false",
+            "trainer.accelerator=cpu"]
+    assert S.main(args) == 0  # the sweep did its work: a diverged trial is one of its results
     rows = _results(base, "grid")
     assert [(r["trial"], r["params"]["reconstruct.lr"]) for r in rows] == [(0, 1.0e30), (1, 0.01)]
-    assert rows[0]["returncode"] == 2 and rows[0]["metric"] is None  # recorded failed, with its hyperparameters
-    assert rows[1]["returncode"] == 0 and rows[1]["metric"] > 0  # the next trial still ran
+    # recorded diverged, with its hyperparameters and its runs' reason
+    assert rows[0]["returncode"] == 2 and rows[0]["metric"] is None and rows[0]["status"] == "diverged"
+    assert "all 1 run(s) failed" in rows[0]["reason"] and "non-finite" in rows[0]["reason"]
+    assert rows[1]["returncode"] == 0 and rows[1]["metric"] > 0 and rows[1]["status"] == "ok"  # the next trial still ran
     _, meta = load_tensors(run_path(base / "sweeps" / "grid" / "trial_000", 0))
     assert meta["status"] == "failed" and "non-finite" in meta["error"] and meta["hparams"]["lr"] == 1.0e30
-    assert f"best recon_score = {rows[1]['metric']:.4f} (trial 1)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"best recon_score = {rows[1]['metric']:.4f} (trial 1)" in out
+    assert "2 trial(s): 1 ok, 1 diverged, 0 failed" in out
+    # Resuming keeps the diverged trial (a result, not work left to do).
+    assert S.main(args) == 0
+    assert "[1/2] finished earlier (diverged)" in capsys.readouterr().out
+
+
+def test_a_trial_that_cannot_run_fails_the_sweep(tmp_path, capsys):
+    # An override every trial refuses (a key that does not exist): the sweep could not do its work.
+    base, sweep_file = _small_sweep(tmp_path, "bad", "none")
+    rc = S.main([str(sweep_file), "--count", "1", "--run-dir", str(base), "--", "reconstruct.stpes=5"])
+    assert rc == 1
+    (row,) = _results(base, "bad")
+    assert row["status"] == "failed" and row["returncode"] == 2 and "exit code 2" in row["reason"]
+    assert "1 trial(s): 0 ok, 0 diverged, 1 failed" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -137,7 +154,7 @@ def test_shards_split_one_sweep_between_processes(tmp_path):
         assert f"[{i + 1}/4] " in outs[i % 2] and f"[{i + 1}/4] " not in outs[1 - i % 2]
     # results.jsonl, as the shards left it, lists all four trials once, whichever shard finished last.
     rows = _results(base, "array")
-    assert [r["trial"] for r in rows] == [0, 1, 2, 3] and all(r["returncode"] == 0 for r in rows)
+    assert [r["trial"] for r in rows] == [0, 1, 2, 3] and all(r["returncode"] == 0 and r["status"] == "ok" for r in rows)
     assert [r["params"] for r in rows] == S.configurations(yaml.safe_load(sweep_file.read_text()), 4, 0)
 
 
