@@ -310,6 +310,8 @@ def _fmt(v) -> str:
         return "n/a"
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, list):  # e.g. a 95 % interval
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
     return html.escape(str(v))
 
 

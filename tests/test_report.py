@@ -141,7 +141,7 @@ def _pixel_counts(png: Path) -> tuple[int, int]:
 
 def _screenshot(chromium: str, page: Path, out: Path) -> None:
     cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-           "--allow-file-access-from-files", f"--screenshot={out}", "--window-size=1300,3000",
+           "--allow-file-access-from-files", f"--screenshot={out}", "--window-size=1300,6000",
            "--virtual-time-budget=5000", page.resolve().as_uri()]
     subprocess.run(cmd, capture_output=True, timeout=120)
     assert out.is_file(), f"chromium wrote no screenshot: {' '.join(cmd)}"
