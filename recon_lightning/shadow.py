@@ -208,6 +208,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
             log.warning("shadow %d left out: %s", s, err)
             skipped.append({"shadow": s, "reason": str(err)})
             continue
+        distributed.barrier()  # rank 0 writes the shadow victim's files; every rank reads them to reconstruct
         reconstruct.run_stage(sc, sub)
         if not distributed.is_rank_zero():
             continue
