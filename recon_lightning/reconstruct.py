@@ -36,9 +36,11 @@ from torch import nn
 from . import distributed
 from .config import Section, as_range, auto_or_int, number_or_range, rule
 from .errors import ConfigError, DataError, ModelMismatchError
-from .kkt import (ACTIVATIONS, DTYPES, FORMS, MATMUL_PRECISIONS, MULTIPLIERS, PRIORS, KKTObjective, first_layer_hyperplanes,
-                  fit_multipliers, hyperplane_penalty, hyperplane_scale,
-                  prior_excess, prior_penalty, resolve_form, resolve_prior)
+from .objectives import (ACTIVATIONS, DTYPES, FORMS, MATMUL_PRECISIONS, MULTIPLIERS, OBJECTIVES, PRIORS, TARGETS,
+                         HyperplaneTerm, KKTObjective, LambdaPenalty, Objective, PriorTerm, Term, build_objective,
+                         fit_multipliers, load_target, make_prior, resolve_class, resolve_form, resolve_prior)
+from .objectives.priors import PRIOR_TOLERANCE  # noqa: F401  (re-exported: where it was)
+from .objectives.projection import JACOBIANS
 from .matching import best_matches
 from .stages import Stage
 from .storage import fingerprint, load_tensors, save_tensors
@@ -46,14 +48,13 @@ from .victim import VictimMLP, check_given_victim, load_victim
 
 log = logging.getLogger(__name__)
 
-# A run that ends finite has still diverged (ReconstructionModule.diverged) when its relative KKT loss ends at or above
-# both the trivial solution's (all multipliers zero: exactly 1) and its own starting loss; when every multiplier ended
-# at zero (the candidates explain nothing of the victim); or, with the prior in force (prior_weight > 0), when a
-# candidate lies farther outside the prior's range than PRIOR_TOLERANCE times the range's size (kkt.prior_excess:
-# box [0, 1] allows coordinates in [-1, 2]; sphere / norm allow norms up to twice the prior's). A run whose loss fell
-# but not yet below 1 has not diverged: it is kept, with its final loss (too few reconstruct.steps).
-TRIVIAL_LOSS = 1.0
-PRIOR_TOLERANCE = 1.0
+# A run that ends finite has still diverged (ReconstructionModule.diverged) when a term of its loss says so
+# (Term.failures): its relative objective ends at or above both the trivial solution's (all multipliers zero: exactly
+# 1) and its own starting loss; every multiplier ended at zero (kkt: the candidates explain nothing of the victim); or,
+# with the prior in force (prior_weight > 0), a candidate lies farther outside the prior's range than
+# objectives.priors.PRIOR_TOLERANCE times the range's size (box [0, 1] allows coordinates in [-1, 2]; sphere / norm
+# allow norms up to twice the prior's). A run whose loss fell but not yet below 1 has not diverged: it is kept, with
+# its final loss (too few reconstruct.steps).
 
 # name -> how a [low, high] range is sampled
 HPARAMS = {"init_scale": "log", "lr": "log", "lambda_lr": "log", "lambda_min": "uniform", "alpha": "uniform"}
@@ -67,6 +68,11 @@ class ReconstructConfig:
 
     victim_dir: Optional[str] = MISSING
     embeddings_dir: Optional[str] = MISSING
+    objective: Any = rule(test=lambda v: isinstance(v, str) or (isinstance(v, dict) and "_target_" in v),
+                          what="a registered objective's name (kkt, projection) or {_target_: package.module.Class}")
+    target: str = rule(choices=TARGETS)
+    projection_ridge: float = rule(ge=0)
+    projection_jacobian: str = rule(choices=JACOBIANS)
     num_runs: int = rule(ge=1)
     runs_per_batch: Any = auto_or_int(ge=1)  # auto = as many as the free memory holds (typed Any: auto or an int)
     steps: int = rule(ge=1)
@@ -86,7 +92,10 @@ class ReconstructConfig:
     lambda_per_candidate: bool = MISSING
     lambda_constraint: str = rule(choices=("project", "penalty"))
     multipliers: str = rule(choices=MULTIPLIERS)
-    prior: str = rule(choices=("auto", *PRIORS))
+    prior: str = rule(test=lambda v: v == "auto" or v in PRIORS or (isinstance(v, str) and v.isidentifier()),
+                      what=f"auto, one of {tuple(PRIORS)}, or the name of a module recon_lightning/objectives/<name>.py "
+                           "registering a prior")
+    project_candidates: bool = MISSING
     prior_weight: float = rule(ge=0)
     hyperplane_weight: float = rule(ge=0)
     hyperplane_tau: float = rule(gt=0)
@@ -153,7 +162,7 @@ class ReconstructionModule(L.LightningModule):
     relative KKT loss of the healthy runs.
     """
 
-    def __init__(self, objective: KKTObjective, run_ids: Sequence[int], hparams: Sequence[dict], y: torch.Tensor,
+    def __init__(self, objective: Objective, run_ids: Sequence[int], hparams: Sequence[dict], y: torch.Tensor,
                  input_dim: int, rcfg: dict, prior: str, mean_norm: float | None, dtype: torch.dtype,
                  input_mean: torch.Tensor | None = None, steps_per_call: int | None = None):
         super().__init__()
@@ -171,16 +180,7 @@ class ReconstructionModule(L.LightningModule):
         mean = torch.zeros(input_dim, dtype=dtype) if input_mean is None else input_mean.detach().to(dtype)
         self.register_buffer("input_mean", mean.clone(), persistent=False)
         self.input_dim = int(input_dim)
-        # The victim's first-layer ReLU hyperplanes, which its training samples lie on (kkt.first_layer_hyperplanes);
-        # tau is relative to their median distance from the input origin, a scale of the data read off the weights.
-        # (A hand-built rcfg without the key, as some tests pass, has the pull off.)
-        self.hyperplane_weight = float(rcfg.get("hyperplane_weight", 0.0))
-        if self.hyperplane_weight > 0:
-            normals, offsets = first_layer_hyperplanes(objective.w0, getattr(objective, "b0", None),
-                                                       getattr(objective, "w1", None))
-            self.register_buffer("plane_normals", normals.to(dtype), persistent=False)
-            self.register_buffer("plane_offsets", offsets.to(dtype), persistent=False)
-            self.plane_tau = float(rcfg["hyperplane_tau"]) * hyperplane_scale(offsets)
+        self.terms, self.weights, self.keys = self.loss_terms(mean.clone())
         x0, lam0 = self.initial_state()
         self.candidates = nn.Parameter(x0.to(dtype))
         self.multipliers = nn.Parameter(lam0.to(dtype))
@@ -233,25 +233,46 @@ class ReconstructionModule(L.LightningModule):
     def lam(self) -> torch.Tensor:
         return self.multipliers
 
-    def prior_coords(self, x: torch.Tensor) -> torch.Tensor:
-        """Candidates ``x`` in the coordinates the prior bounds: embedding coordinates, or (``box_on=victim_input``, the
-        reference) the victim's centred inputs."""
-        on_input = self.prior == "box" and self.rcfg.get("box_on", "embedding") == "victim_input"
-        return x if on_input else x + self.input_mean
+    def loss_terms(self, input_mean: torch.Tensor) -> tuple[nn.ModuleList, list[float], list[str]]:
+        """The loss's terms from the config, their weights and the value each contributes (:class:`Term`): the
+        objective (its relative or absolute residual, ``kkt_loss``), the multipliers' penalty (``lambda_weight``,
+        objectives with optimised multipliers), the prior (``prior_weight``), the hyperplane pull
+        (``hyperplane_weight``, built only when > 0; a hand-built rcfg without the key, as some tests pass, has it off)."""
+        rcfg, objective = self.rcfg, self.objective
+        terms: list[Term] = [objective]
+        weights = [1.0]
+        keys = [objective.rel_key if rcfg["kkt_loss"] == "relative" else objective.abs_key]
+        if objective.uses_multipliers:
+            terms.append(LambdaPenalty(objective))
+            weights.append(float(rcfg["lambda_weight"]))
+        prior_weight = float(rcfg["prior_weight"])
+        on_input = self.prior == "box" and rcfg.get("box_on", "embedding") == "victim_input"
+        terms.append(PriorTerm(make_prior(self.prior, self.mean_norm, [float(v) for v in rcfg["box"]]), input_mean,
+                               on_input=on_input, enforced=prior_weight > 0))
+        weights.append(prior_weight)
+        if float(rcfg.get("hyperplane_weight", 0.0)) > 0:
+            terms.append(HyperplaneTerm(objective, float(rcfg["hyperplane_tau"]), input_mean.dtype))
+            weights.append(float(rcfg["hyperplane_weight"]))
+        keys += [term.key for term in terms[1:]]
+        return nn.ModuleList(terms), weights, keys
+
+    def runs(self, K: int) -> dict[str, torch.Tensor]:
+        """The per-run tensors the terms read: labels (K, m), activation sharpness and lambda_min (K,)."""
+        return {"y": self.y.expand(K, -1), "alpha": self.alpha, "lambda_min": self.lambda_min}
+
+    def prior_term(self) -> PriorTerm:
+        return next(t for t in self.terms if isinstance(t, PriorTerm))
 
     def _terms(self, x: torch.Tensor, lam: torch.Tensor) -> dict[str, torch.Tensor]:
-        y = self.y.expand(len(x), -1)
-        kkt_abs, kkt_rel = self.objective.kkt(x, lam, y, self.alpha)
-        lam_pen = self.objective.lambda_penalty(lam, y, self.lambda_min)
-        low, high = self.rcfg["box"]
-        prior = prior_penalty(self.prior_coords(x), self.prior, self.mean_norm, float(low), float(high))
-        kkt = kkt_rel if self.rcfg["kkt_loss"] == "relative" else kkt_abs
-        total = kkt + float(self.rcfg["lambda_weight"]) * lam_pen + float(self.rcfg["prior_weight"]) * prior
-        terms = {"kkt_abs": kkt_abs, "kkt_rel": kkt_rel, "lambda_penalty": lam_pen, "prior": prior}
-        if self.hyperplane_weight > 0:
-            terms["hyperplanes"] = hyperplane_penalty(x, self.plane_normals, self.plane_offsets, self.plane_tau)
-            total = total + self.hyperplane_weight * terms["hyperplanes"]
-        return {"total": total, **terms}
+        runs = self.runs(len(x))
+        values: dict[str, torch.Tensor] = {}
+        total = None
+        for term, weight, key in zip(self.terms, self.weights, self.keys):
+            out = term(x, lam, runs)
+            values.update(out)
+            part = out[key] if weight == 1.0 else weight * out[key]
+            total = part if total is None else total + part
+        return {"total": total, **values}
 
     def compiled(self) -> bool:
         """Whether the objective runs through ``torch.compile`` (``reconstruct.compile``: true, false (default), or
@@ -308,7 +329,9 @@ class ReconstructionModule(L.LightningModule):
         if self.rcfg.get("lambda_constraint", "project") == "project":
             with torch.no_grad():  # dual feasibility: lambda >= 0 exactly, not only penalised below lambda_min
                 self.objective.project_lambda(self.multipliers)
-        return terms["kkt_rel"].detach()
+        if self.rcfg.get("project_candidates", False):  # e.g. renormalised onto the sphere after every step
+            self.prior_term().project_(self.candidates.data)
+        return terms[self.objective.rel_key].detach()
 
     def steps_done(self) -> int:
         """Optimisation steps taken: the Trainer's global step, or the steps of a plain loop."""
@@ -380,32 +403,18 @@ class ReconstructionModule(L.LightningModule):
         return steps_loader(-(-int(self.rcfg["steps"]) // self.steps_per_call))  # one item per Lightning step
 
     @torch.no_grad()
-    def diverged(self, kkt_rel: torch.Tensor) -> dict[int, str]:
-        """The runs (index: reason) whose final state is finite but diverged (see :data:`TRIVIAL_LOSS`): a relative
-        KKT loss ``kkt_rel`` (K,) at or above both the trivial solution's and the run's start, every multiplier at zero,
-        or, with the prior in force, candidates that left the prior's range (:data:`PRIOR_TOLERANCE`)."""
+    def diverged(self, values: dict[str, torch.Tensor]) -> dict[int, str]:
+        """The runs (index: reason) whose final state is finite but diverged, as the loss's terms judge it from their
+        final ``values`` and those at the start (:meth:`Term.failures`; see the note at the top of this module)."""
         x0, lam0 = (t.to(self.candidates) for t in self.initial_state())
-        start = self._terms(x0, lam0)["kkt_rel"].cpu().tolist()
-        zero = (self.lam().detach().flatten(1) == 0).all(1).cpu().tolist()
-        low, high = (float(v) for v in self.rcfg["box"])
-        excess = [0.0] * len(kkt_rel)
-        if float(self.rcfg["prior_weight"]) > 0:
-            excess = prior_excess(self.prior_coords(self.x().detach()), self.prior, self.mean_norm, low, high).tolist()
-        span = {"box": f"[{low:g}, {high:g}]", "sphere": "norm 1", "norm": f"norm {float(self.mean_norm or 1.0):.3g}"}
-        reasons = {}
-        for k, rel in enumerate(kkt_rel.cpu().tolist()):
-            why = []
-            if rel >= max(TRIVIAL_LOSS, start[k]):
-                why.append(f"relative KKT loss {rel:.3g} ended at or above the trivial solution's 1 (all multipliers "
-                           f"zero) and its start {start[k]:.3g}")
-            elif zero[k]:
-                why.append("every multiplier ended at zero: the candidates explain nothing of the victim")
-            if excess[k] > PRIOR_TOLERANCE:
-                why.append(f"candidates left the {self.prior} prior's range ({span.get(self.prior)}) by up to "
-                           f"{excess[k]:.3g} times its size")
-            if why:
-                reasons[k] = f"diverged: {'; '.join(why)}; lower reconstruct.lr"
-        return reasons
+        start = {k: v.cpu() for k, v in self._terms(x0, lam0).items()}
+        values = {k: v.cpu() for k, v in values.items()}
+        x, lam = self.x().detach(), self.lam().detach()
+        why: dict[int, list[str]] = {}
+        for term in self.terms:
+            for k, reason in term.failures(x, lam, values, start).items():
+                why.setdefault(k, []).append(reason)
+        return {k: f"diverged: {'; '.join(reasons)}; lower reconstruct.lr" for k, reasons in sorted(why.items())}
 
     @torch.no_grad()
     def results(self) -> list[dict]:
@@ -413,18 +422,20 @@ class ReconstructionModule(L.LightningModule):
         non-finite, or that diverged without (:meth:`diverged`), are failed with their reason."""
         self.sync_failures()
         terms = self.losses(create_graph=False)
-        bad = (~torch.isfinite(terms["total"]) | ~torch.isfinite(terms["kkt_rel"])).cpu()
+        rel_key, abs_key = self.objective.rel_key, self.objective.abs_key
+        bad = (~torch.isfinite(terms["total"]) | ~torch.isfinite(terms[rel_key])).cpu()
         active = self.active.cpu()
         for k in torch.nonzero(bad & active).flatten().tolist():
             self.errors[k] = f"final loss became non-finite (NaN/inf) at step {self.steps_done()}"
             log.warning("run %d: %s", self.run_ids[k], self.errors[k])
         active &= ~bad
-        for k, reason in self.diverged(terms["kkt_rel"]).items():
+        for k, reason in self.diverged(terms).items():
             if active[k]:
                 self.errors[k], active[k] = reason, False
                 log.warning("run %d: %s", self.run_ids[k], reason)
         self.active.copy_(active)
         x, lam = self.x().detach() + self.input_mean, self.lam().detach()
+        lam = self.objective.reported_multipliers(self.x().detach(), lam, self.runs(len(x)))
         lam_sum = self.objective.multiplier_sum(lam, self.y.expand(len(x), -1))
         out = []
         for k, run in enumerate(self.run_ids):
@@ -432,8 +443,9 @@ class ReconstructionModule(L.LightningModule):
             out.append({
                 "run": run, "x": x[k], "y": self.y, "lam": lam_sum[k], "lam_full": lam_full,
                 "status": "ok" if bool(active[k]) else "failed", "error": self.errors.get(k),
-                "final_loss": float(terms["kkt_rel"][k]), "final_loss_abs": float(terms["kkt_abs"][k]),
-                "lambda_penalty": float(terms["lambda_penalty"][k]), "prior": float(terms["prior"][k]),
+                "final_loss": float(terms[rel_key][k]), "final_loss_abs": float(terms[abs_key][k]),
+                "lambda_penalty": float(terms["lambda_penalty"][k]) if "lambda_penalty" in terms else 0.0,
+                "prior": float(terms["prior"][k]),
                 "steps": self.steps_done(),
             })
         return out
@@ -448,7 +460,8 @@ def recon_score(candidates: torch.Tensor, train_x: torch.Tensor) -> float:
 
 
 def kkt_residual_at(victim: VictimMLP, spec: dict, x: torch.Tensor, y: torch.Tensor, form: str = "auto",
-                    steps: int = 300, lr: float = 0.05, multipliers: str = "runner_up") -> dict:
+                    steps: int = 300, lr: float = 0.05, multipliers: str = "runner_up",
+                    target: dict[str, torch.Tensor] | None = None) -> dict:
     """How well the victim's parameters are explained by the KKT / stationarity condition at the points
     ``x`` (embedding coordinates, labels ``y``): the relative residual ||target - sum coef grad phi||^2 /
     ||target||^2 minimised over multipliers lambda >= 0 with the exact ReLU derivative
@@ -459,7 +472,8 @@ def kkt_residual_at(victim: VictimMLP, spec: dict, x: torch.Tensor, y: torch.Ten
     candidates score lower than the truth, the objective is better explained by other points.
     """
     form = resolve_form(form, spec)
-    objective = KKTObjective(victim, spec, form, "relu_sigmoid_grad", torch.float64, multipliers=multipliers)
+    objective = KKTObjective(victim, spec, form, "relu_sigmoid_grad", torch.float64, multipliers=multipliers,
+                             target=target)
     xc = x.to(torch.float64) - victim.input_offset().to(torch.float64)
     return {"form": form, "residual": fit_multipliers(objective, xc, y, steps=steps, lr=lr), "steps": int(steps)}
 
@@ -586,13 +600,27 @@ def check_config(cfg: DictConfig) -> None:
     stage_precision(cfg)
     if cfg.reconstruct.victim_dir:
         victim, spec = load_victim(Path(cfg.reconstruct.victim_dir))
-        _plan(cfg, spec)
+        _plan(cfg, spec, victim, Path(cfg.reconstruct.victim_dir))
         _train_embeddings(cfg, Path(cfg.run_dir), victim.input_dim, load=False)
         check_given_victim(cfg, victim)  # collapsed / misclassifying victims stop here (classifier.allow_unhealthy)
 
 
-def _plan(cfg: DictConfig, spec: dict) -> dict:
+def _victim_dir(cfg: DictConfig, run_dir: Path) -> Path:
+    return Path(cfg.reconstruct.victim_dir) if cfg.reconstruct.get("victim_dir") else Path(run_dir) / "classifier"
+
+
+def _plan(cfg: DictConfig, spec: dict, victim: VictimMLP | None = None, victim_dir: Path | None = None) -> dict:
+    """What every rank needs: the config as a dict, the candidates per class, the runs' hyperparameters, the form and
+    prior resolved from the victim, the objective's class checked, and (with ``victim``) the target displacement
+    (``reconstruct.target``), read from ``victim_dir``'s init file."""
     rcfg = OmegaConf.to_container(cfg.reconstruct, resolve=True)
+    resolve_class(rcfg.get("objective", "kkt"), OBJECTIVES, "reconstruct.objective")
+    form = resolve_form(rcfg["form"], spec)
+    if rcfg.get("target", "theta") == "displacement" and form.endswith("_wd"):
+        if rcfg["form"] != "auto":
+            raise ConfigError(f"reconstruct.form={form} matches c * theta (weight decay), which reconstruct.target="
+                              "displacement replaces: use form auto, binary or multiclass")
+        form = form[: -len("_wd")]  # the displacement is a sum of training gradients whatever the decay
     C = int(spec["num_classes"])
     if rcfg.get("candidates_per_class"):
         per_class = int(rcfg["candidates_per_class"])
@@ -603,8 +631,11 @@ def _plan(cfg: DictConfig, spec: dict) -> dict:
         per_class = max(1, math.ceil(float(rcfg["multiplier"]) * int(n) / C))
     seed = int(rcfg["seed"] if rcfg.get("seed") is not None else cfg.seed)
     hps = [sample_hparams(rcfg, seed, r) for r in range(int(rcfg["num_runs"]))]
-    return {"rcfg": rcfg, "per_class": per_class, "seed": seed, "hparams": hps,
-            "form": resolve_form(rcfg["form"], spec), "prior": resolve_prior(rcfg["prior"], spec)}
+    target = None
+    if victim is not None:
+        target = load_target(rcfg.get("target", "theta"), victim_dir, victim)
+    return {"rcfg": rcfg, "per_class": per_class, "seed": seed, "hparams": hps, "form": form,
+            "prior": resolve_prior(rcfg["prior"], spec), "target": target}
 
 
 def _train_embeddings(cfg: DictConfig, run_dir: Path, input_dim: int, load: bool = True) -> torch.Tensor | None:
@@ -646,9 +677,9 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     from .training import run_on_every_rank
 
     run_dir = Path(run_dir)
-    victim_dir = Path(cfg.reconstruct.victim_dir) if cfg.reconstruct.get("victim_dir") else run_dir / "classifier"
+    victim_dir = _victim_dir(cfg, run_dir)
     victim, spec = load_victim(victim_dir)
-    plan = _plan(cfg, spec)
+    plan = _plan(cfg, spec, victim, victim_dir)
     if distributed.is_rank_zero():
         check_stationarity(cfg, run_dir, victim, spec, plan)
     # Runs are independent: each rank optimises its own runs on its own device (no DDP all-reduce).
@@ -672,7 +703,7 @@ def check_stationarity(cfg: DictConfig, run_dir: Path, victim: VictimMLP, spec: 
     base = Path(cfg.reconstruct.embeddings_dir).expanduser() if cfg.reconstruct.get("embeddings_dir") else Path(run_dir)
     emb = load_embeddings(base)
     residual = kkt_residual_at(victim, spec, emb.train_x.float(), emb.train_y, form=plan["form"],
-                               multipliers=plan["rcfg"]["multipliers"])["residual"]
+                               multipliers=plan["rcfg"]["multipliers"], target=plan["target"])["residual"]
     if residual > FAR_FROM_STATIONARY:
         log.warning("the victim is far from a stationary point of its training loss: its KKT residual at its training "
                     "set is %.3g (0 = stationary; near 1 = its parameters are not explained by its training samples, "
@@ -757,7 +788,7 @@ MAX_AUTO_RUNS = 128  # runs_per_batch=auto never batches more (H200, issue 12: K
 MEMORY_FRACTION = {"cuda": 0.85, "cpu": 0.5}  # of the free memory auto may plan for (CPU RAM is shared)
 
 
-def run_memory_bytes(objective: KKTObjective, m: int, input_dim: int, dtype: torch.dtype) -> int:
+def run_memory_bytes(objective: Objective, m: int, input_dim: int, dtype: torch.dtype) -> int:
     """Estimated peak memory of one run during an optimisation step (bytes): 4 |theta| (the run's parameter
     gradient and the residual's temporaries) + 5.5 m sum(hidden widths) (activations and backpropagated errors,
     saved for the backward) + 6 m D (candidates, their gradient, Adam's two moments, temporaries) floats.
@@ -851,7 +882,7 @@ def _interrupted_batch(run_dir: Path, rank: int, world: int) -> int | None:
     return None
 
 
-def runs_per_batch(rcfg: dict, module_for: Any, objective: KKTObjective, m: int, input_dim: int, device: torch.device,
+def runs_per_batch(rcfg: dict, module_for: Any, objective: Objective, m: int, input_dim: int, device: torch.device,
                    run_dir: Path, rank: int, world: int) -> int:
     """``reconstruct.runs_per_batch``, or for ``auto`` K from the device's free memory: per-run memory measured on
     CUDA (:func:`measure_run_memory`), estimated on the CPU (:func:`run_memory_bytes`)."""
@@ -897,13 +928,13 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
     train_x = _train_embeddings(cfg, run_dir, victim.input_dim)
     y = candidate_labels(int(spec["num_classes"]), plan["per_class"])
     mean_norm = (spec.get("embedding") or {}).get("mean_norm")
-    objective = KKTObjective(victim, spec, plan["form"], rcfg["activation"], dtype, multipliers=rcfg["multipliers"],
-                             per_candidate=bool(rcfg["lambda_per_candidate"]))
+    objective = build_objective(victim, spec, rcfg, plan["form"], dtype, target=plan["target"])
     input_mean = victim.input_offset().detach().cpu()
     probe = lambda k: ReconstructionModule(objective, list(range(k)), [hps[0]] * k, y, victim.input_dim,  # noqa: E731
                                            {**rcfg, "compile": False}, plan["prior"], mean_norm, dtype, input_mean=input_mean)
     K = runs_per_batch(rcfg, probe, objective, len(y), victim.input_dim, _device(device_kw), run_dir, rank, world)
     common_meta = {"form": plan["form"], "prior": plan["prior"], "activation": rcfg["activation"], "dtype": rcfg["dtype"],
+                   "objective": objective.name, "target": rcfg.get("target", "theta"),
                    "multipliers": rcfg["multipliers"], "lambda_per_candidate": bool(rcfg["lambda_per_candidate"]),
                    "seed": plan["seed"], "victim_dir": _relative_to(run_dir, cfg.reconstruct.victim_dir or run_dir / "classifier")}
     log.info("reconstruct: %d runs of %d steps, K=%d per batch, form %s, prior %s", num_runs, steps, K, plan["form"],
@@ -956,7 +987,7 @@ STAGE = Stage(
     name="reconstruct",
     run=run_stage,
     sections=[Section("reconstruct", ReconstructConfig)],
-    config_keys=["reconstruct", "trainer.precision", "seed"],
+    config_keys=["reconstruct", "trainer.precision", "seed"],  # the whole section: objective and target included
     cadence_keys=["reconstruct.log_every_n_steps", "reconstruct.checkpoint_every_n_steps", "reconstruct.wait_timeout_s"],
     # run r is the same run whatever the total: raising the count only adds the missing runs
     resumable_keys=["reconstruct.num_runs", "reconstruct.runs_per_batch"],
@@ -965,6 +996,7 @@ STAGE = Stage(
     inputs=["classifier/model.safetensors", "classifier/victim.json", "embed/embeddings.safetensors",
             # a victim trained elsewhere, and the training set it is scored with
             "{reconstruct.victim_dir}/model.safetensors", "{reconstruct.victim_dir}/victim.json",
+            "{reconstruct.victim_dir}/init.safetensors",  # reconstruct.target=displacement
             "{reconstruct.embeddings_dir}/embed/embeddings.safetensors"],
     outputs=["reconstruct/candidates.safetensors", "reconstruct/runs/*.safetensors"],
 )
