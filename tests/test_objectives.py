@@ -59,7 +59,7 @@ def test_config_keys_compose_and_bad_values_are_refused(make_cfg):
     assert (cfg.reconstruct.objective, cfg.reconstruct.target) == ("kkt", "theta")
     cfg = make_cfg("reconstruct=projection")
     r = cfg.reconstruct
-    assert (r.objective, r.optimizer, r.lr, r.multiplier, r.project_candidates) == ("projection", "sgd", 2000.0, 1, True)
+    assert (r.objective, r.optimizer, r.lr, r.multiplier, r.project_candidates) == ("projection", "sgd", [0.1, 1.0], 1, True)
     with pytest.raises(ConfigError, match="config key 'reconstruct.target'"):
         check_values(make_cfg("reconstruct.target=theta0"))
     with pytest.raises(ConfigError, match="config key 'reconstruct.objective'"):
@@ -97,6 +97,28 @@ def test_prior_classes_equal_the_direct_formulas_and_the_old_functions():
     box = x.clone()
     make_prior("box", None, (0.0, 1.0)).project_(box)
     assert box.min() >= 0 and box.max() <= 1
+
+
+def test_a_prior_registered_elsewhere_is_used_by_the_module_by_name():
+    """Adding a prior: a class registered under a new name is what reconstruct.prior=<name> applies."""
+    from recon_lightning.objectives import Prior, register_prior
+
+    @register_prior("test_shell")
+    class ShellPrior(Prior):
+        def penalty(self, x):
+            return (x.norm(dim=-1) - 3.0).abs().sum(1)
+
+    torch.manual_seed(0)
+    v = VictimMLP(4, [6], 2).double()
+    obj = KKTObjective(v, {"num_classes": 2, "weight_decay": 0.0}, "binary", "relu_sigmoid_grad", F64)
+    hp = [{"init_scale": 0.5, "lr": 0.01, "lambda_lr": 0.01, "lambda_min": 0.0, "alpha": 10.0, "init_seed": 1}]
+    cfg = {"kkt_loss": "relative", "lambda_weight": 0.0, "prior_weight": 2.0, "box": [0.0, 1.0], "steps": 1,
+           "log_every_n_steps": 0, "checkpoint_every_n_steps": 0}
+    module = R.ReconstructionModule(obj, [0], hp, R.candidate_labels(2, 2), 4, cfg, "test_shell", None, F64)
+    terms = module.losses(create_graph=False)
+    x = module.candidates.detach()
+    torch.testing.assert_close(terms["prior"], (x.norm(dim=-1) - 3.0).abs().sum(1))
+    torch.testing.assert_close(terms["total"], terms["kkt_rel"] + 2.0 * terms["prior"])
 
 
 # ----------------------------------------------------------------------------- the projection objective
