@@ -793,12 +793,14 @@ def run_memory_bytes(objective: Objective, m: int, input_dim: int, dtype: torch.
     gradient and the residual's temporaries) + 5.5 m sum(hidden widths) (activations and backpropagated errors,
     saved for the backward) + 6 m D (candidates, their gradient, Adam's two moments, temporaries) floats.
     Coefficients fitted to peaks measured on the CPU with torch's memory profiler (benchmarks/bench_reconstruct.py
-    --memory): within -8 %..+21 % of them for victims 64-1000-1 .. 768-1000-1000-1, m = 200..1000."""
+    --memory): within -8 %..+21 % of them for victims 64-1000-1 .. 768-1000-1000-1, m = 200..1000 (the kkt objective;
+    other objectives add their own, :meth:`Objective.extra_floats`, not fitted)."""
     theta = sum(p.numel() for p in objective.victim_params())
     widths = [p.shape[0] for p in objective.victim_params() if p.dim() == 2]  # each layer's output width
     hidden, out = sum(widths[:-1]), widths[-1]
     lam = math.prod(objective.lambda_shape(m))
     floats = 4.0 * theta + 5.5 * m * hidden + 6.0 * m * input_dim + 6.0 * lam + 4.0 * m * out
+    floats += objective.extra_floats(m)  # what the objective holds beyond (the projection's m x m Gram, Jacobian)
     return int(floats * torch.finfo(dtype).bits // 8)
 
 

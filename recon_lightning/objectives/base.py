@@ -133,6 +133,10 @@ class Objective(Term):
     def victim_params(self) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def extra_floats(self, m: int) -> float:
+        """Floats one run needs beyond the KKT-shaped estimate of reconstruct.run_memory_bytes (runs_per_batch=auto)."""
+        return 0.0
+
     def failures(self, x, lam, values, start) -> dict[int, str]:
         out = {}
         for k, (rel, rel0) in enumerate(zip(values[self.rel_key].tolist(), start[self.rel_key].tolist())):

@@ -64,6 +64,11 @@ class ProjectionObjective(VictimObjective):
             self.register_buffer(f"target_{name}", t, persistent=False)
         self.register_buffer("target_sq", sum((t ** 2).sum() for t in targets).reshape(()), persistent=False)
 
+    def extra_floats(self, m: int) -> float:
+        """A, its factor and their gradients (~6 m^2); the torch.func path also holds J and its gradient (2 m p)."""
+        p = sum(t.numel() for t in self.victim_params())
+        return 6.0 * m * m + (0.0 if self.closed_form else 2.0 * m * p)
+
     def targets(self) -> list[torch.Tensor]:
         return [getattr(self, f"target_{name}") for name in self.param_names()]
 
