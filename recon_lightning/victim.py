@@ -172,16 +172,16 @@ def save_initial_parameters(directory: str | Path, state: dict[str, torch.Tensor
 
 
 def load_initial_parameters(victim_dir: str | Path) -> dict[str, torch.Tensor] | None:
-    """The victim's parameters before training (``init.safetensors``, or the file victim.json's ``init`` names), None
-    when the folder has none. Raises :class:`DataError` when they do not fit ``model.safetensors`` (keys or shapes,
-    named) or hold NaN/inf, or when victim.json names a file that is missing."""
+    """The victim's parameters before training, from the file victim.json's ``init`` names (``init.safetensors``); None
+    when victim.json names none. Raises :class:`DataError` when the file is missing, does not fit ``model.safetensors``
+    (keys or shapes, named) or holds NaN/inf."""
     directory = Path(victim_dir)
     spec = load_json(directory / "victim.json", what="victim description (victim.json)")
-    path = directory / (spec.get("init") or INIT_FILE)
-    if not path.is_file():
-        if spec.get("init"):
-            raise DataError(f"victim.json names the initial parameters {spec['init']!r}, but {path} is missing")
+    if not spec.get("init"):
         return None
+    path = directory / spec["init"]
+    if not path.is_file():
+        raise DataError(f"victim.json names the initial parameters {spec['init']!r}, but {path} is missing")
     init, _ = load_tensors(path, what="the victim's initial parameters")
     trained, _ = load_tensors(directory / "model.safetensors", what="victim weights")
     problems = []

@@ -69,6 +69,9 @@ def test_load_initial_parameters_checks_them_against_the_model(tmp_path):
     save_victim(tmp_path, model)
     assert load_initial_parameters(tmp_path) is None  # none saved
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "init.safetensors"))
+    assert load_initial_parameters(tmp_path) is None  # a file victim.json does not name is not read
+    save_victim(tmp_path, model, {"init": "init.safetensors"})
     save_file({**state, "layers.0.weight": torch.zeros(3, 5)}, str(tmp_path / "init.safetensors"))
     with pytest.raises(DataError, match=r"layers\.0\.weight has shape \(3, 5\), the model's \(3, 4\)"):
         load_initial_parameters(tmp_path)
@@ -78,7 +81,6 @@ def test_load_initial_parameters_checks_them_against_the_model(tmp_path):
     save_file(state, str(tmp_path / "init.safetensors"))
     assert all(torch.equal(load_initial_parameters(tmp_path)[k], state[k]) for k in state)
     (tmp_path / "init.safetensors").unlink()
-    save_victim(tmp_path, model, {"init": "init.safetensors"})
     with pytest.raises(DataError, match="names the initial parameters"):
         load_initial_parameters(tmp_path)
 
