@@ -6,7 +6,6 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from recon_lightning.embed import load_embeddings
@@ -104,19 +103,33 @@ def test_mse_loss_targets():
     assert float(loss_fn(logits, y, "mse")) == pytest.approx(float(((logits - onehot) ** 2).mean()))
 
 
-def test_an_mse_victim_trains_as_a_plain_loop_does(make_cfg, tmp_path):
-    """classifier.loss=mse: the stage's victim equals full-batch SGD on the squared error to +-1 targets written here."""
+@pytest.mark.parametrize("classes", [None, "[0,1,7]"])
+def test_an_mse_victim_trains_as_a_plain_loop_does(make_cfg, tmp_path, classes):
+    """classifier.loss=mse: the stage's victim equals full-batch SGD on the squared error to +-1 targets (two classes)
+    or one-hot targets (three) written here; its accuracy, margins and health are the usual ones."""
     args = [*SMALL, "classifier.loss=mse", "classifier.lr=0.05", "classifier.weight_decay=0", "trainer.max_epochs=30"]
-    main_with_config(make_cfg(*args))
+    main_with_config(make_cfg(*args, *([f"data.classes={classes}"] if classes else [])))
     emb = load_embeddings(tmp_path / "run")
     model = fresh_model(emb)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    target = 2 * emb.train_y.float() - 1
+    y = emb.train_y
+    target = 2 * y.float() - 1 if emb.num_classes == 2 else torch.eye(emb.num_classes)[y]
     for _ in range(30):
         opt.zero_grad()
-        F.mse_loss(model(emb.train_x), target).backward()
+        ((model(emb.train_x) - target) ** 2).mean().backward()
         opt.step()
     victim, spec = load_victim(tmp_path / "run/classifier")
-    assert spec["loss"] == "mse"
-    torch.testing.assert_close(victim(emb.train_x), model(emb.train_x).detach(), rtol=1e-4, atol=1e-5)
-    assert spec["metrics"]["train_loss"] == pytest.approx(float(F.mse_loss(victim(emb.train_x), target)), rel=1e-4)
+    assert spec["loss"] == "mse" and victim.out_dim == (1 if emb.num_classes == 2 else emb.num_classes)
+    with torch.no_grad():
+        want = model(emb.train_x)
+        torch.testing.assert_close(victim(emb.train_x), want, rtol=1e-4, atol=1e-5)
+    assert spec["metrics"]["train_loss"] == pytest.approx(float(((want - target) ** 2).mean()), rel=1e-4)
+    if emb.num_classes == 2:
+        pred, margin = (want > 0).long(), (2 * y - 1) * want
+    else:
+        pred = want.argmax(1)
+        others = want.clone().scatter_(1, y[:, None], float("-inf")).max(1).values
+        margin = want.gather(1, y[:, None]).squeeze(1) - others
+    assert spec["metrics"]["train_acc"] == pytest.approx(float((pred == y).float().mean()))
+    assert spec["metrics"]["train_margin_min"] == pytest.approx(float(margin.min()), rel=1e-4, abs=1e-6)
+    assert spec["health"]["misclassified"] == int((margin <= 0).sum())
