@@ -298,7 +298,8 @@ def import_victim(source: str | Path | torch.nn.Module, out: str | Path, *, kind
                   input_mean=None, n_train: int | None = None, weight_decay: float = 0.0, decay: str = "l2",
                   decay_params: str = "all", adam_eps: float | None = None, loss_reduction: str = "mean",
                   class_names: Sequence[str] | None = None, backbone: str | None = None, normalize: str | None = None,
-                  input_size: Sequence[int] | None = None, mean_norm: float | None = None, init=None) -> Path:
+                  input_size: Sequence[int] | None = None, mean_norm: float | None = None, init=None,
+                  loss: str | None = None) -> Path:
     """Write the victim folder ``out`` (``model.safetensors`` + ``victim.json``) from ``source``, a file (see the
     module's docstring for the formats) or an ``nn.Sequential`` of ``Linear`` / ``ReLU`` in memory, and check it: loaded back, it gives the source's logits. Returns ``out``.
 
@@ -341,7 +342,7 @@ def import_victim(source: str | Path | torch.nn.Module, out: str | Path, *, kind
     if decay == "adamw":
         regularization["adam_eps"] = adam_eps
     extra.update({
-        "loss": "bce" if model.num_classes == 2 else "ce",
+        "loss": training_loss(loss, model.num_classes, kind),
         "weight_decay": float(weight_decay),
         "regularization": regularization,
         "loss_reduction": loss_reduction,
@@ -365,6 +366,21 @@ def import_victim(source: str | Path | torch.nn.Module, out: str | Path, *, kind
     if init is not None:
         load_initial_parameters(out)  # read back as the reconstruction reads them
     return out
+
+
+def training_loss(loss: str | None, num_classes: int, kind: str) -> str:
+    """The loss recorded in victim.json: ``loss``, checked against the head, or the default for its output."""
+    default = "bce" if num_classes == 2 else "ce"
+    if loss is None:
+        return default
+    if loss not in ("bce", "ce", "mse"):
+        raise ConfigError(f"loss must be bce, ce or mse, got {loss!r}")
+    if kind == "sklearn" and loss != default:
+        raise ConfigError(f"an MLPClassifier is trained by its log-loss ({default}), not {loss}")
+    if loss in ("bce", "ce") and loss != default:
+        raise ConfigError(f"a head with {num_classes} classes is trained by {default}, not {loss}: bce has one logit, ce "
+                          f"one per class (3 or more)")
+    return loss
 
 
 def read_layers(source, kind: str, prefix: str | None) -> tuple[list, np.ndarray | None, dict]:
@@ -460,6 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                         help="a raw-pixel head (backbone=identity): the images' size")
     parser.add_argument("--mean-norm", type=float, help="the training inputs' mean norm (the reconstruction's norm prior)")
+    parser.add_argument("--loss", choices=("bce", "ce", "mse"),
+                        help="the training loss (default: bce for one logit, ce for several; mse: squared error to "
+                             "+-1 or one-hot targets)")
     parser.add_argument("--init", help="the head's parameters before training, in any format SOURCE may have (written as "
                                        "init.safetensors: the owner's audit, reconstruct.target=displacement)")
     args = parser.parse_args(argv)
@@ -468,7 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             n_train=args.n_train, weight_decay=args.weight_decay, decay=args.decay,
                             decay_params=args.decay_params, adam_eps=args.adam_eps, loss_reduction=args.loss_reduction,
                             class_names=args.class_names, backbone=args.backbone, normalize=args.normalize,
-                            input_size=args.input_size, mean_norm=args.mean_norm, init=args.init)
+                            input_size=args.input_size, mean_norm=args.mean_norm, init=args.init,
+                            loss=args.loss)
     except ReconError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

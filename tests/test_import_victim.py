@@ -297,3 +297,13 @@ def test_initial_parameters_from_a_checkpoint_and_a_module_and_mismatches(tmp_pa
     no_bias = nn.Sequential(nn.Linear(6, 10, bias=False), nn.ReLU(), nn.Linear(10, 1))
     with pytest.raises(ModelMismatchError, match="layer 0's initial bias is None"):
         import_victim(trained.model, tmp_path / "bad", init=no_bias)
+
+
+def test_the_training_loss_is_recorded_and_checked(tmp_path):
+    save_file(head().state_dict(), str(tmp_path / "head.safetensors"))
+    assert main([str(tmp_path / "head.safetensors"), "--out", str(tmp_path / "mse"), "--loss", "mse"]) == 0
+    assert load_victim(tmp_path / "mse")[1]["loss"] == "mse"
+    assert load_victim(import_victim(head(), tmp_path / "default"))[1]["loss"] == "bce"
+    with pytest.raises(ConfigError, match="trained by bce, not ce"):
+        import_victim(head(), tmp_path / "bad", loss="ce")
+    assert load_victim(import_victim(head(dims=(6, 4, 3)), tmp_path / "three", loss="mse"))[1]["loss"] == "mse"
