@@ -11,7 +11,8 @@ Reads, without executing pickled code:
 * an ONNX graph (``.onnx``) of ``Gemm`` or ``MatMul`` + ``Add`` layers with ``Relu`` between them (a final
   ``Sigmoid`` / ``Softmax`` is dropped: the victim's outputs are logits).
 
-A state dict holds no activations: the layers are taken to have ReLU between them. Anything the KKT forms do not
+A state dict holds no activations: the layers are taken to have ReLU between them. ``--init`` adds the head's
+parameters before training, in any of these formats, as ``init.safetensors`` (the owner's audit). Anything the KKT forms do not
 cover (another activation, batch norm, a layer that is not affine, a two-class head with two logits) is refused
 with a message naming it. The written folder is loaded back with :func:`recon_lightning.victim.load_victim` and its
 logits compared with the source's before the import returns.
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError, ModelMismatchError, ReconError
-from .victim import VictimMLP, load_victim, save_victim
+from .storage import save_tensors
+from .victim import INIT_FILE, VICTIM_FORMAT, VictimMLP, load_initial_parameters, load_victim, save_victim
 
 KINDS = ("state_dict", "lightning", "sklearn", "onnx")
 SUFFIXES = {".safetensors": "state_dict", ".pt": "state_dict", ".pth": "state_dict", ".bin": "state_dict",
@@ -296,7 +298,8 @@ def import_victim(source: str | Path | torch.nn.Module, out: str | Path, *, kind
                   input_mean=None, n_train: int | None = None, weight_decay: float = 0.0, decay: str = "l2",
                   decay_params: str = "all", adam_eps: float | None = None, loss_reduction: str = "mean",
                   class_names: Sequence[str] | None = None, backbone: str | None = None, normalize: str | None = None,
-                  input_size: Sequence[int] | None = None, mean_norm: float | None = None) -> Path:
+                  input_size: Sequence[int] | None = None, mean_norm: float | None = None, init=None,
+                  loss: str | None = None) -> Path:
     """Write the victim folder ``out`` (``model.safetensors`` + ``victim.json``) from ``source``, a file (see the
     module's docstring for the formats) or an ``nn.Sequential`` of ``Linear`` / ``ReLU`` in memory, and check it: loaded back, it gives the source's logits. Returns ``out``.
 
@@ -304,7 +307,8 @@ def import_victim(source: str | Path | torch.nn.Module, out: str | Path, *, kind
     ``loss_reduction`` mean|sum, ``n_train``) is recorded for the reconstruction's stationarity form; a scikit-learn
     model's own ``alpha`` sets it (L2 on the weights, coefficient alpha / n_train, mean loss). The embedding space
     (``backbone`` name, ``normalize``, the images' ``input_size`` (C, H, W) for raw-pixel heads, ``mean_norm``) is
-    recorded for the reconstruction's prior and the inversion."""
+    recorded for the reconstruction's prior and the inversion. ``init``: the head's parameters before training (a file
+    the importer reads, or an ``nn.Module``), written as ``init.safetensors`` for the owner's audit."""
     out = Path(out).expanduser()
     if isinstance(source, torch.nn.Module):
         kind = "module"
@@ -315,18 +319,12 @@ def import_victim(source: str | Path | torch.nn.Module, out: str | Path, *, kind
             raise DataError(f"no such file: {source}")
         kind = kind or source_kind(source)
         extra = {"source": {"path": str(source), "kind": kind}}
-    if kind == "module":
-        layers, own_mean = layers_from_module(source)
-        if own_mean is not None:
-            if input_mean is not None:
-                raise ConfigError("the VictimMLP carries its own input_mean: do not pass input_mean")
-            input_mean = own_mean
-    elif kind == "state_dict":
-        layers = layers_from_state_dict(read_state_dict(source), prefix)
-    elif kind == "lightning":
-        layers = read_lightning(source, prefix)
-    elif kind == "sklearn":
-        layers, info = read_sklearn(source)
+    layers, own_mean, info = read_layers(source, kind, prefix)
+    if own_mean is not None:
+        if input_mean is not None:
+            raise ConfigError("the VictimMLP carries its own input_mean: do not pass input_mean")
+        input_mean = own_mean
+    if kind == "sklearn":
         if weight_decay or decay != "l2" or decay_params != "all" or loss_reduction != "mean":
             raise ConfigError("a scikit-learn model's training recipe is its own (alpha on the weights, mean loss): "
                               "do not pass weight_decay / decay / decay_params / loss_reduction")
@@ -337,10 +335,6 @@ def import_victim(source: str | Path | torch.nn.Module, out: str | Path, *, kind
                 raise ConfigError(f"the MLPClassifier was trained with alpha={info['alpha']}: its decay per sample, alpha "
                                   f"/ n_train, needs the number of training samples (--n-train)")
             weight_decay, decay_params = info["alpha"] / int(n_train), "weights"
-    elif kind == "onnx":
-        layers = read_onnx(source)
-    else:
-        raise ConfigError(f"unknown source kind {kind!r}; choose from {KINDS}")
     model = victim_from_layers(layers, read_input_mean(input_mean))
     if class_names is not None and len(class_names) != model.num_classes:
         raise ConfigError(f"{len(class_names)} class names for a head with {model.num_classes} classes")
@@ -348,7 +342,7 @@ def import_victim(source: str | Path | torch.nn.Module, out: str | Path, *, kind
     if decay == "adamw":
         regularization["adam_eps"] = adam_eps
     extra.update({
-        "loss": "bce" if model.num_classes == 2 else "ce",
+        "loss": training_loss(loss, model.num_classes, kind),
         "weight_decay": float(weight_decay),
         "regularization": regularization,
         "loss_reduction": loss_reduction,
@@ -363,9 +357,74 @@ def import_victim(source: str | Path | torch.nn.Module, out: str | Path, *, kind
     if input_size is not None and int(np.prod(input_size)) != model.input_dim:
         raise ConfigError(f"input_size {list(input_size)} has {int(np.prod(input_size))} values but the head takes "
                           f"{model.input_dim} inputs")
+    if init is not None:
+        # victim.json names the initial parameters: they are written first
+        write_initial_parameters(out, init, layers, read_input_mean(input_mean), prefix)
+        extra["init"] = INIT_FILE
     save_victim(out, model.float(), extra)
     check_import(out, layers, read_input_mean(input_mean))
+    if init is not None:
+        load_initial_parameters(out)  # read back as the reconstruction reads them
     return out
+
+
+def training_loss(loss: str | None, num_classes: int, kind: str) -> str:
+    """The loss recorded in victim.json: ``loss``, checked against the head, or the default for its output."""
+    default = "bce" if num_classes == 2 else "ce"
+    if loss is None:
+        return default
+    if loss not in ("bce", "ce", "mse"):
+        raise ConfigError(f"loss must be bce, ce or mse, got {loss!r}")
+    if kind == "sklearn" and loss != default:
+        raise ConfigError(f"an MLPClassifier is trained by its log-loss ({default}), not {loss}")
+    if loss in ("bce", "ce") and loss != default:
+        raise ConfigError(f"a head with {num_classes} classes is trained by {default}, not {loss}: bce has one logit, ce "
+                          f"one per class (3 or more)")
+    return loss
+
+
+def read_layers(source, kind: str, prefix: str | None) -> tuple[list, np.ndarray | None, dict]:
+    """The (weight, bias) layers of ``source`` read as ``kind``, the input mean a :class:`VictimMLP` carries (else None)
+    and what a scikit-learn model adds (its ``alpha`` and classes; else empty)."""
+    if kind == "module":
+        layers, own_mean = layers_from_module(source)
+        return layers, own_mean, {}
+    if kind == "state_dict":
+        return layers_from_state_dict(read_state_dict(source), prefix), None, {}
+    if kind == "lightning":
+        return read_lightning(source, prefix), None, {}
+    if kind == "sklearn":
+        layers, info = read_sklearn(source)
+        return layers, None, info
+    if kind == "onnx":
+        return read_onnx(source), None, {}
+    raise ConfigError(f"unknown source kind {kind!r}; choose from {KINDS}")
+
+
+def write_initial_parameters(out: Path, init, layers, input_mean: np.ndarray | None, prefix: str | None) -> Path:
+    """``out/init.safetensors`` from ``init``, the head's parameters before training (a file in any format the importer
+    reads, told by its suffix, or an ``nn.Module``), converted with the same key mapping as the trained head, whose
+    ``layers`` it must match layer by layer (weight shapes, which layers have a bias)."""
+    if isinstance(init, torch.nn.Module):
+        kind = "module"
+    else:
+        init = Path(init).expanduser()
+        if not init.is_file():
+            raise DataError(f"no such file (the initial parameters): {init}")
+        kind = source_kind(init)
+    start, _, _ = read_layers(init, kind, prefix)
+    if len(start) != len(layers):
+        raise ModelMismatchError(f"the initial parameters have {len(start)} layers, the trained head {len(layers)}")
+    for i, ((w0, b0), (w, b)) in enumerate(zip(start, layers)):
+        if w0.shape != w.shape:
+            raise ModelMismatchError(f"layer {i}'s initial weight has shape {w0.shape}, the trained one {w.shape}")
+        if (b0 is None) != (b is None) or (b is not None and b0.shape != b.shape):
+            raise ModelMismatchError(f"layer {i}'s initial bias is {None if b0 is None else b0.shape}, the trained one "
+                                     f"{None if b is None else b.shape}")
+    # the centring mean is the trained head's: it is not a parameter
+    state = victim_from_layers(start, input_mean).float().state_dict()
+    save_tensors(out / INIT_FILE, state, {"format": VICTIM_FORMAT, "kind": "initial parameters"})
+    return out / INIT_FILE
 
 
 def reference_logits(layers: Sequence[tuple[np.ndarray, np.ndarray | None]], x: np.ndarray,
@@ -417,13 +476,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                         help="a raw-pixel head (backbone=identity): the images' size")
     parser.add_argument("--mean-norm", type=float, help="the training inputs' mean norm (the reconstruction's norm prior)")
+    parser.add_argument("--loss", choices=("bce", "ce", "mse"),
+                        help="the training loss (default: bce for one logit, ce for several; mse: squared error to "
+                             "+-1 or one-hot targets)")
+    parser.add_argument("--init", help="the head's parameters before training, in any format SOURCE may have (written as "
+                                       "init.safetensors: the owner's audit, reconstruct.target=displacement)")
     args = parser.parse_args(argv)
     try:
         out = import_victim(args.source, args.out, kind=args.kind, prefix=args.prefix, input_mean=args.input_mean,
                             n_train=args.n_train, weight_decay=args.weight_decay, decay=args.decay,
                             decay_params=args.decay_params, adam_eps=args.adam_eps, loss_reduction=args.loss_reduction,
                             class_names=args.class_names, backbone=args.backbone, normalize=args.normalize,
-                            input_size=args.input_size, mean_norm=args.mean_norm)
+                            input_size=args.input_size, mean_norm=args.mean_norm, init=args.init,
+                            loss=args.loss)
     except ReconError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

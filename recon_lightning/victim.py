@@ -6,13 +6,15 @@ elsewhere provides):
 * ``model.safetensors``: the MLP's state dict, keys ``layers.{i}.weight`` (out, in) and
   ``layers.{i}.bias`` for the layers that have a bias;
 * ``victim.json``: ``{"format": "recon_lightning.victim/1", "input_dim", "hidden",
-  "num_classes", "bias", "center", "activation": "relu", "loss": "bce"|"ce", "weight_decay",
-  "regularization", "loss_reduction", "n_train", "embedding", ...}`` plus the training config and
+  "num_classes", "bias", "center", "activation": "relu", "loss": "bce"|"ce"|"mse", "weight_decay",
+  "regularization", "loss_reduction", "n_train", "embedding", "init", ...}`` plus the training config and
   final metrics (docs/victims.md lists every key and which stage reads it; heads trained elsewhere are
-  written by :mod:`recon_lightning.import_victim`).
+  written by :mod:`recon_lightning.import_victim`);
+* ``init.safetensors`` (optional): the parameters before training, the same keys and shapes as
+  ``model.safetensors`` (what the model's owner knows and an outside auditor does not).
 
-The network has one logit for two classes (BCE, labels y in {0, 1}) and ``num_classes``
-logits otherwise (CE).
+The network has one logit for two classes (BCE, labels y in {0, 1}; MSE, targets y in {-1, +1}) and ``num_classes``
+logits otherwise (CE; MSE, one-hot targets).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 from omegaconf import MISSING, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from . import distributed
 from .config import Section, is_number, rule
 from .errors import ConfigError, DataError, DivergedError, ModelMismatchError, UnhealthyVictimError
 from .stages import Stage
@@ -61,7 +64,7 @@ class ClassifierConfig:
     weight_decay: float = rule(ge=0)
     center: bool = MISSING
     epochs: int = rule(ge=1)
-    loss: str = rule(choices=("auto", "bce", "ce"))
+    loss: str = rule(choices=("auto", "bce", "ce", "mse"))
     log_every_n_epochs: int = rule(ge=1)
     checkpoint_every_n_epochs: int = rule(ge=0)
     allow_unhealthy: bool = MISSING
@@ -148,6 +151,64 @@ def save_victim(directory: str | Path, model: VictimMLP, extra: dict | None = No
     save_json(directory / "victim.json", {**model.spec(), **(extra or {})})
 
 
+INIT_FILE = "init.safetensors"
+
+
+def save_initial_parameters(directory: str | Path, state: dict[str, torch.Tensor]) -> Path:
+    """Write ``state``, a victim's parameters before training, to ``directory/init.safetensors``, once: a file already
+    there (a resumed training) must hold the same tensors, which it keeps, since the initialisation comes from the seed;
+    other tensors there are refused (:class:`DataError`) rather than overwritten."""
+    path = Path(directory) / INIT_FILE
+    if path.is_file():
+        saved, _ = load_tensors(path, what="the victim's initial parameters")
+        differ = sorted(k for k in set(saved) | set(state)
+                        if k not in saved or k not in state or not torch.equal(saved[k], state[k].detach().cpu()))
+        if differ:
+            raise DataError(f"{path} holds other initial parameters than this victim's seed gives (differing: {differ}); "
+                            f"it belongs to another training: move it away and train again")
+        return path
+    save_tensors(path, state, {"format": VICTIM_FORMAT, "kind": "initial parameters"})
+    return path
+
+
+def load_initial_parameters(victim_dir: str | Path) -> dict[str, torch.Tensor] | None:
+    """The victim's parameters before training, from the file victim.json's ``init`` names (``init.safetensors``); None
+    when victim.json names none. Raises :class:`DataError` when the file is missing, does not fit ``model.safetensors``
+    (keys or shapes, named) or holds NaN/inf."""
+    directory = Path(victim_dir)
+    spec = load_json(directory / "victim.json", what="victim description (victim.json)")
+    if not spec.get("init"):
+        return None
+    path = directory / spec["init"]
+    if not path.is_file():
+        raise DataError(f"victim.json names the initial parameters {spec['init']!r}, but {path} is missing")
+    init, _ = load_tensors(path, what="the victim's initial parameters")
+    trained, _ = load_tensors(directory / "model.safetensors", what="victim weights")
+    problems = []
+    if set(init) != set(trained):
+        problems.append(f"missing {sorted(set(trained) - set(init))}, unexpected {sorted(set(init) - set(trained))}")
+    problems += [f"{k} has shape {tuple(init[k].shape)}, the model's {tuple(trained[k].shape)}"
+                 for k in sorted(set(init) & set(trained)) if init[k].shape != trained[k].shape]
+    problems += [f"{k} holds NaN/inf" for k, t in sorted(init.items()) if t.is_floating_point() and not torch.isfinite(t).all()]
+    if problems:
+        raise DataError(f"the initial parameters {path} do not fit the victim's weights {directory / 'model.safetensors'}: "
+                        f"{'; '.join(problems)}")
+    return init
+
+
+def relative_displacement(init: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """``||theta_T - theta_0|| / ||theta_0||`` per parameter tensor (Frobenius norms; None where ``theta_0`` is 0, e.g.
+    zero-initialised biases); the centring mean ``input_mean`` is not a parameter."""
+    out: dict[str, float | None] = {}
+    for key, start in init.items():
+        if key == "input_mean":
+            continue
+        start, end = start.double(), trained[key].detach().double().cpu()
+        size = float(start.norm())
+        out[key] = float((end - start).norm()) / size if size > 0 else None
+    return out
+
+
 def load_victim(directory: str | Path, expected_input_dim: int | None = None) -> tuple[VictimMLP, dict]:
     """Load a victim saved by :func:`save_victim` (no pickled code is executed).
 
@@ -205,8 +266,13 @@ def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """The mean training loss: ``bce`` (labels y in {0, 1}), ``ce``, or ``mse`` (the squared error, averaged over
+    samples and outputs, to y in {-1, +1} on a single logit, to the one-hot labels on several)."""
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype))
+    if kind == "mse":
+        target = 2 * y.to(logits.dtype) - 1 if logits.ndim == 1 else F.one_hot(y, logits.shape[1]).to(logits.dtype)
+        return F.mse_loss(logits, target)
     return F.cross_entropy(logits, y)
 
 
@@ -462,7 +528,7 @@ def run_stage(cfg, run_dir: Path) -> dict:
     emb = load_embeddings(run_dir)
     num_classes = emb.num_classes
     loss = c.loss if c.loss != "auto" else ("bce" if num_classes == 2 else "ce")
-    if loss not in ("bce", "ce") or (loss == "bce" and num_classes != 2):
+    if loss not in ("bce", "ce", "mse") or (loss == "bce" and num_classes != 2):
         raise ConfigError(f"classifier.loss={c.loss!r} does not fit {num_classes} classes (bce needs exactly 2)")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     as_plain = lambda v: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v  # noqa: E731
@@ -472,6 +538,11 @@ def run_stage(cfg, run_dir: Path) -> dict:
         model.input_mean.copy_(emb.train_x.float().mean(0))
     if loss == "ce" and model.out_dim == 1:
         raise ConfigError("ce loss needs more than 2 classes")
+    # The parameters before the first step, drawn from the seed: a resumed training rebuilds the same ones here,
+    # before the checkpoint's weights are loaded, and finds them already saved.
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if distributed.is_rank_zero():
+        save_initial_parameters(run_dir / "classifier", init)
     epochs = int(cfg.trainer.max_epochs)
     # Epochs per Lightning step: the largest that keeps logging, checkpoints and the end on whole steps.
     per_step = math.gcd(math.gcd(int(c.log_every_n_epochs), int(c.checkpoint_every_n_epochs) or epochs), epochs)
@@ -524,12 +595,16 @@ def run_stage(cfg, run_dir: Path) -> dict:
         train_logits, test_logits = model(emb.train_x), model(emb.test_x)
     train_m, test_m = margins(train_logits, emb.train_y), margins(test_logits, emb.test_y)
     health = victim_health(train_logits, emb.train_y)
+    moved = relative_displacement(init, model.state_dict())
+    log.info("victim's relative displacement from its initial parameters, ||theta_T - theta_0|| / ||theta_0||: %s",
+             ", ".join(f"{k} {v:.3g}" for k, v in moved.items() if v is not None))
     metrics = {
         "train_acc": health["train_acc"],
         "train_loss": float(loss_fn(train_logits, emb.train_y, loss)),
         "test_acc": float(accuracy(test_logits, emb.test_y)) if has_test else None,
         "train_margin_min": health["margin_min"],
         "train_margin_mean": health["margin_mean"],
+        "first_layer_displacement": moved["layers.0.weight"],
     }
     if trainer.is_global_zero:
         out = run_dir / "classifier"
@@ -547,6 +622,8 @@ def run_stage(cfg, run_dir: Path) -> dict:
             "embedding": {k: emb.meta.get(k) for k in ("backbone_name", "modality", "embed_dim", "normalize", "mean_norm", "input_size")},
             "metrics": metrics,
             "health": {k: health[k] for k in ("collapsed", "misclassified", "problems")},
+            "init": INIT_FILE,
+            "relative_displacement": moved,
         })
         _plot_margins(out / "margins.png", train_m, test_m)
     # Written first, so the victim and its margins plot can be inspected; the stage is not marked done.
@@ -566,5 +643,5 @@ STAGE = Stage(
     enabled=lambda cfg: not cfg.reconstruct.victim_dir,  # auditing a victim trained elsewhere
     check=check_config,
     inputs=["embed/embeddings.safetensors"],
-    outputs=["classifier/model.safetensors", "classifier/victim.json", "classifier/margins.png"],
+    outputs=["classifier/model.safetensors", "classifier/init.safetensors", "classifier/victim.json", "classifier/margins.png"],
 )

@@ -62,6 +62,11 @@ def test_ddp_two_processes_matches_single_process_with_odd_n(victims):
     torch.testing.assert_close(ddp(x), single(x), rtol=1e-3, atol=1e-4)
     # and they are not trivially equal: the victim moved away from its initialisation
     assert spec["metrics"]["train_acc"] > 0.9
+    # the initial parameters, written by rank 0 alone, are the single process's
+    from recon_lightning.victim import load_initial_parameters
+
+    ddp_init, single_init = load_initial_parameters(ddp_dir / "classifier"), load_initial_parameters(single_dir / "classifier")
+    assert set(ddp_init) == set(single_init) and all(torch.equal(ddp_init[k], single_init[k]) for k in single_init)
 
 
 def children(pid: int) -> list[int]:

@@ -237,3 +237,73 @@ def test_sklearn_alpha_becomes_the_stationarity_condition_its_training_reached(t
     assert residual(spec["regularization"]) < 1e-4
     assert residual({**spec["regularization"], "params": "all"}) > 0.1
     assert residual({**spec["regularization"], "coefficient": 1.0}) > 0.1
+
+
+def expected_init(start: nn.Sequential) -> dict:
+    """The victim's keys for an nn.Sequential of Linear/ReLU: its i-th Linear is layers.{i}."""
+    linears = [m for m in start if isinstance(m, nn.Linear)]
+    out = {}
+    for i, m in enumerate(linears):
+        out[f"layers.{i}.weight"] = m.weight.detach()
+        if m.bias is not None:
+            out[f"layers.{i}.bias"] = m.bias.detach()
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_the_initial_parameters_are_imported_with_the_head(tmp_path, suffix):
+    from recon_lightning.victim import load_initial_parameters
+
+    start, trained, mu = head(seed=1), head(seed=2), torch.linspace(-1, 1, 6)
+    for model, name in ((start, "init"), (trained, "head")):
+        if suffix == ".pt":
+            torch.save(model.state_dict(), tmp_path / f"{name}{suffix}")
+        else:
+            save_file(model.state_dict(), str(tmp_path / f"{name}{suffix}"))
+    np.save(tmp_path / "mu.npy", mu.numpy())
+    assert main([str(tmp_path / f"head{suffix}"), "--out", str(tmp_path / "victim"), "--init", str(tmp_path / f"init{suffix}"),
+                 "--input-mean", str(tmp_path / "mu.npy")]) == 0
+    init = load_initial_parameters(tmp_path / "victim")
+    want = {**expected_init(start), "input_mean": mu}  # the centring mean is the trained head's
+    assert set(init) == set(want)
+    for key in want:
+        torch.testing.assert_close(init[key], want[key].float(), rtol=0, atol=0)
+    _, spec = load_victim(tmp_path / "victim")
+    assert spec["init"] == "init.safetensors"
+    # without --init, victim.json names none
+    import_victim(tmp_path / f"head{suffix}", tmp_path / "plain")
+    assert load_initial_parameters(tmp_path / "plain") is None
+
+
+def test_initial_parameters_from_a_checkpoint_and_a_module_and_mismatches(tmp_path):
+    from recon_lightning.victim import load_initial_parameters
+
+    start = Head()
+    torch.save({"state_dict": start.state_dict()}, tmp_path / "init.ckpt")
+    trained = Head()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)
+    torch.save({"state_dict": trained.state_dict()}, tmp_path / "head.ckpt")
+    out = import_victim(tmp_path / "head.ckpt", tmp_path / "victim", prefix="model.", init=tmp_path / "init.ckpt")
+    init = load_initial_parameters(out)
+    assert all(torch.equal(init[k], v) for k, v in expected_init(start.model).items())
+    out = import_victim(trained.model, tmp_path / "from_module", init=start.model)  # in memory
+    assert all(torch.equal(load_initial_parameters(out)[k], v) for k, v in expected_init(start.model).items())
+    with pytest.raises(ModelMismatchError, match=r"layer 0's initial weight has shape \(12, 6\), the trained one \(10, 6\)"):
+        import_victim(trained.model, tmp_path / "bad", init=head(dims=(6, 12, 1)))
+    with pytest.raises(ModelMismatchError, match="initial parameters have 3 layers"):
+        import_victim(trained.model, tmp_path / "bad", init=head(dims=(6, 10, 4, 1)))
+    no_bias = nn.Sequential(nn.Linear(6, 10, bias=False), nn.ReLU(), nn.Linear(10, 1))
+    with pytest.raises(ModelMismatchError, match="layer 0's initial bias is None"):
+        import_victim(trained.model, tmp_path / "bad", init=no_bias)
+
+
+def test_the_training_loss_is_recorded_and_checked(tmp_path):
+    save_file(head().state_dict(), str(tmp_path / "head.safetensors"))
+    assert main([str(tmp_path / "head.safetensors"), "--out", str(tmp_path / "mse"), "--loss", "mse"]) == 0
+    assert load_victim(tmp_path / "mse")[1]["loss"] == "mse"
+    assert load_victim(import_victim(head(), tmp_path / "default"))[1]["loss"] == "bce"
+    with pytest.raises(ConfigError, match="trained by bce, not ce"):
+        import_victim(head(), tmp_path / "bad", loss="ce")
+    assert load_victim(import_victim(head(dims=(6, 4, 3)), tmp_path / "three", loss="mse"))[1]["loss"] == "mse"
