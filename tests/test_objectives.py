@@ -217,7 +217,8 @@ def _victim_dir(tmp_path: Path, weight_decay: float = 0.0, init: bool = False) -
     v = VictimMLP(8, [16], 2, bias=[True, True])
     run_dir = tmp_path / "run"
     save_victim(run_dir / "classifier", v, {"loss": "bce", "weight_decay": weight_decay, "n_train": 4,
-                                            "embedding": {"normalize": "l2", "mean_norm": 1.0}})
+                                            "embedding": {"normalize": "l2", "mean_norm": 1.0},
+                                            **({"init": "init.safetensors"} if init else {})})
     if init:
         torch.manual_seed(1)
         v0 = VictimMLP(8, [16], 2, bias=[True, True])
