@@ -46,7 +46,7 @@ DEFAULTS = {"reconstruct.objective": "kkt", "reconstruct.target": "theta"}
 # report.json summary keys, in the table's order
 REPORT_KEYS = ("membership_auc", "membership_tpr_at_1pct_fpr", "control_membership_tpr_at_1pct_fpr",
                "selection_attribution_at_24", "selection_attribution_chance", "kkt_residual_at_train",
-               "kkt_residual_at_heldout")
+               "kkt_residual_at_heldout", "projection_residual_at_train", "projection_residual_at_heldout")
 
 
 def target_of(victim: str) -> str:
@@ -108,7 +108,8 @@ def collect(row: dict) -> dict:
 COLUMNS = [("row", "name"), ("AUC", "membership_auc"), ("TPR@1%FPR", "membership_tpr_at_1pct_fpr"),
            ("control TPR@1%", "control_membership_tpr_at_1pct_fpr"), ("attrib@24", "selection_attribution_at_24"),
            ("chance", "selection_attribution_chance"), ("KKT res. train", "kkt_residual_at_train"),
-           ("KKT res. held-out", "kkt_residual_at_heldout"), ("cand. objective best", "candidates_objective_best"),
+           ("KKT res. held-out", "kkt_residual_at_heldout"), ("proj. res. train", "projection_residual_at_train"),
+           ("proj. res. held-out", "projection_residual_at_heldout"), ("cand. objective best", "candidates_objective_best"),
            ("cand. median", "candidates_objective_median"), ("1st-layer disp.", "victim_first_layer_displacement"),
            ("status", "status")]
 

@@ -358,26 +358,39 @@ def _eligible_candidates(run_dir: Path):
 
 
 def _victim_kkt(model, spec: dict, train_x: torch.Tensor, train_y: torch.Tensor, heldout_x: torch.Tensor | None,
-                heldout_y: torch.Tensor | None, cands_meta: dict, steps: int) -> dict:
+                heldout_y: torch.Tensor | None, cands_meta: dict, steps: int, victim_dir: Path) -> dict:
     """The victim's KKT residual at its true training points beside the residual at as many held-out points
     (the point count alone moves the residual, so only equal counts compare), both scored the same way (exact
-    ReLU derivative, multipliers refitted: :func:`reconstruct.kkt_residual_at`). Near 0 at the training set and
-    far higher at unseen data: the victim is near a KKT point of its training set, which reconstruction inverts;
-    near 1 at the training set: the condition does not hold there and nothing can be reconstructed from it."""
-    from .reconstruct import kkt_residual_at
+    ReLU derivative, multipliers refitted: :func:`reconstruct.kkt_residual_at`), against the target the
+    reconstruction explained (``reconstruct.target``: theta, or the displacement from the saved initialisation).
+    Near 0 at the training set and far higher at unseen data: the victim is near a KKT point of its training set,
+    which reconstruction inverts; near 1 at the training set: the condition does not hold there and nothing can be
+    reconstructed from it. For a run with the projection objective, its own residual at the same points too
+    (:func:`reconstruct.projection_residual_at`): below the candidates' ``final_loss``, the optimiser fell short of
+    an identifiable optimum; not below it, the objective does not single out the training set."""
+    from .objectives import load_target
+    from .reconstruct import kkt_residual_at, projection_residual_at
 
+    target_name = cands_meta.get("target") or "theta"
+    target = load_target(target_name, victim_dir, model)
     form = cands_meta.get("form") or "auto"
     multipliers = cands_meta.get("multipliers") or "runner_up"
-    truth = kkt_residual_at(model, spec, train_x, train_y, form=form, steps=steps, multipliers=multipliers)
-    out = {"form": truth["form"], "residual_at_train": truth["residual"], "steps": truth["steps"],
+    truth = kkt_residual_at(model, spec, train_x, train_y, form=form, steps=steps, multipliers=multipliers, target=target)
+    projection = cands_meta.get("objective") == "projection"
+    out = {"form": truth["form"], "target": target_name, "residual_at_train": truth["residual"], "steps": truth["steps"],
            "num_points": len(train_x), "residual_at_heldout": None}
+    if projection:
+        out.update(projection_residual_at_train=projection_residual_at(model, train_x, target),
+                   projection_residual_at_heldout=None)
     n = len(train_x)
     if heldout_x is not None and len(heldout_x) >= n:
         # the first n held-out samples of each class in the training set's class proportions
         pick = torch.cat([torch.nonzero(heldout_y == c).squeeze(1)[: int((train_y == c).sum())] for c in train_y.unique()])
         if len(pick) == n:
             out["residual_at_heldout"] = kkt_residual_at(model, spec, heldout_x[pick], heldout_y[pick], form=form,
-                                                         steps=steps, multipliers=multipliers)["residual"]
+                                                         steps=steps, multipliers=multipliers, target=target)["residual"]
+            if projection:
+                out["projection_residual_at_heldout"] = projection_residual_at(model, heldout_x[pick], target)
     return out
 
 
@@ -873,9 +886,12 @@ def _victim_figures(report: dict, inputs: _Inputs, ev: _Evaluation) -> None:
     if inputs.ecfg.kkt_steps > 0:
         heldout_y = ev.emb.test_y.long() if ev.heldout_x is not None else None
         report["victim_kkt"] = _victim_kkt(model, spec, ev.train_x, ev.train_y, ev.heldout_x, heldout_y, ev.cands_meta,
-                                           inputs.ecfg.kkt_steps)
+                                           inputs.ecfg.kkt_steps, inputs.victim_dir)
         s["kkt_residual_at_train"] = report["victim_kkt"]["residual_at_train"]
         s["kkt_residual_at_heldout"] = report["victim_kkt"]["residual_at_heldout"]
+        for where in ("train", "heldout"):
+            if f"projection_residual_at_{where}" in report["victim_kkt"]:
+                s[f"projection_residual_at_{where}"] = report["victim_kkt"][f"projection_residual_at_{where}"]
     planes = hyperplane_membership(model, ev.train_x, ev.heldout_x)
     report["hyperplane_membership"] = {k: v for k, v in planes.items() if not k.endswith("_counts")}
     if planes["available"]:

@@ -478,6 +478,21 @@ def kkt_residual_at(victim: VictimMLP, spec: dict, x: torch.Tensor, y: torch.Ten
     return {"form": form, "residual": fit_multipliers(objective, xc, y, steps=steps, lr=lr), "steps": int(steps)}
 
 
+def projection_residual_at(victim: VictimMLP, x: torch.Tensor, target: dict[str, torch.Tensor] | None = None,
+                           sharpness: float = 1e6) -> float:
+    """The projection objective's relative residual at the points ``x`` (embedding coordinates): the part of the
+    target (theta, or the displacement ``target``) outside the span of their parameter gradients, with the exact ReLU
+    derivative (a step: the smooth surrogate at ``sharpness``). The same score for the training set, as many held-out
+    points, and a run's candidates (its ``final_loss``)."""
+    from .objectives.projection import ProjectionObjective
+
+    objective = ProjectionObjective(victim, "relu_sigmoid_grad", torch.float64, target=target)
+    xc = (x.to(torch.float64) - victim.input_offset().to(torch.float64)).unsqueeze(0)
+    with torch.no_grad():
+        _, rel = objective.residual(xc, torch.tensor([sharpness], dtype=torch.float64))
+    return float(rel[0])
+
+
 # ----------------------------------------------------------------------------- run files and merging
 
 

@@ -38,7 +38,9 @@ key                                                meaning
                                                    pool's size; ``frac_train_ssim_gt_0.4_heldout``: the same with the
                                                    held-out images as the candidates (its null)
 ``summary.kkt_residual_at_train`` / ``_heldout``   eval: the victim's KKT residual at its training set and at as many held-out
-                                                   samples (``victim_kkt``)
+                                                   samples (``victim_kkt``), against the run's ``reconstruct.target``
+``summary.projection_residual_at_train`` / ``_heldout``  eval, objective=projection: the projection objective's residual at
+                                                   the same points (compare the candidates' ``final_loss``)
 ``summary.frac_train_cos_ge_<t>``                  eval: fraction of training samples with a candidate at cosine >= t
 ``summary.best_cosine_mean`` / ``_median``         eval: over training samples, cosine of their best candidate
 ``summary.precision_selected_at_<k>``              eval: precision@k of the ranked representatives

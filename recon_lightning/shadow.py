@@ -4,8 +4,8 @@ reconstruction).
 The auditor knows the domain but not the training set. So the stage trains *shadow victims* with the audited
 victim's recipe (``classifier.*``) on the auditor's **public** samples (``data.n_public_per_class``: samples that
 neither the training set nor the evaluation's held-out pool contains), reconstructs from each one with the
-reconstruction's own settings (``reconstruct.*``, ``shadow.num_runs`` runs), and, since a shadow's training set is
-known, labels each of its candidates: *real* when its nearest neighbour among the shadow's members and as many
+reconstruction's own settings (``reconstruct.*``; ``shadow.num_runs`` runs, by default as many as the audit), and,
+since a shadow's training set is known, labels each of its candidates: *real* when its nearest neighbour among the shadow's members and as many
 public non-members (victim's frame) is a member. A logistic regression on the candidates' training-free features
 (:mod:`recon_lightning.candidate_features`, each as its percentile rank within its victim) then predicts which
 candidates are real reconstructions; the select stage applies it to the audited victim's candidates.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ class ShadowConfig:
     """Schema of ``shadow`` (values: configs/shadow/default.yaml)."""
 
     num_victims: int = rule(ge=1)
-    num_runs: int = rule(ge=1)
+    num_runs: Optional[int] = rule(ge=1)  # None: reconstruct.num_runs
     nonmembers_per_class: int = rule(ge=1)
     regularization: float = rule(gt=0)
 
@@ -84,13 +85,19 @@ def draw_shadow_split(public_y: torch.Tensor, members_per_class: list[int], nonm
     return torch.cat(members), torch.cat(nonmembers)
 
 
+def shadow_num_runs(cfg: DictConfig) -> int:
+    """Reconstruction runs per shadow victim: ``shadow.num_runs``, or as many as the audit runs (null), so that the
+    features that count runs (agreement, density) read alike on shadows and on the audited victim."""
+    return int(cfg.shadow.num_runs if cfg.shadow.get("num_runs") is not None else cfg.reconstruct.num_runs)
+
+
 def _shadow_cfg(cfg: DictConfig, s: int) -> DictConfig:
-    """The audited run's config for shadow ``s``: its own seed, ``shadow.num_runs`` reconstruction runs, the
+    """The audited run's config for shadow ``s``: its own seed, :func:`shadow_num_runs` reconstruction runs, the
     victim and training set of its own folder, no logger of its own (the stage logs its summary)."""
     sc = copy.deepcopy(cfg)
     with open_dict(sc):
         sc.seed = int(cfg.seed) + 1000 * (s + 1)
-        sc.reconstruct.num_runs = int(cfg.shadow.num_runs)
+        sc.reconstruct.num_runs = shadow_num_runs(cfg)
         sc.reconstruct.victim_dir = None
         sc.reconstruct.embeddings_dir = None
         sc.reconstruct.seed = None
@@ -201,7 +208,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
                           "public_indices_nonmembers": non.tolist()})
         distributed.barrier()
         log.info("shadow %d/%d: victim on %d public members, %d reconstruction runs", s + 1, shcfg.num_victims,
-                 len(mem), shcfg.num_runs)
+                 len(mem), shadow_num_runs(cfg))
         try:
             victim.run_stage(sc, sub)
         except UnhealthyVictimError as err:  # a shadow that cannot be a reconstruction target teaches nothing
@@ -294,9 +301,9 @@ STAGE = Stage(
     sections=[Section("shadow", ShadowConfig)],
     config_keys=["shadow", "classifier", "reconstruct", "trainer.max_epochs", "trainer.precision", "seed",
                  "select.diversity_cosine"],
-    # what changes no shadow output: the audited reconstruction's run count (shadows run shadow.num_runs), batching
-    # and every logging / checkpoint interval
-    cadence_keys=["reconstruct.num_runs", "reconstruct.runs_per_batch", "reconstruct.log_every_n_steps",
+    # what changes no shadow output: batching and every logging / checkpoint interval (the audited run count does,
+    # through shadow.num_runs=null)
+    cadence_keys=["reconstruct.runs_per_batch", "reconstruct.log_every_n_steps",
                   "reconstruct.checkpoint_every_n_steps", "reconstruct.wait_timeout_s",
                   "classifier.log_every_n_epochs", "classifier.checkpoint_every_n_epochs"],
     all_ranks=True,

@@ -62,7 +62,7 @@ def test_the_table_collects_each_rows_report(study, tmp_path):
     study.write_results(tmp_path, rows)
     table = (tmp_path / "study.md").read_text().splitlines()
     assert table[0].startswith("| row | AUC | TPR@1%FPR |")
-    assert table[2] == "| wd-kkt-theta-adam | 0.61 | 0.15 | 0.01 | 0.5 | 0.333 | 0.006 | 0.4 | - | - | 0.25 | ok |"
+    assert table[2] == "| wd-kkt-theta-adam | 0.61 | 0.15 | 0.01 | 0.5 | 0.333 | 0.006 | 0.4 | - | - | - | - | 0.25 | ok |"
     assert table[3].startswith("| wd-kkt-theta-sgd | - |") and table[3].endswith("| failed (exit 2) |")
     assert f"`python -m recon_lightning.fit run_dir={done} reconstruct.optimizer=adam" in "\n".join(table)
     saved = json.loads((tmp_path / "study.json").read_text())

@@ -157,6 +157,21 @@ def test_projection_closed_form_equals_the_brute_force_jacobian_gram(bias):
         torch.testing.assert_close(rel[0], expected)
 
 
+def test_projection_residual_at_points_is_the_least_squares_remainder_of_the_target():
+    """evaluate's identifiability figure: the part of the target outside the span of the points' gradients (hard
+    ReLU), in the victim's input frame (its input mean subtracted)."""
+    torch.manual_seed(4)
+    v = VictimMLP(5, [7], 2, bias=[True, True], center=True).double()
+    v.input_mean.copy_(torch.randn(5))
+    x = torch.randn(6, 5, dtype=F64)
+    J = brute_jacobian(v, x)  # the victim's own forward subtracts its input mean
+    for target in (None, {name: torch.randn_like(p) for name, p in v.state_dict().items() if name.startswith("layers.")}):
+        t = flat_params(v) if target is None else torch.cat([target[n].flatten() for n, _ in v.named_parameters()])
+        coef = torch.linalg.lstsq(J.T, t[:, None]).solution[:, 0]
+        expected = float((t - J.T @ coef).pow(2).sum() / t.pow(2).sum())
+        assert R.projection_residual_at(v, x, target) == pytest.approx(expected, rel=1e-4, abs=1e-8)
+
+
 def test_projection_torch_func_path_equals_the_closed_form_values_and_gradients():
     torch.manual_seed(2)
     v = VictimMLP(4, [7], 2, bias=True).double()

@@ -151,3 +151,12 @@ def test_unhealthy_shadow_victims_are_left_out_and_auto_falls_back(make_cfg, tmp
     assert meta["score"] == "cluster" and "unhealthy" in meta["score_reason"]
     with pytest.raises(DataError, match="select.score=learned: every shadow victim was unhealthy"):
         main_with_config(make_cfg(*TINY, "select.score=learned", "shadow.num_runs=3"))
+
+
+def test_shadows_run_as_many_reconstructions_as_the_audit_unless_told(make_cfg):
+    """Features that count runs (agreement, density) read alike on shadows and on the audited victim only when both
+    ran as many reconstructions."""
+    from recon_lightning.shadow import _shadow_cfg
+
+    assert _shadow_cfg(make_cfg("reconstruct.num_runs=5"), 0).reconstruct.num_runs == 5
+    assert _shadow_cfg(make_cfg("reconstruct.num_runs=5", "shadow.num_runs=3"), 1).reconstruct.num_runs == 3
