@@ -32,11 +32,14 @@ def test_the_grid_of_rows_and_their_commands(study, tmp_path):
     assert wd["overrides"] == [f"run_dir={tmp_path / 'wd-kkt-theta-adam'}", "reconstruct.optimizer=adam",
                                "reconstruct.num_runs=3", "reconstruct.steps=50", "threads=1"]
     assert "classifier.weight_decay=0" in by_name["nowd-projection-theta-sgd"]["overrides"]
-    assert "reconstruct.objective=projection" in by_name["nowd-projection-theta-sgd"]["overrides"]
+    assert "reconstruct=projection" in by_name["nowd-projection-theta-sgd"]["overrides"]
+    # Adam takes its own step sizes with the projection preset (whose range is SGD's), SGD the preset's
+    assert "reconstruct.lr=[0.001,0.03]" in by_name["nowd-projection-theta-adam"]["overrides"]
+    assert not any(o.startswith("reconstruct.lr=") for o in by_name["nowd-projection-theta-sgd"]["overrides"])
     assert "reconstruct.target=theta" not in by_name["nowd-projection-theta-sgd"]["overrides"]
     lazy = by_name["lazy16000-kkt-displacement-sgd"]["overrides"]
     assert {"classifier=lazy_mse", "classifier.hidden=[16000]", "reconstruct.target=displacement",
-            "reconstruct.optimizer=sgd"} <= set(lazy) and not any("objective" in o for o in lazy)
+            "reconstruct.optimizer=sgd"} <= set(lazy) and not any(o.startswith("reconstruct=") for o in lazy)
     # every lazy row, and only those, takes the displacement
     assert {r["victim"] for r in rows if r["target"] == "displacement"} == {"lazy1000", "lazy4000", "lazy16000"}
     subset = study.build_rows(tmp_path, victims=["lazy4000"], objectives=["projection"], optimizers=["sgd"])
