@@ -30,22 +30,22 @@ OBJECTIVES: dict[str, type] = {}
 PRIORS: dict[str, type] = {}
 
 
-def register_objective(name: str) -> Callable[[type], type]:
-    """Class decorator: ``reconstruct.objective=<name>`` builds this :class:`Objective`."""
+def _registrar(registry: dict[str, type], name: str) -> Callable[[type], type]:
     def add(cls: type) -> type:
-        OBJECTIVES[name] = cls
+        registry[name] = cls
         cls.name = name
         return cls
     return add
+
+
+def register_objective(name: str) -> Callable[[type], type]:
+    """Class decorator: ``reconstruct.objective=<name>`` builds this :class:`Objective`."""
+    return _registrar(OBJECTIVES, name)
 
 
 def register_prior(name: str) -> Callable[[type], type]:
     """Class decorator: ``reconstruct.prior=<name>`` builds this :class:`Prior`."""
-    def add(cls: type) -> type:
-        PRIORS[name] = cls
-        cls.name = name
-        return cls
-    return add
+    return _registrar(PRIORS, name)
 
 
 def lookup(registry: dict[str, type], name: str, key: str) -> type:
