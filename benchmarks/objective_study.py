@@ -181,8 +181,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=1000, help="reconstruct.steps of every row")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="more overrides for every row")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: tabulate the rows that have a report.json (e.g. while others still run)")
     args = parser.parse_args(argv)
     rows = build_rows(args.out, args.victims, args.objectives, args.optimizers, args.num_runs, args.steps, tuple(args.set))
+    if args.collect:
+        rows = [r for r in rows if (Path(r["run_dir"]) / "report.json").is_file()]
     run(rows, args.dry_run)
     write_results(args.out, rows)
     print(markdown(rows))

@@ -70,3 +70,9 @@ def test_the_table_collects_each_rows_report(study, tmp_path):
     assert f"`python -m recon_lightning.fit run_dir={done} reconstruct.optimizer=adam" in "\n".join(table)
     saved = json.loads((tmp_path / "study.json").read_text())
     assert saved[0]["figures"]["membership_auc"] == 0.61 and saved[0]["command"].startswith("python -m recon_lightning.fit")
+
+    # --collect runs nothing and tabulates only the rows that have a report
+    assert study.main(["--out", str(tmp_path), "--victims", "wd", "--objectives", "kkt", "--collect"]) == 0
+    table = (tmp_path / "study.md").read_text()
+    assert "| wd-kkt-theta-adam | 0.61 |" in table and "wd-kkt-theta-sgd |" not in table
+    assert not (tmp_path / "wd-kkt-theta-sgd" / "study.log").exists()
