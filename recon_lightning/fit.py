@@ -265,12 +265,19 @@ def _run(cfg: DictConfig) -> dict:
             # A rank that Lightning's launcher started from rank 0 ends with 0: rank 0 reports the job's code, and
             # its launcher would kill it, mid-exit, on seeing a rank end with another.
             code = 0 if distributed.started_by_rank_zero() else preempt.EXIT_CODE
-            print(f"interrupted (rank {distributed.global_rank()}): {err}. Run the same command again to resume"
-                  + (f" (exit code {code})" if code else ""), file=sys.stderr)
+            _say(f"interrupted (rank {distributed.global_rank()}): {err}. Run the same command again to resume"
+                 + (f" (exit code {code})" if code else ""))
             sys.exit(code)
         # A problem the user can fix: say what it is, without a traceback from deep inside a library.
-        print(f"error: {err}", file=sys.stderr)
+        _say(f"error: {err}")
         sys.exit(2)
+
+
+def _say(line: str) -> None:
+    """Print ``line`` to stderr in one write: the ranks of a DDP job share it, and ``print`` writes the text and its
+    newline separately, so two ranks' lines could interleave into one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def main() -> None:

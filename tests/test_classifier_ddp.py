@@ -91,8 +91,9 @@ def test_sigusr1_to_one_rank_mid_training_stops_both_at_one_step_and_the_job_res
     assert proc.returncode == 75, out[-3000:]  # stopped with its work saved: run it again to resume
     assert stopped_after < 60, stopped_after
     ckpt = run_dir / "classifier/checkpoints/hpc_ckpt_1.ckpt"
-    (rank0_line,) = [line for line in out.splitlines() if line.startswith("interrupted (rank 0)")]
-    (rank1_line,) = [line for line in out.splitlines() if line.startswith("interrupted (rank 1)")]
+    rank_lines = [[line for line in out.splitlines() if line.startswith(f"interrupted (rank {rank})")] for rank in (0, 1)]
+    assert [len(lines) for lines in rank_lines] == [1, 1], out[-3000:]  # each rank's line whole, on a line of its own
+    (rank0_line,), (rank1_line,) = rank_lines
     assert "another rank received SIGUSR1" in rank0_line and "SIGUSR1 received" in rank1_line
     step = int(rank0_line.split("stopped at step ")[1].split(",")[0])
     assert f"stopped at step {step}, its checkpoint saved to {ckpt}" in rank1_line  # the same step on both ranks

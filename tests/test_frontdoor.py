@@ -398,3 +398,30 @@ def test_a_resumed_victims_progress_starts_where_it_resumed(make_cfg, capfd):
     # 3 Lightning steps of 20 epochs; the first this job runs ends at 60, and its speed is that of 20 epochs
     updates = re.findall(r"classifier: +\d+%\S* (\d+)/60 \[[\d:]+<[\d:]+, *([\d.]+) ?epoch/s", out)
     assert updates and {n for n, _ in updates} == {"60"}, out[-2000:]
+
+
+def test_the_interrupted_and_error_lines_reach_stderr_in_one_write(monkeypatch):
+    """The ranks of a DDP job share one stderr pipe: a line written in two parts (``print`` writes the text, then the
+    newline) can interleave with another rank's. The stream here is built like Python's own non-interactive stderr."""
+    import io
+
+    from recon_lightning.fit import _say
+
+    class Recording(io.RawIOBase):
+        def __init__(self):
+            self.writes = []
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.writes.append(bytes(data))
+            return len(data)
+
+    raw = Recording()
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(raw, write_through=True))
+    print("two parts", file=sys.stderr)
+    assert raw.writes == [b"two parts", b"\n"]  # the reason for _say
+    raw.writes.clear()
+    _say("interrupted (rank 1): SIGUSR1 received")
+    assert raw.writes == [b"interrupted (rank 1): SIGUSR1 received\n"]
