@@ -18,13 +18,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from recon_lightning import reconstruct as R
 from recon_lightning.fit import load_config
 from recon_lightning.objectives import load_target
-from recon_lightning.objectives.projection import ProjectionObjective
-from recon_lightning.victim import VictimMLP, save_victim
+from recon_lightning.victim import INIT_FILE, VictimMLP, save_initial_parameters, save_victim
 
 
 def lazy_victim(D: int, n: int, H: int, seed: int = 0):
@@ -46,7 +44,7 @@ def lazy_victim(D: int, n: int, H: int, seed: int = 0):
     return v, init, x, y, float(loss), moved
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--width", type=int, default=2000)
     ap.add_argument("--dim", type=int, default=16)
@@ -56,16 +54,17 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=4)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=Path("runs/owner_audit"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     v, init, x, y, loss, moved = lazy_victim(args.dim, args.n, args.width)
     print(f"victim {args.dim}-{args.width}-1: training MSE {loss:.2e}, first layer moved {moved:.4f}")
     preset = ["reconstruct=projection"] if args.objective == "projection" else ["reconstruct.multiplier=1"]
+    best_cosines = {}
     for lr in args.lr:
         run_dir = args.out / f"lr{lr:g}"
         shutil.rmtree(run_dir, ignore_errors=True)  # run files are resumed by hyperparameters, not by victim
-        save_victim(run_dir / "classifier", v, {"loss": "mse", "weight_decay": 0.0, "n_train": args.n,
+        save_initial_parameters(run_dir / "classifier", init)
+        save_victim(run_dir / "classifier", v, {"loss": "mse", "weight_decay": 0.0, "n_train": args.n, "init": INIT_FILE,
                                                 "embedding": {"normalize": "l2", "mean_norm": 1.0}})
-        save_file(init, str(run_dir / "classifier" / "init.safetensors"))
         cfg = load_config([f"run_dir={run_dir}", "logger.name=none", "trainer.enable_progress_bar=false", *preset,
                            "reconstruct.target=displacement", f"reconstruct.lr={lr}", f"reconstruct.steps={args.steps}",
                            f"reconstruct.num_runs={args.runs}", f"reconstruct.runs_per_batch={args.runs}", "seed=0"])
@@ -73,14 +72,17 @@ def main() -> None:
         summary = R.run_stage(cfg, run_dir)
         c = R.load_candidates(run_dir)
         best = [float((F.normalize(c.x[c.run == r], dim=1) @ x.T).max(0).values.mean()) for r in sorted(set(c.run.tolist()))]
+        best_cosines[lr] = best
         print(f"lr {lr:g}: best loss {summary['best_loss']:.4f}, per-run mean best cosine "
               f"{[round(b, 3) for b in best]}, {time.time() - start:.0f} s")
     target = load_target("displacement", run_dir / "classifier", v)
-    obj = ProjectionObjective(v, "relu_sigmoid_grad", torch.float64, ridge=1e-6, target=target)
-    relu = torch.full((1,), 1e7, dtype=torch.float64)  # the surrogate's derivative is ReLU's own
-    random = F.normalize(torch.randn(1, args.n, args.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64), dim=-1)
-    print(f"projection residual at the training set {obj.residual(x.double()[None], relu)[1].item():.4f}, "
-          f"at random unit-norm points {obj.residual(random, relu)[1].item():.4f}")
+    random = F.normalize(torch.randn(args.n, args.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64), dim=-1)
+    # the surrogate's derivative at this sharpness is ReLU's own
+    residual = {"train": R.projection_residual_at(v, x, target, sharpness=1e7),
+                "random": R.projection_residual_at(v, random, target, sharpness=1e7)}
+    print(f"projection residual at the training set {residual['train']:.4f}, at random unit-norm points "
+          f"{residual['random']:.4f}")
+    return {"projection_residual": residual, "best_cosines": best_cosines}
 
 
 if __name__ == "__main__":

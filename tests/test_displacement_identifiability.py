@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
+from benchmark_scripts import load_benchmark
 
 from recon_lightning.victim import VictimMLP
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("displacement_identifiability",
-                                                  REPO / "benchmarks" / "displacement_identifiability.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("displacement_identifiability")
 
 
 def test_projection_residual_is_the_least_squares_remainder():

@@ -133,3 +133,16 @@ def test_an_mse_victim_trains_as_a_plain_loop_does(make_cfg, tmp_path, classes):
     assert spec["metrics"]["train_acc"] == pytest.approx(float((pred == y).float().mean()))
     assert spec["metrics"]["train_margin_min"] == pytest.approx(float(margin.min()), rel=1e-4, abs=1e-6)
     assert spec["health"]["misclassified"] == int((margin <= 0).sum())
+
+
+def test_the_lazy_owner_audit_benchmark_recovers_its_training_points(tmp_path):
+    """benchmarks/owner_audit_lazy.py end to end on a small lazy victim: the victim folder it writes is one the
+    reconstruction reads as an owner's (init.safetensors named in victim.json), the displacement singles out the
+    training points, and the projection objective recovers them."""
+    from benchmark_scripts import load_benchmark
+
+    out = load_benchmark("owner_audit_lazy").main(["--width", "500", "--lr", "0.3", "--runs", "2", "--steps", "1000",
+                                                   "--out", str(tmp_path)])
+    residual = out["projection_residual"]
+    assert residual["train"] < 0.1 < 0.5 < residual["random"], residual
+    assert min(out["best_cosines"][0.3]) > 0.95, out["best_cosines"]  # every run finds every training point
