@@ -12,9 +12,9 @@ Reads, without executing pickled code:
   ``Sigmoid`` / ``Softmax`` is dropped: the victim's outputs are logits).
 
 A state dict holds no activations: the layers are taken to have ReLU between them. ``--init`` adds the head's
-parameters before training, in any of these formats, as ``init.safetensors`` (the owner's audit). Anything the KKT forms do not
-cover (another activation, batch norm, a layer that is not affine, a two-class head with two logits) is refused
-with a message naming it. The written folder is loaded back with :func:`recon_lightning.victim.load_victim` and its
+parameters before training, in any of these formats, as ``init.safetensors`` (the owner's audit). Anything the KKT
+forms do not cover (another activation, batch norm, a layer that is not affine, a two-class head with two logits) is
+refused with a message naming it. The written folder is loaded back with :func:`recon_lightning.victim.load_victim` and its
 logits compared with the source's before the import returns.
 """
 
@@ -324,6 +324,7 @@ def import_victim(source: str | Path | torch.nn.Module, out: str | Path, *, kind
         if input_mean is not None:
             raise ConfigError("the VictimMLP carries its own input_mean: do not pass input_mean")
         input_mean = own_mean
+    input_mean = read_input_mean(input_mean)  # a file is read once
     if kind == "sklearn":
         if weight_decay or decay != "l2" or decay_params != "all" or loss_reduction != "mean":
             raise ConfigError("a scikit-learn model's training recipe is its own (alpha on the weights, mean loss): "
@@ -335,7 +336,7 @@ def import_victim(source: str | Path | torch.nn.Module, out: str | Path, *, kind
                 raise ConfigError(f"the MLPClassifier was trained with alpha={info['alpha']}: its decay per sample, alpha "
                                   f"/ n_train, needs the number of training samples (--n-train)")
             weight_decay, decay_params = info["alpha"] / int(n_train), "weights"
-    model = victim_from_layers(layers, read_input_mean(input_mean))
+    model = victim_from_layers(layers, input_mean)
     if class_names is not None and len(class_names) != model.num_classes:
         raise ConfigError(f"{len(class_names)} class names for a head with {model.num_classes} classes")
     regularization = {"kind": decay, "coefficient": float(weight_decay), "params": decay_params}
@@ -359,10 +360,10 @@ def import_victim(source: str | Path | torch.nn.Module, out: str | Path, *, kind
                           f"{model.input_dim} inputs")
     if init is not None:
         # victim.json names the initial parameters: they are written first
-        write_initial_parameters(out, init, layers, read_input_mean(input_mean), prefix)
+        write_initial_parameters(out, init, layers, input_mean, prefix)
         extra["init"] = INIT_FILE
     save_victim(out, model.float(), extra)
-    check_import(out, layers, read_input_mean(input_mean))
+    check_import(out, layers, input_mean)
     if init is not None:
         load_initial_parameters(out)  # read back as the reconstruction reads them
     return out

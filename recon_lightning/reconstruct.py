@@ -40,7 +40,6 @@ from .objectives import (ACTIVATIONS, DTYPES, FORMS, MATMUL_PRECISIONS, MULTIPLI
                          HyperplaneTerm, KKTObjective, LambdaPenalty, Objective, PriorTerm, Term, build_objective,
                          fit_multipliers, load_target, make_prior, resolve_class, resolve_form, resolve_prior)
 from .objectives.projection import JACOBIANS
-from .kkt import prior_excess, prior_penalty  # noqa: F401  (as before the objectives package: tests, benchmarks)
 from .matching import best_matches
 from .stages import Stage
 from .storage import fingerprint, load_tensors, save_tensors
@@ -620,7 +619,8 @@ def check_config(cfg: DictConfig) -> None:
         check_given_victim(cfg, victim)  # collapsed / misclassifying victims stop here (classifier.allow_unhealthy)
 
 
-def _victim_dir(cfg: DictConfig, run_dir: Path) -> Path:
+def victim_dir_of(cfg: DictConfig, run_dir: Path) -> Path:
+    """The audited victim's folder: ``reconstruct.victim_dir`` (a head trained elsewhere), else the run's own."""
     return Path(cfg.reconstruct.victim_dir) if cfg.reconstruct.get("victim_dir") else Path(run_dir) / "classifier"
 
 
@@ -692,7 +692,7 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
     from .training import run_on_every_rank
 
     run_dir = Path(run_dir)
-    victim_dir = _victim_dir(cfg, run_dir)
+    victim_dir = victim_dir_of(cfg, run_dir)
     victim, spec = load_victim(victim_dir)
     plan = _plan(cfg, spec, victim, victim_dir)
     if distributed.is_rank_zero():
@@ -799,7 +799,7 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, **overrides) -> L.
 
 # ----------------------------------------------------------------------------- runs per batch (memory)
 
-MAX_AUTO_RUNS = 128  # runs_per_batch=auto never batches more (H200, issue 12: K=64 1.31M, K=256 1.39M candidate-steps/s)
+MAX_AUTO_RUNS = 128  # runs_per_batch=auto never batches more (one H200: K=64 1.31M, K=256 1.39M candidate-steps/s; docs/performance.md)
 MEMORY_FRACTION = {"cuda": 0.85, "cpu": 0.5}  # of the free memory auto may plan for (CPU RAM is shared)
 
 
@@ -953,7 +953,7 @@ def _work(rank: int, world: int, device_kw: dict, cfg: DictConfig, run_dir: Path
     common_meta = {"form": plan["form"], "prior": plan["prior"], "activation": rcfg["activation"], "dtype": rcfg["dtype"],
                    "objective": objective.name, "target": rcfg.get("target", "theta"),
                    "multipliers": rcfg["multipliers"], "lambda_per_candidate": bool(rcfg["lambda_per_candidate"]),
-                   "seed": plan["seed"], "victim_dir": _relative_to(run_dir, cfg.reconstruct.victim_dir or run_dir / "classifier")}
+                   "seed": plan["seed"], "victim_dir": _relative_to(run_dir, victim_dir_of(cfg, run_dir))}
     log.info("reconstruct: %d runs of %d steps, K=%d per batch, form %s, prior %s", num_runs, steps, K, plan["form"],
              plan["prior"])
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

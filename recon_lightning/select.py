@@ -535,10 +535,10 @@ def _score_to_use(cfg: DictConfig, scfg: SelectConfig, run_dir: Path) -> tuple[s
 
 
 def _victim_for(cfg: DictConfig, run_dir: Path):
+    from .reconstruct import victim_dir_of
     from .victim import load_victim
 
-    victim_dir = Path(cfg.reconstruct.victim_dir) if cfg.reconstruct.get("victim_dir") else run_dir / "classifier"
-    return load_victim(victim_dir)[0]
+    return load_victim(victim_dir_of(cfg, run_dir))[0]
 
 
 def learned_selection(tensors: dict, keep: torch.Tensor, clusters: list[dict], scfg: SelectConfig, model,

@@ -5,8 +5,8 @@ The auditor knows the domain but not the training set. So the stage trains *shad
 victim's recipe (``classifier.*``) on the auditor's **public** samples (``data.n_public_per_class``: samples that
 neither the training set nor the evaluation's held-out pool contains), reconstructs from each one with the
 reconstruction's own settings (``reconstruct.*``; ``shadow.num_runs`` runs, by default as many as the audit), and,
-since a shadow's training set is known, labels each of its candidates: *real* when its nearest neighbour among the shadow's members and as many
-public non-members (victim's frame) is a member. A logistic regression on the candidates' training-free features
+since a shadow's training set is known, labels each of its candidates: *real* when its nearest neighbour among the
+shadow's members and as many public non-members (victim's frame) is a member. A logistic regression on the candidates' training-free features
 (:mod:`recon_lightning.candidate_features`, each as its percentile rank within its victim) then predicts which
 candidates are real reconstructions; the select stage applies it to the audited victim's candidates.
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
