@@ -1,4 +1,4 @@
-"""Many optimisation steps per Lightning step (issue 12): equivalence with one step per Lightning step and with the
+"""Many optimisation steps per Lightning step: equivalence with one step per Lightning step and with the
 earlier per-run formulation, runs_per_batch=auto, and trainer.precision in the reconstruct stage."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A new user's first hour (issue 15) and the input items of issue 14: small folders, grayscale,
+"""A new user's first hour and awkward inputs: small folders, grayscale,
 16-bit PNGs, mixed image sizes, non-UTF-8 text, victim health, report content, log noise."""
 
 import logging
