@@ -106,6 +106,7 @@ def test_many_steps_per_lightning_step_give_the_same_candidates(tmp_path, make_c
 
     # The earlier formulation, by hand.
     from recon_lightning.fit import load_config
+    from recon_lightning.kkt import prior_penalty
     from recon_lightning.victim import load_victim
 
     run_dir = tmp_path / "one"
@@ -133,7 +134,7 @@ def test_many_steps_per_lightning_step_give_the_same_candidates(tmp_path, make_c
         for _ in range(40):
             _, rel = obj.kkt_autograd(x[None], lam[None], y[None], alpha)
             pen = obj.lambda_penalty(lam[None], y[None], lmin)
-            prior = R.prior_penalty((x + mean)[None], plan["prior"], None, 0.0, 1.0)
+            prior = prior_penalty((x + mean)[None], plan["prior"], None, 0.0, 1.0)
             planes = torch.log1p(((x @ w[live].T + b[live]) / w_norm / tau) ** 2).mean()
             loss = (rel + float(rcfg["lambda_weight"]) * pen + float(rcfg["prior_weight"]) * prior).sum() \
                 + float(rcfg["hyperplane_weight"]) * planes
